@@ -1,0 +1,173 @@
+//! Snapshots: log compaction and InstallSnapshot in chunks (Raft section 7).
+//!
+//! The application captures its state at an applied index and hands it to
+//! [`Raft::compact`]; the log before it is dropped. A follower that needs compacted
+//! entries receives the snapshot in `snapshot_chunk_bytes` pieces, one outstanding at a
+//! time, resumable from the offset the follower reports. Its log is replaced only when the
+//! last chunk arrives, and only if the snapshot is ahead of its commit index.
+
+use super::progress::ProgressState;
+use super::{
+    CompactError, LogIndex, MessageBody, NodeId, Raft, Role, Snapshot, SnapshotMeta,
+};
+
+impl Raft {
+    /// Compact the log up to `index` (which must be applied), keeping `data` as the
+    /// snapshot to send to lagging followers. The caller persists the snapshot itself
+    /// before calling this.
+    pub fn compact(&mut self, index: LogIndex, data: Vec<u8>) -> Result<(), CompactError> {
+        if index > self.log.applied {
+            return Err(CompactError::NotApplied {
+                index,
+                applied: self.log.applied,
+            });
+        }
+        if index <= self.log.snapshot.index {
+            return Err(CompactError::AlreadyCompacted(self.log.snapshot.index));
+        }
+        let term = self
+            .log
+            .term(index)
+            .ok_or(CompactError::AlreadyCompacted(self.log.snapshot.index))?;
+        let meta = SnapshotMeta {
+            index,
+            term,
+            membership: self.membership_at(index),
+        };
+        self.log.compact(meta.clone());
+        let baseline = (index, meta.membership.clone());
+        self.memberships.retain(|(i, _)| *i > index);
+        self.memberships.insert(0, baseline);
+        self.snapshot = Some(Snapshot { meta, data });
+        Ok(())
+    }
+
+    pub(super) fn start_snapshot_transfer(&mut self, to: NodeId) {
+        let Some(index) = self.snapshot.as_ref().map(|s| s.meta.index) else {
+            return;
+        };
+        if let Some(pr) = self.progress.get_mut(&to) {
+            pr.become_snapshot(index);
+        }
+        self.send_snapshot_chunk(to);
+    }
+
+    pub(super) fn send_snapshot_chunk(&mut self, to: NodeId) {
+        let Some(snapshot) = &self.snapshot else { return };
+        let Some(pr) = self.progress.get_mut(&to) else { return };
+        let ProgressState::Snapshot { index, offset } = &mut pr.state else {
+            return;
+        };
+        if *index != snapshot.meta.index {
+            // A newer snapshot replaced the one being sent: start over with it.
+            *index = snapshot.meta.index;
+            *offset = 0;
+        }
+        let len = snapshot.data.len();
+        let start = (*offset as usize).min(len);
+        let end = (start + self.cfg.snapshot_chunk_bytes).min(len);
+        pr.paused = true;
+        let body = MessageBody::InstallSnapshot {
+            meta: snapshot.meta.clone(),
+            offset: start as u64,
+            data: snapshot.data[start..end].to_vec(),
+            done: end == len,
+        };
+        self.send(to, body);
+    }
+
+    pub(super) fn handle_install_snapshot(
+        &mut self,
+        from: NodeId,
+        meta: SnapshotMeta,
+        offset: u64,
+        data: Vec<u8>,
+        done: bool,
+    ) {
+        let index = meta.index;
+        if index <= self.log.committed {
+            self.incoming = None;
+            self.send_snapshot_resp(from, index, 0, true);
+            return;
+        }
+        let expected = match &mut self.incoming {
+            Some((m, buf)) if *m == meta && buf.len() as u64 == offset => {
+                buf.extend_from_slice(&data);
+                true
+            }
+            _ if offset == 0 => {
+                self.incoming = Some((meta.clone(), data));
+                true
+            }
+            _ => false,
+        };
+        let received = match &self.incoming {
+            Some((m, buf)) if *m == meta => buf.len() as u64,
+            _ => 0,
+        };
+        if !expected || !done {
+            self.send_snapshot_resp(from, index, received, false);
+            return;
+        }
+        let Some((meta, data)) = self.incoming.take() else { return };
+        self.install_snapshot(Snapshot { meta, data });
+        self.send_snapshot_resp(from, index, received, true);
+    }
+
+    fn install_snapshot(&mut self, snapshot: Snapshot) {
+        let meta = &snapshot.meta;
+        if self.log.matches(meta.index, meta.term) {
+            // We already hold the entry the snapshot ends at, so our log agrees with it:
+            // keep the log and just learn that it is committed.
+            self.commit_to(meta.index);
+            return;
+        }
+        self.log.install(meta.clone());
+        self.memberships = vec![(meta.index, meta.membership.clone())];
+        self.snapshot = Some(snapshot.clone());
+        self.to_install = Some(snapshot);
+    }
+
+    fn send_snapshot_resp(&mut self, to: NodeId, index: LogIndex, next_offset: u64, done: bool) {
+        let body = MessageBody::InstallSnapshotResp {
+            index,
+            next_offset,
+            done,
+        };
+        self.send(to, body);
+    }
+
+    pub(super) fn handle_install_snapshot_resp(
+        &mut self,
+        from: NodeId,
+        index: LogIndex,
+        next_offset: u64,
+        done: bool,
+    ) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let Some(pr) = self.progress.get_mut(&from) else { return };
+        pr.recent_active = true;
+        let ProgressState::Snapshot {
+            index: sending,
+            offset,
+        } = &mut pr.state
+        else {
+            return;
+        };
+        if *sending != index {
+            return;
+        }
+        if done {
+            pr.update_match(index);
+            pr.become_probe();
+            self.maybe_commit();
+            self.send_append(from, true);
+        } else {
+            *offset = next_offset;
+            pr.paused = false;
+            self.send_snapshot_chunk(from);
+        }
+    }
+}
