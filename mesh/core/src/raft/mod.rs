@@ -385,6 +385,11 @@ impl Raft {
         self.log.entry(index)
     }
 
+    /// Term of the entry at `index`, if known (the snapshot's own index included).
+    pub fn term_at(&self, index: LogIndex) -> Option<Term> {
+        self.log.term(index)
+    }
+
     /// The latest snapshot this node holds.
     pub fn snapshot(&self) -> Option<&Snapshot> {
         self.snapshot.as_ref()
