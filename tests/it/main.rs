@@ -1,0 +1,3 @@
+//! Integration tests of the `syncmesh` binary: real processes, real disks.
+
+mod bench_cli;

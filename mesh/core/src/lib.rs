@@ -13,6 +13,7 @@
 //!   read_index┘                         └─> advance(persisted) ──> Raft
 //! ```
 #![deny(missing_docs)]
+#![warn(clippy::too_many_lines, clippy::cognitive_complexity)]
 
 pub mod raft;
 pub mod services;

@@ -58,10 +58,16 @@ pub struct NodeMarks {
 impl Invariants {
     /// Entries a node is about to persist: Log Matching.
     pub fn check_written(&mut self, raft: &Raft, entries: &[Entry]) -> Result<(), String> {
-        let Some(first) = entries.first() else { return Ok(()) };
-        let mut prev_term = raft
-            .term_at(first.index - 1)
-            .ok_or_else(|| format!("node {} writes entry {} after a gap", raft.id(), first.index))?;
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        let mut prev_term = raft.term_at(first.index - 1).ok_or_else(|| {
+            format!(
+                "node {} writes entry {} after a gap",
+                raft.id(),
+                first.index
+            )
+        })?;
         for e in entries {
             let fact = (entry_hash(e), prev_term);
             match self.positions.get(&(e.index, e.term)) {
@@ -88,13 +94,22 @@ impl Invariants {
         let st = raft.status();
         let id = st.id;
         if st.term < marks.term {
-            return Err(format!("node {id}: term went back from {} to {}", marks.term, st.term));
+            return Err(format!(
+                "node {id}: term went back from {} to {}",
+                marks.term, st.term
+            ));
         }
         if st.commit < marks.commit {
-            return Err(format!("node {id}: commit went back from {} to {}", marks.commit, st.commit));
+            return Err(format!(
+                "node {id}: commit went back from {} to {}",
+                marks.commit, st.commit
+            ));
         }
         if st.commit > st.last_index || st.commit < st.snapshot_index {
-            return Err(format!("node {id}: commit {} outside log [{}, {}]", st.commit, st.snapshot_index, st.last_index));
+            return Err(format!(
+                "node {id}: commit {} outside log [{}, {}]",
+                st.commit, st.snapshot_index, st.last_index
+            ));
         }
         for index in marks.commit.max(st.snapshot_index) + 1..=st.commit {
             let Some(e) = raft.entry(index) else { continue };
@@ -105,7 +120,10 @@ impl Invariants {
         if st.role == mesh_core::raft::Role::Leader {
             if let Some(&other) = self.leaders.get(&st.term) {
                 if other != id {
-                    return Err(format!("election safety: nodes {other} and {id} both lead term {}", st.term));
+                    return Err(format!(
+                        "election safety: nodes {other} and {id} both lead term {}",
+                        st.term
+                    ));
                 }
             }
             self.leaders.insert(st.term, id);
@@ -134,7 +152,9 @@ impl Invariants {
 
     fn check_leader_complete(&self, raft: &Raft, snapshot_index: LogIndex) -> Result<(), String> {
         for (&index, &(term, hash)) in self.committed.range(snapshot_index + 1..) {
-            let ok = raft.entry(index).is_some_and(|e| e.term == term && entry_hash(e) == hash);
+            let ok = raft
+                .entry(index)
+                .is_some_and(|e| e.term == term && entry_hash(e) == hash);
             if !ok {
                 return Err(format!(
                     "leader completeness: node {} leads term {} without committed entry {index} (term {term})",
@@ -148,8 +168,9 @@ impl Invariants {
 
     /// A node applied `entry` and its state machine now has `digest`.
     pub fn check_applied(&mut self, id: NodeId, e: &Entry, digest: u64) -> Result<(), String> {
-        self.record_committed(id, e)
-            .map_err(|why| format!("state machine safety: node {id} applied an uncommitted entry: {why}"))?;
+        self.record_committed(id, e).map_err(|why| {
+            format!("state machine safety: node {id} applied an uncommitted entry: {why}")
+        })?;
         self.check_digest(id, e.index, digest)
     }
 

@@ -34,12 +34,17 @@ impl Put {
     pub fn decode(bytes: &[u8]) -> Option<Self> {
         let words = decode_words(bytes)?;
         let [client, seq, key, value] = <[u64; 4]>::try_from(words).ok()?;
-        Some(Self { client, seq, key, value })
+        Some(Self {
+            client,
+            seq,
+            key,
+            value,
+        })
     }
 }
 
 pub(crate) fn decode_words(bytes: &[u8]) -> Option<Vec<u64>> {
-    if bytes.len() % 8 != 0 {
+    if !bytes.len().is_multiple_of(8) {
         return None;
     }
     Some(
@@ -129,7 +134,7 @@ impl StateMachine for KvStore {
         let (&applied, rest) = words.split_first().ok_or(BadSnapshot)?;
         let (&n, rest) = rest.split_first().ok_or(BadSnapshot)?;
         let n = usize::try_from(n).map_err(|_| BadSnapshot)?;
-        if rest.len() % 2 != 0 || rest.len() / 2 < n {
+        if !rest.len().is_multiple_of(2) || rest.len() / 2 < n {
             return Err(BadSnapshot);
         }
         let (values, sessions) = rest.split_at(2 * n);
@@ -175,13 +180,23 @@ mod tests {
     #[test]
     fn duplicate_writes_apply_once_and_snapshots_round_trip() {
         let mut kv = KvStore::default();
-        let put = Put { client: 1, seq: 1, key: 7, value: 42 };
+        let put = Put {
+            client: 1,
+            seq: 1,
+            key: 7,
+            value: 42,
+        };
         assert_eq!(Put::decode(&put.encode()), Some(put));
         assert!(kv.apply(1, put));
-        assert!(!kv.apply(2, Put { value: 43, ..put }), "retry of seq 1 must not apply");
+        assert!(
+            !kv.apply(2, Put { value: 43, ..put }),
+            "retry of seq 1 must not apply"
+        );
         assert_eq!(kv.read(7), 42);
         let mut restored = KvStore::default();
-        restored.restore(&kv.snapshot()).expect("own snapshot decodes");
+        restored
+            .restore(&kv.snapshot())
+            .expect("own snapshot decodes");
         assert_eq!(restored, kv);
         assert!(restored.restore(&[1, 2, 3]).is_err());
         assert!(restored.restore(&[]).is_err());

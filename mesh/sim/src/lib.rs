@@ -53,7 +53,10 @@ pub fn run_seed(seed: u64, verbose: bool) -> Result<RunReport, SeedFailure> {
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "panic".into());
-            Err(SeedFailure { seed, reason: format!("panic: {reason}") })
+            Err(SeedFailure {
+                seed,
+                reason: format!("panic: {reason}"),
+            })
         }
     }
 }
@@ -104,7 +107,10 @@ pub fn run_seeds(start: u64, count: u64, threads: usize) -> Totals {
 
 /// Seeds per `cargo test` run: `SYNCMESH_SIM_SEEDS`, default 300.
 pub fn seeds_from_env() -> u64 {
-    std::env::var("SYNCMESH_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(300)
+    std::env::var("SYNCMESH_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300)
 }
 
 #[cfg(test)]
@@ -119,10 +125,21 @@ mod tests {
         for f in &t.failures {
             eprintln!("{f}");
         }
-        eprintln!("simulated {} seeds, {} steps, {} client ops", t.seeds, t.steps, t.ops);
-        assert!(t.failures.is_empty(), "{} of {} seeds failed", t.failures.len(), t.seeds);
+        eprintln!(
+            "simulated {} seeds, {} steps, {} client ops",
+            t.seeds, t.steps, t.ops
+        );
+        assert!(
+            t.failures.is_empty(),
+            "{} of {} seeds failed",
+            t.failures.len(),
+            t.seeds
+        );
         assert_eq!(t.seeds, count);
-        assert!(t.steps >= count * 2_000, "each seed runs at least 2000 steps");
+        assert!(
+            t.steps >= count * 2_000,
+            "each seed runs at least 2000 steps"
+        );
         assert!(t.ops > count * 10, "clients made progress: {} ops", t.ops);
     }
 
@@ -139,8 +156,12 @@ mod tests {
     fn swarm_covers_both_cluster_sizes_and_every_fault() {
         let params: Vec<SimParams> = (0..300).map(SimParams::from_seed).collect();
         assert!(params.iter().any(|p| p.nodes == 3) && params.iter().any(|p| p.nodes == 5));
-        assert!(params.iter().any(|p| p.crashes && p.partitions && p.conf_changes && p.transfers));
+        assert!(params
+            .iter()
+            .any(|p| p.crashes && p.partitions && p.conf_changes && p.transfers));
         assert!(params.iter().any(|p| p.drop > 0.1) && params.iter().any(|p| p.duplicate > 0.0));
-        assert!(params.iter().any(|p| p.snapshot_every > 0 && p.snapshot_chunk_bytes < 64));
+        assert!(params
+            .iter()
+            .any(|p| p.snapshot_every > 0 && p.snapshot_chunk_bytes < 64));
     }
 }

@@ -54,7 +54,10 @@ pub fn check(history: &[Operation], initial: u64) -> Result<(), Violation> {
     }
     for (key, ops) in by_key {
         if !check_register(&ops, initial) {
-            return Err(Violation { key, ops: ops.len() });
+            return Err(Violation {
+                key,
+                ops: ops.len(),
+            });
         }
     }
     Ok(())
@@ -85,12 +88,22 @@ impl EventList {
         }
         order.sort_unstable_by_key(|&(t, i, is_call)| (t, !is_call, i));
         let n = order.len();
-        let mut events = vec![Event { op: usize::MAX, is_call: false, prev: 0, next: 1 }];
+        let mut events = vec![Event {
+            op: usize::MAX,
+            is_call: false,
+            prev: 0,
+            next: 1,
+        }];
         let mut call_of = vec![0; ops.len()];
         let mut ret_of = vec![0; ops.len()];
         for (k, &(_, op, is_call)) in order.iter().enumerate() {
             let idx = k + 1;
-            events.push(Event { op, is_call, prev: idx - 1, next: idx + 1 });
+            events.push(Event {
+                op,
+                is_call,
+                prev: idx - 1,
+                next: idx + 1,
+            });
             if is_call {
                 call_of[op] = idx;
             } else {
@@ -104,7 +117,11 @@ impl EventList {
                 last.next = usize::MAX;
             }
         }
-        Self { events, call_of, ret_of }
+        Self {
+            events,
+            call_of,
+            ret_of,
+        }
     }
 
     fn head(&self) -> usize {
@@ -199,25 +216,39 @@ mod tests {
     use super::*;
 
     fn op(op: RegisterOp, call: u64, ret: u64) -> Operation {
-        Operation { key: 0, op, call, ret: Some(ret) }
+        Operation {
+            key: 0,
+            op,
+            call,
+            ret: Some(ret),
+        }
     }
 
     #[test]
     fn sequential_history_is_linearizable() {
-        let h = [op(RegisterOp::Write(1), 1, 2), op(RegisterOp::Read(Some(1)), 3, 4)];
+        let h = [
+            op(RegisterOp::Write(1), 1, 2),
+            op(RegisterOp::Read(Some(1)), 3, 4),
+        ];
         assert_eq!(check(&h, 0), Ok(()));
     }
 
     #[test]
     fn stale_read_after_completed_write_is_not() {
-        let h = [op(RegisterOp::Write(1), 1, 2), op(RegisterOp::Read(Some(0)), 3, 4)];
+        let h = [
+            op(RegisterOp::Write(1), 1, 2),
+            op(RegisterOp::Read(Some(0)), 3, 4),
+        ];
         assert_eq!(check(&h, 0), Err(Violation { key: 0, ops: 2 }));
     }
 
     #[test]
     fn concurrent_read_may_see_either_value() {
         for seen in [0, 1] {
-            let h = [op(RegisterOp::Write(1), 1, 10), op(RegisterOp::Read(Some(seen)), 2, 3)];
+            let h = [
+                op(RegisterOp::Write(1), 1, 10),
+                op(RegisterOp::Read(Some(seen)), 2, 3),
+            ];
             assert_eq!(check(&h, 0), Ok(()), "read of {seen} overlapping the write");
         }
     }
@@ -235,7 +266,12 @@ mod tests {
 
     #[test]
     fn pending_write_may_or_may_not_take_effect() {
-        let pending = Operation { key: 0, op: RegisterOp::Write(5), call: 1, ret: None };
+        let pending = Operation {
+            key: 0,
+            op: RegisterOp::Write(5),
+            call: 1,
+            ret: None,
+        };
         for seen in [0, 5] {
             let h = [pending, op(RegisterOp::Read(Some(seen)), 2, 3)];
             assert_eq!(check(&h, 0), Ok(()));
@@ -247,7 +283,12 @@ mod tests {
     #[test]
     fn keys_are_checked_independently() {
         let mut h = vec![op(RegisterOp::Write(1), 1, 2)];
-        h.push(Operation { key: 9, op: RegisterOp::Read(Some(1)), call: 3, ret: Some(4) });
+        h.push(Operation {
+            key: 9,
+            op: RegisterOp::Read(Some(1)),
+            call: 3,
+            ret: Some(4),
+        });
         assert_eq!(check(&h, 0), Err(Violation { key: 9, ops: 1 }));
     }
 }

@@ -51,13 +51,21 @@ impl SimParams {
         let mut rng = SimRng::new(seed.wrapping_mul(0xA24B_AED4_963E_E407));
         let nodes = if rng.chance(0.5) { 3 } else { 5 };
         let conf_changes = rng.chance(0.4);
-        let initial_voters = if conf_changes && nodes == 5 && rng.chance(0.5) { 3 } else { nodes };
+        let initial_voters = if conf_changes && nodes == 5 && rng.chance(0.5) {
+            3
+        } else {
+            nodes
+        };
         let hostile = rng.chance(0.3);
         Self {
             nodes,
             initial_voters,
             steps: rng.range(10_000, 40_000),
-            drop: if hostile { rng.range(5, 25) as f64 / 100.0 } else { rng.range(0, 5) as f64 / 100.0 },
+            drop: if hostile {
+                rng.range(5, 25) as f64 / 100.0
+            } else {
+                rng.range(0, 5) as f64 / 100.0
+            },
             duplicate: rng.range(0, 10) as f64 / 100.0,
             delay_ms: (1, rng.pick(&[3, 10, 30, 60])),
             fsync_ms: (0, rng.pick(&[0, 1, 3])),

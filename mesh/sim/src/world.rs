@@ -46,7 +46,10 @@ impl SimDisk {
         let base = self.snapshot.as_ref().map_or(0, |s| s.meta.index);
         for (i, e) in self.entries.iter().enumerate() {
             if e.index != base + 1 + i as u64 {
-                return Err(format!("disk log not contiguous: entry {} at slot {i} after {base}", e.index));
+                return Err(format!(
+                    "disk log not contiguous: entry {} at slot {i} after {base}",
+                    e.index
+                ));
             }
         }
         Ok(())
@@ -76,10 +79,25 @@ enum Outcome {
 enum Event {
     Tick(NodeId),
     Deliver(Message),
-    PersistDone { node: NodeId, incarnation: u64 },
-    Request { node: NodeId, client: u64, seq: u64, op: ClientOp },
-    Response { client: u64, seq: u64, outcome: Outcome },
-    ClientRetry { client: u64, attempt: u64 },
+    PersistDone {
+        node: NodeId,
+        incarnation: u64,
+    },
+    Request {
+        node: NodeId,
+        client: u64,
+        seq: u64,
+        op: ClientOp,
+    },
+    Response {
+        client: u64,
+        seq: u64,
+        outcome: Outcome,
+    },
+    ClientRetry {
+        client: u64,
+        attempt: u64,
+    },
     ClientStart(u64),
     Nemesis,
 }
@@ -152,7 +170,11 @@ impl World {
         let nodes = (1..=params.nodes)
             .map(|id| SimNode {
                 id,
-                bootstrap: if founders.is_voter(id) { founders.clone() } else { Membership::default() },
+                bootstrap: if founders.is_voter(id) {
+                    founders.clone()
+                } else {
+                    Membership::default()
+                },
                 raft: None,
                 disk: SimDisk::default(),
                 kv: KvStore::default(),
@@ -164,7 +186,11 @@ impl World {
             })
             .collect();
         let clients = (0..params.clients)
-            .map(|c| Client { target: 1 + c % params.nodes, seq: 0, current: None })
+            .map(|c| Client {
+                target: 1 + c % params.nodes,
+                seq: 0,
+                current: None,
+            })
             .collect();
         let mut world = Self {
             rng: SimRng::new(seed),
@@ -230,7 +256,10 @@ impl World {
             node.kv.restore(&s.data).expect("own snapshot decodes");
         }
         node.incarnation += 1;
-        node.marks = NodeMarks { term: node.disk.hard_state.term, ..NodeMarks::default() };
+        node.marks = NodeMarks {
+            term: node.disk.hard_state.term,
+            ..NodeMarks::default()
+        };
     }
 
     fn crash_node(&mut self, id: NodeId) {
@@ -259,13 +288,20 @@ impl World {
         let deadline = self.now + LIVENESS_BUDGET_MS;
         while !self.converged() {
             if self.now > deadline {
-                return Err(format!("liveness: not converged {LIVENESS_BUDGET_MS} ms after healing ({})", self.describe()));
+                return Err(format!(
+                    "liveness: not converged {LIVENESS_BUDGET_MS} ms after healing ({})",
+                    self.describe()
+                ));
             }
             self.step()?;
             steps += 1;
         }
-        linearizability::check(&self.history, 0)
-            .map_err(|v| format!("linearizability: history of key {} ({} ops) has no valid order", v.key, v.ops))?;
+        linearizability::check(&self.history, 0).map_err(|v| {
+            format!(
+                "linearizability: history of key {} ({} ops) has no valid order",
+                v.key, v.ops
+            )
+        })?;
         Ok(RunReport {
             steps,
             virtual_ms: self.now,
@@ -283,7 +319,14 @@ impl World {
             .map(|n| match &n.raft {
                 Some(r) => {
                     let s = r.status();
-                    format!("n{}:{}@t{} c{} a{}", n.id, s.role.name(), s.term, s.commit, n.kv.applied)
+                    format!(
+                        "n{}:{}@t{} c{} a{}",
+                        n.id,
+                        s.role.name(),
+                        s.term,
+                        s.commit,
+                        n.kv.applied
+                    )
                 }
                 None => format!("n{}:down", n.id),
             })
@@ -308,14 +351,21 @@ impl World {
         if self.clients.iter().any(|c| c.current.is_some()) {
             return false;
         }
-        let Some(leader) = self.nodes.iter().filter_map(|n| n.raft.as_ref()).find(|r| r.role() == Role::Leader)
+        let Some(leader) = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.raft.as_ref())
+            .find(|r| r.role() == Role::Leader)
         else {
             return false;
         };
         let st = leader.status();
         let converged = st.membership.members().all(|id| {
             let n = &self.nodes[(id - 1) as usize];
-            n.raft.as_ref().is_some_and(|r| r.status().commit == st.commit) && n.kv.applied == st.commit
+            n.raft
+                .as_ref()
+                .is_some_and(|r| r.status().commit == st.commit)
+                && n.kv.applied == st.commit
         });
         converged
     }
@@ -357,7 +407,11 @@ impl World {
                     return Ok(None);
                 }
                 let to = m.to;
-                let Some(raft) = self.nodes.get_mut((to - 1) as usize).and_then(|n| n.raft.as_mut()) else {
+                let Some(raft) = self
+                    .nodes
+                    .get_mut((to - 1) as usize)
+                    .and_then(|n| n.raft.as_mut())
+                else {
                     return Ok(None);
                 };
                 raft.step(m);
@@ -369,16 +423,27 @@ impl World {
                 if n.incarnation != incarnation {
                     return Ok(None);
                 }
-                let Some(rd) = n.persisting.take() else { return Ok(None) };
+                let Some(rd) = n.persisting.take() else {
+                    return Ok(None);
+                };
                 self.complete_ready(node, rd)?;
                 Ok(Some(node))
             }
-            Event::Request { node, client, seq, op } => {
+            Event::Request {
+                node,
+                client,
+                seq,
+                op,
+            } => {
                 self.trace.write(4 + (node << 8) + (client << 16));
                 self.handle_request(node, client, seq, op);
                 Ok(Some(node))
             }
-            Event::Response { client, seq, outcome } => {
+            Event::Response {
+                client,
+                seq,
+                outcome,
+            } => {
                 self.trace.write(5 + (client << 8));
                 self.handle_response(client, seq, outcome);
                 Ok(None)
@@ -416,19 +481,28 @@ impl World {
             if n.persisting.is_some() {
                 return Ok(());
             }
-            let Some(raft) = n.raft.as_mut() else { return Ok(()) };
+            let Some(raft) = n.raft.as_mut() else {
+                return Ok(());
+            };
             if !raft.has_ready() {
                 return Ok(());
             }
             let rd = raft.ready();
             self.invariants.check_written(raft, &rd.entries)?;
-            let durable = rd.snapshot.is_some() || !rd.entries.is_empty() || rd.hard_state.is_some();
+            let durable =
+                rd.snapshot.is_some() || !rd.entries.is_empty() || rd.hard_state.is_some();
             if durable {
                 let incarnation = n.incarnation;
                 n.persisting = Some(rd);
                 let (lo, hi) = self.params.fsync_ms;
                 let delay = self.rng.range(lo, hi);
-                self.schedule(delay, Event::PersistDone { node: id, incarnation });
+                self.schedule(
+                    delay,
+                    Event::PersistDone {
+                        node: id,
+                        incarnation,
+                    },
+                );
                 return Ok(());
             }
             self.complete_ready(id, rd)?;
@@ -438,7 +512,10 @@ impl World {
     /// The Ready is durable: send, apply, serve reads, advance, maybe snapshot.
     fn complete_ready(&mut self, id: NodeId, rd: Ready) -> Result<(), String> {
         let idx = (id - 1) as usize;
-        self.nodes[idx].disk.write(&rd).map_err(|e| format!("node {id}: {e}"))?;
+        self.nodes[idx]
+            .disk
+            .write(&rd)
+            .map_err(|e| format!("node {id}: {e}"))?;
         let marker = rd.persisted_marker();
         for m in rd.messages {
             self.send_message(m);
@@ -450,20 +527,25 @@ impl World {
             self.apply(id, entry)?;
         }
         for rs in rd.read_states {
-            let Some(words) = decode_words(&rs.ctx) else { continue };
+            let Some(words) = decode_words(&rs.ctx) else {
+                continue;
+            };
             if let [client, seq, key] = words[..] {
                 self.nodes[idx].reads.push((rs.index, client, seq, key));
             }
         }
         self.serve_reads(id);
         let node = &mut self.nodes[idx];
-        let Some(raft) = node.raft.as_mut() else { return Ok(()) };
+        let Some(raft) = node.raft.as_mut() else {
+            return Ok(());
+        };
         raft.advance(marker);
         let every = self.params.snapshot_every;
         let snap_index = raft.status().snapshot_index;
         if every > 0 && node.kv.applied >= snap_index + every {
             // applied <= raft's applied and > snapshot index: compaction cannot fail.
-            raft.compact(node.kv.applied, node.kv.snapshot()).map_err(|e| format!("compact: {e}"))?;
+            raft.compact(node.kv.applied, node.kv.snapshot())
+                .map_err(|e| format!("compact: {e}"))?;
             if let Some(s) = raft.snapshot() {
                 node.disk.compact(s.clone());
             }
@@ -473,9 +555,14 @@ impl World {
 
     fn restore_snapshot(&mut self, id: NodeId, snapshot: &Snapshot) -> Result<(), String> {
         let node = &mut self.nodes[(id - 1) as usize];
-        node.kv.restore(&snapshot.data).map_err(|e| format!("node {id}: snapshot restore: {e}"))?;
+        node.kv
+            .restore(&snapshot.data)
+            .map_err(|e| format!("node {id}: snapshot restore: {e}"))?;
         if node.kv.applied != snapshot.meta.index {
-            return Err(format!("node {id}: snapshot at {} holds state of {}", snapshot.meta.index, node.kv.applied));
+            return Err(format!(
+                "node {id}: snapshot at {} holds state of {}",
+                snapshot.meta.index, node.kv.applied
+            ));
         }
         let keep = node.proposals.split_off(&(snapshot.meta.index + 1));
         let lost = std::mem::replace(&mut node.proposals, keep);
@@ -483,17 +570,22 @@ impl World {
         for (_, (_, client, seq)) in lost {
             self.respond(client, seq, Outcome::Retry);
         }
-        self.invariants.check_digest(id, snapshot.meta.index, digest)
+        self.invariants
+            .check_digest(id, snapshot.meta.index, digest)
     }
 
     fn apply(&mut self, id: NodeId, entry: &Entry) -> Result<(), String> {
         let node = &mut self.nodes[(id - 1) as usize];
         if entry.index != node.kv.applied + 1 {
-            return Err(format!("node {id}: applies {} after {}", entry.index, node.kv.applied));
+            return Err(format!(
+                "node {id}: applies {} after {}",
+                entry.index, node.kv.applied
+            ));
         }
         match &entry.payload {
             EntryPayload::Command(data) => {
-                let put = Put::decode(data).ok_or_else(|| format!("node {id}: undecodable command"))?;
+                let put =
+                    Put::decode(data).ok_or_else(|| format!("node {id}: undecodable command"))?;
                 node.kv.apply(entry.index, put);
             }
             EntryPayload::Noop | EntryPayload::Config(_) => node.kv.skip(entry.index),
@@ -502,7 +594,11 @@ impl World {
         let waiting = node.proposals.remove(&entry.index);
         self.invariants.check_applied(id, entry, digest)?;
         if let Some((term, client, seq)) = waiting {
-            let outcome = if term == entry.term { Outcome::Done(None) } else { Outcome::Retry };
+            let outcome = if term == entry.term {
+                Outcome::Done(None)
+            } else {
+                Outcome::Retry
+            };
             self.respond(client, seq, outcome);
         }
         Ok(())
@@ -513,7 +609,10 @@ impl World {
         let applied = node.kv.applied;
         let (ready, waiting): (Vec<_>, Vec<_>) = node.reads.drain(..).partition(|r| r.0 <= applied);
         node.reads = waiting;
-        let answers: Vec<_> = ready.iter().map(|&(_, c, s, k)| (c, s, node.kv.read(k))).collect();
+        let answers: Vec<_> = ready
+            .iter()
+            .map(|&(_, c, s, k)| (c, s, node.kv.read(k)))
+            .collect();
         for (client, seq, value) in answers {
             self.respond(client, seq, Outcome::Done(Some(value)));
         }
@@ -523,7 +622,11 @@ impl World {
         if self.faults && self.rng.chance(self.params.drop) {
             return;
         }
-        let copies = if self.faults && self.rng.chance(self.params.duplicate) { 2 } else { 1 };
+        let copies = if self.faults && self.rng.chance(self.params.duplicate) {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
             let (lo, hi) = self.params.delay_ms;
             let delay = self.rng.range(lo, hi);
@@ -533,31 +636,48 @@ impl World {
 
     fn respond(&mut self, client: u64, seq: u64, outcome: Outcome) {
         let delay = self.rng.range(1, 5);
-        self.schedule(delay, Event::Response { client, seq, outcome });
+        self.schedule(
+            delay,
+            Event::Response {
+                client,
+                seq,
+                outcome,
+            },
+        );
     }
 
     fn handle_request(&mut self, id: NodeId, client: u64, seq: u64, op: ClientOp) {
         let node = &mut self.nodes[(id - 1) as usize];
-        let Some(raft) = node.raft.as_mut() else { return };
+        let Some(raft) = node.raft.as_mut() else {
+            return;
+        };
         let result = match op {
             ClientOp::Put { key, value } => {
-                let put = Put { client, seq, key, value };
+                let put = Put {
+                    client,
+                    seq,
+                    key,
+                    value,
+                };
                 raft.propose(put.encode()).map(|index| {
-                    let term = raft.term();
-                    if let Some((_, c, s)) = node.proposals.insert(index, (term, client, seq)) {
-                        // Never happens within one term; a stale entry was overwritten.
-                        let _ = (c, s);
-                    }
+                    // A proposal of an older term at the same index was truncated away.
+                    node.proposals.insert(index, (raft.term(), client, seq))
                 })
             }
             ClientOp::Get { key } => {
-                let ctx = [client, seq, key].iter().flat_map(|w| w.to_le_bytes()).collect();
-                raft.read_index(ctx)
+                let ctx = [client, seq, key]
+                    .iter()
+                    .flat_map(|w| w.to_le_bytes())
+                    .collect();
+                raft.read_index(ctx).map(|()| None)
             }
         };
         match result {
-            Ok(()) => {}
-            Err(ProposeError::NotLeader { leader }) => self.respond(client, seq, Outcome::Redirect(leader)),
+            Ok(Some((_, old_client, old_seq))) => self.respond(old_client, old_seq, Outcome::Retry),
+            Ok(None) => {}
+            Err(ProposeError::NotLeader { leader }) => {
+                self.respond(client, seq, Outcome::Redirect(leader))
+            }
             Err(_) => self.respond(client, seq, Outcome::Retry),
         }
     }
@@ -569,7 +689,10 @@ impl World {
         let key = self.rng.range(0, self.params.keys - 1);
         let op = if self.rng.chance(0.5) {
             self.next_value += 1;
-            ClientOp::Put { key, value: self.next_value }
+            ClientOp::Put {
+                key,
+                value: self.next_value,
+            }
         } else {
             ClientOp::Get { key }
         };
@@ -579,27 +702,49 @@ impl World {
             ClientOp::Put { value, .. } => RegisterOp::Write(value),
             ClientOp::Get { .. } => RegisterOp::Read(None),
         };
-        self.history.push(Operation { key, op: reg, call: self.clock, ret: None });
+        self.history.push(Operation {
+            key,
+            op: reg,
+            call: self.clock,
+            ret: None,
+        });
         let c = &mut self.clients[client as usize];
         c.seq += 1;
-        c.current = Some(Current { seq: c.seq, op, history, attempt: 0 });
+        c.current = Some(Current {
+            seq: c.seq,
+            op,
+            history,
+            attempt: 0,
+        });
         self.send_request(client);
     }
 
     fn send_request(&mut self, client: u64) {
         let c = &mut self.clients[client as usize];
-        let Some(cur) = c.current.as_mut() else { return };
+        let Some(cur) = c.current.as_mut() else {
+            return;
+        };
         cur.attempt += 1;
         let (node, seq, op, attempt) = (c.target, cur.seq, cur.op, cur.attempt);
         let delay = self.rng.range(1, 5);
-        self.schedule(delay, Event::Request { node, client, seq, op });
+        self.schedule(
+            delay,
+            Event::Request {
+                node,
+                client,
+                seq,
+                op,
+            },
+        );
         self.schedule(CLIENT_TIMEOUT_MS, Event::ClientRetry { client, attempt });
     }
 
     fn handle_response(&mut self, client: u64, seq: u64, outcome: Outcome) {
         let nodes = self.params.nodes;
         let c = &mut self.clients[client as usize];
-        let Some(cur) = c.current.as_ref() else { return };
+        let Some(cur) = c.current.as_ref() else {
+            return;
+        };
         if cur.seq != seq {
             return;
         }
@@ -629,7 +774,11 @@ impl World {
     }
 
     fn live(&self) -> Vec<NodeId> {
-        self.nodes.iter().filter(|n| n.raft.is_some()).map(|n| n.id).collect()
+        self.nodes
+            .iter()
+            .filter(|n| n.raft.is_some())
+            .map(|n| n.id)
+            .collect()
     }
 
     fn leader(&self) -> Option<NodeId> {
@@ -644,9 +793,17 @@ impl World {
     fn nemesis(&mut self) {
         let all: Vec<NodeId> = (1..=self.params.nodes).collect();
         let live = self.live();
-        let down: Vec<NodeId> = all.iter().copied().filter(|id| !live.contains(id)).collect();
+        let down: Vec<NodeId> = all
+            .iter()
+            .copied()
+            .filter(|id| !live.contains(id))
+            .collect();
         match self.rng.range(0, 9) {
-            0 | 1 if self.params.crashes && down.len() < (self.params.nodes as usize) / 2 + 1 && !live.is_empty() => {
+            0 | 1
+                if self.params.crashes
+                    && down.len() < (self.params.nodes as usize) / 2 + 1
+                    && !live.is_empty() =>
+            {
                 let id = self.rng.pick(&live);
                 self.log(|| format!("nemesis: crash n{id}"));
                 self.crash_node(id);
@@ -703,7 +860,9 @@ impl World {
     fn change_membership(&mut self) {
         let Some(l) = self.leader() else { return };
         let all: Vec<NodeId> = (1..=self.params.nodes).collect();
-        let Some(raft) = self.nodes[(l - 1) as usize].raft.as_ref() else { return };
+        let Some(raft) = self.nodes[(l - 1) as usize].raft.as_ref() else {
+            return;
+        };
         let m = raft.membership().clone();
         let outsiders: Vec<NodeId> = all.iter().copied().filter(|id| !m.contains(*id)).collect();
         let learners: Vec<NodeId> = m.learners.iter().copied().collect();

@@ -202,7 +202,11 @@ impl Raft {
         }
         // A granted pre-vote answers in the term asked about; everything else in ours.
         let reply_term = if granted { term } else { self.term };
-        self.send_with_term(from, reply_term, MessageBody::RequestVoteResp { pre_vote, granted });
+        self.send_with_term(
+            from,
+            reply_term,
+            MessageBody::RequestVoteResp { pre_vote, granted },
+        );
     }
 
     pub(super) fn handle_request_vote_resp(

@@ -85,7 +85,11 @@ impl RaftLog {
 
     /// Append one entry at the end.
     pub(crate) fn push(&mut self, entry: Entry) {
-        assert_eq!(entry.index, self.last_index() + 1, "log append must be contiguous");
+        assert_eq!(
+            entry.index,
+            self.last_index() + 1,
+            "log append must be contiguous"
+        );
         self.entries.push(entry);
     }
 
@@ -115,7 +119,9 @@ impl RaftLog {
         let mut bytes = 0;
         let mut index = from;
         while index <= to && out.len() < max_entries {
-            let Some(entry) = self.entry(index) else { break };
+            let Some(entry) = self.entry(index) else {
+                break;
+            };
             bytes += entry.size_bytes();
             if !out.is_empty() && bytes > max_bytes {
                 break;
@@ -152,7 +158,10 @@ impl RaftLog {
     /// Drop every entry up to and including `meta.index`, which must be applied.
     pub(crate) fn compact(&mut self, meta: SnapshotMeta) {
         assert!(meta.index <= self.applied, "compacting unapplied entries");
-        assert!(meta.index >= self.snapshot.index, "compaction moved backwards");
+        assert!(
+            meta.index >= self.snapshot.index,
+            "compaction moved backwards"
+        );
         let drop = (meta.index - self.snapshot.index) as usize;
         self.entries.drain(..drop.min(self.entries.len()));
         self.snapshot = meta;
@@ -160,7 +169,10 @@ impl RaftLog {
 
     /// Replace the whole log with a snapshot received from the leader.
     pub(crate) fn install(&mut self, meta: SnapshotMeta) {
-        assert!(meta.index > self.committed, "installing a snapshot behind commit");
+        assert!(
+            meta.index > self.committed,
+            "installing a snapshot behind commit"
+        );
         self.entries.clear();
         self.committed = meta.index;
         self.applied = meta.index;

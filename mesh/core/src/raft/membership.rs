@@ -8,7 +8,9 @@
 //! commits, then steps down and hands over to the most up-to-date voter.
 
 use super::progress::Progress;
-use super::{ConfChange, EntryPayload, LogIndex, Membership, MessageBody, ProposeError, Raft, Role};
+use super::{
+    ConfChange, EntryPayload, LogIndex, Membership, MessageBody, ProposeError, Raft, Role,
+};
 
 impl Raft {
     /// Propose a single-server membership change. Returns the index of its entry.
@@ -43,7 +45,9 @@ impl Raft {
         self.progress.retain(|id, _| membership.contains(*id));
         let next = self.log.last_index() + 1;
         for id in membership.members().filter(|&id| id != me) {
-            self.progress.entry(id).or_insert_with(|| Progress::new(next));
+            self.progress
+                .entry(id)
+                .or_insert_with(|| Progress::new(next));
         }
         if self.transferee.is_some_and(|t| !membership.is_voter(t)) {
             self.transferee = None;
@@ -62,11 +66,11 @@ impl Raft {
             return;
         }
         let last = self.log.last_index();
-        let successor = membership
-            .voters
-            .iter()
-            .copied()
-            .find(|id| self.progress.get(id).is_some_and(|pr| pr.match_index == last));
+        let successor = membership.voters.iter().copied().find(|id| {
+            self.progress
+                .get(id)
+                .is_some_and(|pr| pr.match_index == last)
+        });
         // The new commit index must reach the others before we fall silent.
         self.broadcast_append();
         if let Some(id) = successor {

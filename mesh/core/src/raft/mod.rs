@@ -307,7 +307,11 @@ impl Raft {
     /// it loads before handing it over.
     pub fn new(cfg: Config, state: InitialState) -> Result<Self, ConfigError> {
         cfg.validate()?;
-        let meta = state.snapshot.as_ref().map(|s| s.meta.clone()).unwrap_or_default();
+        let meta = state
+            .snapshot
+            .as_ref()
+            .map(|s| s.meta.clone())
+            .unwrap_or_default();
         let baseline = match &state.snapshot {
             Some(s) => (s.meta.index, s.meta.membership.clone()),
             None => (0, state.membership),
@@ -499,7 +503,13 @@ impl Raft {
                 leader_commit,
             } => {
                 self.follow(from);
-                self.handle_append_entries(from, prev_log_index, prev_log_term, entries, leader_commit);
+                self.handle_append_entries(
+                    from,
+                    prev_log_index,
+                    prev_log_term,
+                    entries,
+                    leader_commit,
+                );
             }
             MessageBody::AppendEntriesResp {
                 success,

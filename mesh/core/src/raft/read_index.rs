@@ -60,12 +60,23 @@ impl Raft {
         }
         self.reads.seq += 1;
         let seq = self.reads.seq;
-        self.reads.pending.push_back(PendingRead { seq, index, ctx });
-        let peers: Vec<(u64, u64)> =
-            self.progress.iter().map(|(&id, pr)| (id, pr.match_index)).collect();
+        self.reads
+            .pending
+            .push_back(PendingRead { seq, index, ctx });
+        let peers: Vec<(u64, u64)> = self
+            .progress
+            .iter()
+            .map(|(&id, pr)| (id, pr.match_index))
+            .collect();
         for (id, matched) in peers {
             let commit = self.log.committed.min(matched);
-            self.send(id, MessageBody::Heartbeat { commit, read_seq: seq });
+            self.send(
+                id,
+                MessageBody::Heartbeat {
+                    commit,
+                    read_seq: seq,
+                },
+            );
         }
     }
 
@@ -85,14 +96,20 @@ impl Raft {
                 .voters
                 .iter()
                 .filter(|&&id| {
-                    id == me || self.progress.get(&id).is_some_and(|pr| pr.read_seq >= front.seq)
+                    id == me
+                        || self
+                            .progress
+                            .get(&id)
+                            .is_some_and(|pr| pr.read_seq >= front.seq)
                 })
                 .count();
             if acks < membership.quorum() {
                 break;
             }
             // Checked non-empty by the loop condition.
-            let Some(read) = self.reads.pending.pop_front() else { break };
+            let Some(read) = self.reads.pending.pop_front() else {
+                break;
+            };
             self.read_states.push(ReadState {
                 index: read.index,
                 ctx: read.ctx,

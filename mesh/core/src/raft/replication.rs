@@ -63,8 +63,11 @@ impl Raft {
 
     pub(super) fn broadcast_heartbeat(&mut self) {
         let read_seq = self.reads.seq;
-        let peers: Vec<(NodeId, LogIndex)> =
-            self.progress.iter().map(|(&id, pr)| (id, pr.match_index)).collect();
+        let peers: Vec<(NodeId, LogIndex)> = self
+            .progress
+            .iter()
+            .map(|(&id, pr)| (id, pr.match_index))
+            .collect();
         for (id, matched) in peers {
             let commit = self.log.committed.min(matched);
             self.send(id, MessageBody::Heartbeat { commit, read_seq });
@@ -77,7 +80,9 @@ impl Raft {
     pub(super) fn send_append(&mut self, to: NodeId, allow_empty: bool) {
         let mut allow_empty = allow_empty;
         loop {
-            let Some(pr) = self.progress.get(&to) else { return };
+            let Some(pr) = self.progress.get(&to) else {
+                return;
+            };
             if pr.is_paused(self.cfg.max_inflight_msgs) {
                 return;
             }
@@ -103,7 +108,9 @@ impl Raft {
             }
             allow_empty = false;
             let last = entries.last().map(|e| e.index);
-            let Some(pr) = self.progress.get_mut(&to) else { return };
+            let Some(pr) = self.progress.get_mut(&to) else {
+                return;
+            };
             let pipelining = match pr.state {
                 ProgressState::Replicate => {
                     if let Some(last) = last {
@@ -159,7 +166,11 @@ impl Raft {
             return;
         }
         let last_new = prev_log_index + entries.len() as u64;
-        if entries.iter().enumerate().any(|(i, e)| e.index != prev_log_index + 1 + i as u64) {
+        if entries
+            .iter()
+            .enumerate()
+            .any(|(i, e)| e.index != prev_log_index + 1 + i as u64)
+        {
             return; // Malformed: entries must follow prev contiguously.
         }
         self.append_to_log(entries);
@@ -183,7 +194,9 @@ impl Raft {
             return (self.log.last_index() + 1, None);
         }
         let term = self.log.term(prev);
-        let first = self.log.first_index_of_term_at(prev, self.log.committed + 1);
+        let first = self
+            .log
+            .first_index_of_term_at(prev, self.log.committed + 1);
         (first, term)
     }
 
@@ -201,7 +214,9 @@ impl Raft {
         }
         let last_index = self.log.last_index();
         let hint = self.retry_index(rejected_prev, conflict_index, conflict_term);
-        let Some(pr) = self.progress.get_mut(&from) else { return };
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
         pr.recent_active = true;
         if !success {
             if pr.retreat(rejected_prev, hint) {
@@ -253,7 +268,9 @@ impl Raft {
             return;
         }
         let last_index = self.log.last_index();
-        let Some(pr) = self.progress.get_mut(&from) else { return };
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
         pr.recent_active = true;
         pr.read_seq = pr.read_seq.max(read_seq);
         // A lost message leaves a probe paused or a pipeline window full: the heartbeat

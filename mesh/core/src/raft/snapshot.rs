@@ -7,9 +7,7 @@
 //! last chunk arrives, and only if the snapshot is ahead of its commit index.
 
 use super::progress::ProgressState;
-use super::{
-    CompactError, LogIndex, MessageBody, NodeId, Raft, Role, Snapshot, SnapshotMeta,
-};
+use super::{CompactError, LogIndex, MessageBody, NodeId, Raft, Role, Snapshot, SnapshotMeta};
 
 impl Raft {
     /// Compact the log up to `index` (which must be applied), keeping `data` as the
@@ -53,8 +51,12 @@ impl Raft {
     }
 
     pub(super) fn send_snapshot_chunk(&mut self, to: NodeId) {
-        let Some(snapshot) = &self.snapshot else { return };
-        let Some(pr) = self.progress.get_mut(&to) else { return };
+        let Some(snapshot) = &self.snapshot else {
+            return;
+        };
+        let Some(pr) = self.progress.get_mut(&to) else {
+            return;
+        };
         let ProgressState::Snapshot { index, offset } = &mut pr.state else {
             return;
         };
@@ -109,7 +111,9 @@ impl Raft {
             self.send_snapshot_resp(from, index, received, false);
             return;
         }
-        let Some((meta, data)) = self.incoming.take() else { return };
+        let Some((meta, data)) = self.incoming.take() else {
+            return;
+        };
         self.install_snapshot(Snapshot { meta, data });
         self.send_snapshot_resp(from, index, received, true);
     }
@@ -147,7 +151,9 @@ impl Raft {
         if self.role != Role::Leader {
             return;
         }
-        let Some(pr) = self.progress.get_mut(&from) else { return };
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
         pr.recent_active = true;
         let ProgressState::Snapshot {
             index: sending,

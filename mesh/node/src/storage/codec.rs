@@ -37,7 +37,8 @@ fn checksum(len_bytes: [u8; 4], payload: &[u8]) -> u32 {
 
 /// Encode records as one frame.
 pub fn encode_frame(records: &[WalRecord]) -> Result<Vec<u8>, FrameError> {
-    let payload = postcard::to_stdvec(records).map_err(|e| FrameError::BadPayload(e.to_string()))?;
+    let payload =
+        postcard::to_stdvec(records).map_err(|e| FrameError::BadPayload(e.to_string()))?;
     if payload.is_empty() || payload.len() > MAX_FRAME_BYTES {
         return Err(FrameError::BadLength(payload.len()));
     }
@@ -82,7 +83,10 @@ pub fn decode_frame(buf: &[u8]) -> Result<(Vec<WalRecord>, usize), FrameError> {
     let (records, rest) = postcard::take_from_bytes::<Vec<WalRecord>>(&buf[HEADER_BYTES..total])
         .map_err(|e| FrameError::BadPayload(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(FrameError::BadPayload(format!("{} trailing bytes", rest.len())));
+        return Err(FrameError::BadPayload(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
     }
     Ok((records, total))
 }

@@ -107,10 +107,14 @@ fn writer(mut log: FileLog, rx: Receiver<Job>, term: Term, mut last: LogIndex, s
             vote: None,
             commit: last,
         };
-        let result = log.persist(None, &entries, Some(hs)).map_err(|e| GroupCommitError::Writer(e.to_string()));
+        let result = log
+            .persist(None, &entries, Some(hs))
+            .map_err(|e| GroupCommitError::Writer(e.to_string()));
         if result.is_ok() {
             stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-            stats.entries.fetch_add(entries.len() as u64, Ordering::Relaxed);
+            stats
+                .entries
+                .fetch_add(entries.len() as u64, Ordering::Relaxed);
         }
         for (job, entry) in jobs.into_iter().zip(&entries) {
             // A proposer that gave up waiting is not an error for the others.

@@ -22,7 +22,10 @@ impl MemLog {
     /// What a restart would load.
     pub fn recover(&self) -> Recovered {
         // A poisoned lock only means a test thread panicked; the data is still whole.
-        self.durable.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.durable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -44,7 +47,11 @@ impl LogStore for MemLog {
             if first.index > next || first.index <= base {
                 return Err(StorageError::Corrupt {
                     path: PathBuf::from("<memory>"),
-                    detail: format!("append at {} does not continue the log ending at {}", first.index, next - 1),
+                    detail: format!(
+                        "append at {} does not continue the log ending at {}",
+                        first.index,
+                        next - 1
+                    ),
                 });
             }
             d.entries.truncate((first.index - base - 1) as usize);

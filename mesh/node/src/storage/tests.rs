@@ -39,13 +39,17 @@ fn conformance<S: LogStore>(mut reopen: impl FnMut() -> (S, Recovered)) {
     assert_eq!(rec.hard_state, HardState::default());
     assert!(rec.entries.is_empty() && rec.snapshot.is_none());
 
-    store.persist(None, &entries(1, 10, 1), Some(hs(1, Some(2), 3))).expect("append");
+    store
+        .persist(None, &entries(1, 10, 1), Some(hs(1, Some(2), 3)))
+        .expect("append");
     let (mut store, rec) = reopen();
     assert_eq!(rec.entries, entries(1, 10, 1));
     assert_eq!(rec.hard_state, hs(1, Some(2), 3));
 
     // A new leader overwrites the uncommitted suffix from 6.
-    store.persist(None, &entries(6, 8, 2), Some(hs(2, None, 5))).expect("overwrite");
+    store
+        .persist(None, &entries(6, 8, 2), Some(hs(2, None, 5)))
+        .expect("overwrite");
     let (mut store, rec) = reopen();
     let mut expect = entries(1, 5, 1);
     expect.extend(entries(6, 8, 2));
@@ -58,14 +62,22 @@ fn conformance<S: LogStore>(mut reopen: impl FnMut() -> (S, Recovered)) {
     assert_eq!(rec.entries, expect[4..].to_vec());
 
     // A snapshot installed from the leader replaces the whole log.
-    store.persist(Some(&snapshot(20, 3)), &entries(21, 22, 3), Some(hs(3, Some(1), 20))).expect("install");
+    store
+        .persist(
+            Some(&snapshot(20, 3)),
+            &entries(21, 22, 3),
+            Some(hs(3, Some(1), 20)),
+        )
+        .expect("install");
     let (mut store, rec) = reopen();
     assert_eq!(rec.snapshot, Some(snapshot(20, 3)));
     assert_eq!(rec.entries, entries(21, 22, 3));
     assert_eq!(rec.hard_state, hs(3, Some(1), 20));
 
     // Hard state alone.
-    store.persist(None, &[], Some(hs(4, Some(3), 21))).expect("vote");
+    store
+        .persist(None, &[], Some(hs(4, Some(3), 21)))
+        .expect("vote");
     let (_, rec) = reopen();
     assert_eq!(rec.hard_state, hs(4, Some(3), 21));
     assert_eq!(rec.entries, entries(21, 22, 3));
@@ -106,17 +118,26 @@ fn segments_roll_and_snapshots_purge_them_without_losing_the_vote() {
     let dir = temp_dir("purge");
     let opts = WalOptions { segment_bytes: 300 };
     let (mut log, _) = FileLog::open(&dir, opts.clone()).expect("open");
-    log.persist(None, &[], Some(hs(7, Some(2), 0))).expect("vote");
+    log.persist(None, &[], Some(hs(7, Some(2), 0)))
+        .expect("vote");
     for i in 1..=60 {
         log.persist(None, &[entry(i, 7)], None).expect("append");
     }
-    assert!(log.segment_count() >= 4, "segments rolled: {}", log.segment_count());
+    assert!(
+        log.segment_count() >= 4,
+        "segments rolled: {}",
+        log.segment_count()
+    );
     let before = log.segment_count();
     log.compact(&snapshot(50, 7)).expect("compact");
     assert!(log.segment_count() < before, "old segments deleted");
     drop(log);
     let (_, rec) = FileLog::open(&dir, opts).expect("reopen");
-    assert_eq!(rec.hard_state, hs(7, Some(2), 0), "vote survives segment deletion");
+    assert_eq!(
+        rec.hard_state,
+        hs(7, Some(2), 0),
+        "vote survives segment deletion"
+    );
     assert_eq!(rec.snapshot.map(|s| s.meta.index), Some(50));
     assert_eq!(rec.entries, entries(51, 60, 7));
     let _ = std::fs::remove_dir_all(&dir);
@@ -137,10 +158,12 @@ fn newest_segment(dir: &Path) -> PathBuf {
 fn write_frames(dir: &Path, frames: u64) -> (Vec<u8>, usize) {
     let (mut log, _) = open(dir);
     for i in 1..frames {
-        log.persist(None, &[entry(i, 1)], Some(hs(1, Some(1), i - 1))).expect("append");
+        log.persist(None, &[entry(i, 1)], Some(hs(1, Some(1), i - 1)))
+            .expect("append");
     }
     let before = std::fs::metadata(newest_segment(dir)).expect("stat").len() as usize;
-    log.persist(None, &[entry(frames, 1)], Some(hs(1, Some(1), frames - 1))).expect("append");
+    log.persist(None, &[entry(frames, 1)], Some(hs(1, Some(1), frames - 1)))
+        .expect("append");
     (std::fs::read(newest_segment(dir)).expect("read"), before)
 }
 
@@ -157,11 +180,15 @@ fn crash_at_every_byte_of_the_last_record_recovers_the_previous_ones() {
         let torn = cut > last_start;
         assert_eq!(rec.report.torn_tail.is_some(), torn, "cut at byte {cut}");
         // Recovery cut the file back to the last whole frame.
-        assert_eq!(std::fs::metadata(&seg).expect("stat").len() as usize, last_start);
+        assert_eq!(
+            std::fs::metadata(&seg).expect("stat").len() as usize,
+            last_start
+        );
     }
     // Appending after a recovered torn tail works and survives another restart.
     let (mut log, _) = open(&dir);
-    log.persist(None, &[entry(5, 2)], None).expect("append after recovery");
+    log.persist(None, &[entry(5, 2)], None)
+        .expect("append after recovery");
     let (_, rec) = open(&dir);
     assert_eq!(rec.entries.last(), Some(&entry(5, 2)));
     let _ = std::fs::remove_dir_all(&dir);
@@ -248,13 +275,17 @@ fn corrupt_snapshot_refuses_to_start() {
 fn crash_between_installed_snapshot_and_its_reset_drops_the_conflicting_log() {
     let dir = temp_dir("install-crash");
     let (mut log, _) = open(&dir);
-    log.persist(None, &entries(1, 30, 1), Some(hs(1, None, 5))).expect("append");
+    log.persist(None, &entries(1, 30, 1), Some(hs(1, None, 5)))
+        .expect("append");
     // What persist(Some(snapshot)) does first, before its frame: write the file.
     log.write_snapshot_file_for_test(&snapshot(20, 2));
     drop(log);
     let (_, rec) = open(&dir);
     assert_eq!(rec.snapshot.map(|s| s.meta.index), Some(20));
-    assert!(rec.entries.is_empty(), "entries of term 1 conflict with the snapshot's term 2");
+    assert!(
+        rec.entries.is_empty(),
+        "entries of term 1 conflict with the snapshot's term 2"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -273,12 +304,18 @@ fn leftover_temp_files_are_removed() {
 
 #[test]
 fn frame_codec_round_trips_and_rejects_garbage() {
-    let records = vec![WalRecord::HardState(hs(1, Some(2), 3)), WalRecord::Entries(entries(1, 3, 1))];
+    let records = vec![
+        WalRecord::HardState(hs(1, Some(2), 3)),
+        WalRecord::Entries(entries(1, 3, 1)),
+    ];
     let frame = encode_frame(&records).expect("encode");
     let (decoded, used) = decode_frame(&frame).expect("decode");
     assert_eq!((decoded, used), (records, frame.len()));
     for cut in 0..frame.len() {
-        assert!(decode_frame(&frame[..cut]).is_err(), "prefix of {cut} bytes");
+        assert!(
+            decode_frame(&frame[..cut]).is_err(),
+            "prefix of {cut} bytes"
+        );
     }
     let mut seed = 0x1234_5678_u64;
     for len in 0..512 {
@@ -293,7 +330,10 @@ fn frame_codec_round_trips_and_rejects_garbage() {
         assert!(decode_frame(&junk).is_err());
     }
     let huge = [0xFF, 0xFF, 0xFF, 0x7F, 0, 0, 0, 0];
-    assert_eq!(decode_frame(&huge).map(|_| ()), Err(FrameError::BadLength(0x7FFF_FFFF)));
+    assert_eq!(
+        decode_frame(&huge).map(|_| ()),
+        Err(FrameError::BadLength(0x7FFF_FFFF))
+    );
 }
 
 #[test]
@@ -304,15 +344,29 @@ fn group_commit_shares_fsyncs_between_concurrent_proposers() {
     let threads: Vec<_> = (0..8)
         .map(|_| {
             let g = group.clone();
-            std::thread::spawn(move || (0..50).map(|_| g.append(vec![7; 32]).expect("append")).collect::<Vec<_>>())
+            std::thread::spawn(move || {
+                (0..50)
+                    .map(|_| g.append(vec![7; 32]).expect("append"))
+                    .collect::<Vec<_>>()
+            })
         })
         .collect();
-    let mut indexes: Vec<LogIndex> = threads.into_iter().flat_map(|t| t.join().expect("thread")).collect();
+    let mut indexes: Vec<LogIndex> = threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("thread"))
+        .collect();
     indexes.sort_unstable();
-    assert_eq!(indexes, (1..=400).collect::<Vec<_>>(), "every append got its own index");
+    assert_eq!(
+        indexes,
+        (1..=400).collect::<Vec<_>>(),
+        "every append got its own index"
+    );
     let stats = group.stats();
     let fsyncs = stats.fsyncs.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(stats.entries.load(std::sync::atomic::Ordering::Relaxed), 400);
+    assert_eq!(
+        stats.entries.load(std::sync::atomic::Ordering::Relaxed),
+        400
+    );
     assert!(fsyncs <= 400);
     drop(group);
     let (_, rec) = open(&dir);

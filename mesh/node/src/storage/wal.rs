@@ -56,7 +56,10 @@ pub struct FileLog {
 fn sync_dir(dir: &Path) -> Result<(), StorageError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(StorageError::io(format!("fsync directory {}", dir.display())))
+        .map_err(StorageError::io(format!(
+            "fsync directory {}",
+            dir.display()
+        )))
 }
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
@@ -69,7 +72,10 @@ fn snapshot_path(dir: &Path, index: LogIndex) -> PathBuf {
 
 /// Parse `prefix<digits>suffix` file names.
 fn numbered(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
-    name.strip_prefix(prefix)?.strip_suffix(suffix)?.parse().ok()
+    name.strip_prefix(prefix)?
+        .strip_suffix(suffix)?
+        .parse()
+        .ok()
 }
 
 fn corrupt(path: &Path, detail: impl Into<String>) -> StorageError {
@@ -134,7 +140,8 @@ impl FileLog {
     fn scan_dir(dir: &Path) -> Result<(Vec<u64>, Vec<u64>), StorageError> {
         let mut segments = Vec::new();
         let mut snapshots = Vec::new();
-        let listing = fs::read_dir(dir).map_err(StorageError::io(format!("list {}", dir.display())))?;
+        let listing =
+            fs::read_dir(dir).map_err(StorageError::io(format!("list {}", dir.display())))?;
         for item in listing {
             let item = item.map_err(StorageError::io(format!("list {}", dir.display())))?;
             let name = item.file_name().to_string_lossy().into_owned();
@@ -207,7 +214,11 @@ impl FileLog {
         self.write_frame(&[WalRecord::HardState(hs)], 0)
     }
 
-    fn write_frame(&mut self, records: &[WalRecord], max_index: LogIndex) -> Result<(), StorageError> {
+    fn write_frame(
+        &mut self,
+        records: &[WalRecord],
+        max_index: LogIndex,
+    ) -> Result<(), StorageError> {
         if self.poisoned {
             return Err(StorageError::Poisoned);
         }
@@ -218,7 +229,11 @@ impl FileLog {
         // Until the write and the fsync both succeed the store is unusable: after a
         // failed fsync the page cache may no longer hold what we wrote.
         self.poisoned = true;
-        let path = || self.segments.last().map_or_else(PathBuf::new, |s| s.path.clone());
+        let path = || {
+            self.segments
+                .last()
+                .map_or_else(PathBuf::new, |s| s.path.clone())
+        };
         self.active
             .write_all(&frame)
             .map_err(StorageError::io(format!("write {}", path().display())))?;
@@ -239,14 +254,16 @@ impl FileLog {
         let tmp = path.with_extension("snap.tmp");
         let payload = postcard::to_stdvec(snapshot)
             .map_err(|e| corrupt(&path, format!("encode snapshot: {e}")))?;
-        let len = u32::try_from(payload.len()).map_err(|_| StorageError::TooLarge(payload.len()))?;
+        let len =
+            u32::try_from(payload.len()).map_err(|_| StorageError::TooLarge(payload.len()))?;
         let mut bytes = Vec::with_capacity(16 + payload.len());
         bytes.extend_from_slice(&SNAPSHOT_MAGIC);
         bytes.extend_from_slice(&len.to_le_bytes());
         let crc = crc32c::crc32c_append(crc32c::crc32c(&len.to_le_bytes()), &payload);
         bytes.extend_from_slice(&crc.to_le_bytes());
         bytes.extend_from_slice(&payload);
-        let mut file = File::create(&tmp).map_err(StorageError::io(format!("create {}", tmp.display())))?;
+        let mut file =
+            File::create(&tmp).map_err(StorageError::io(format!("create {}", tmp.display())))?;
         file.write_all(&bytes)
             .and_then(|()| file.sync_all())
             .map_err(StorageError::io(format!("write {}", tmp.display())))?;
@@ -259,7 +276,8 @@ impl FileLog {
         let mut removed = false;
         for old in snaps.into_iter().filter(|&i| i < index) {
             let path = snapshot_path(&self.dir, old);
-            fs::remove_file(&path).map_err(StorageError::io(format!("remove {}", path.display())))?;
+            fs::remove_file(&path)
+                .map_err(StorageError::io(format!("remove {}", path.display())))?;
             removed = true;
         }
         if removed {
@@ -274,7 +292,8 @@ impl FileLog {
         let mut removed = false;
         while self.segments.len() > 1 && self.segments[0].max_index <= index {
             let seg = self.segments.remove(0);
-            fs::remove_file(&seg.path).map_err(StorageError::io(format!("remove {}", seg.path.display())))?;
+            fs::remove_file(&seg.path)
+                .map_err(StorageError::io(format!("remove {}", seg.path.display())))?;
             removed = true;
         }
         if removed {
@@ -287,7 +306,8 @@ impl FileLog {
 #[cfg(test)]
 impl FileLog {
     pub(super) fn write_snapshot_file_for_test(&mut self, snapshot: &Snapshot) {
-        self.write_snapshot_file(snapshot).expect("write snapshot file");
+        self.write_snapshot_file(snapshot)
+            .expect("write snapshot file");
     }
 }
 
@@ -348,13 +368,23 @@ fn create_segment(dir: &Path, seq: u64) -> Result<(File, Segment), StorageError>
         .and_then(|()| file.sync_all())
         .map_err(StorageError::io(format!("write {}", path.display())))?;
     sync_dir(dir)?;
-    Ok((file, Segment { seq, path, max_index: 0 }))
+    Ok((
+        file,
+        Segment {
+            seq,
+            path,
+            max_index: 0,
+        },
+    ))
 }
 
 fn read_snapshot(path: &Path) -> Result<Snapshot, StorageError> {
     let bytes = fs::read(path).map_err(StorageError::io(format!("read {}", path.display())))?;
     if bytes.len() < 16 || bytes[..8] != SNAPSHOT_MAGIC {
-        return Err(corrupt(path, "not a syncmesh snapshot (bad magic or short file)"));
+        return Err(corrupt(
+            path,
+            "not a syncmesh snapshot (bad magic or short file)",
+        ));
     }
     let len_bytes = [bytes[8], bytes[9], bytes[10], bytes[11]];
     let len = u32::from_le_bytes(len_bytes) as usize;
@@ -452,7 +482,11 @@ impl Replay {
         file.set_len(offset as u64)
             .and_then(|()| file.sync_all())
             .map_err(StorageError::io(format!("truncate {}", path.display())))?;
-        report.torn_tail = Some((path.to_path_buf(), offset as u64, (data.len() - offset) as u64));
+        report.torn_tail = Some((
+            path.to_path_buf(),
+            offset as u64,
+            (data.len() - offset) as u64,
+        ));
         Ok(())
     }
 
@@ -479,7 +513,11 @@ impl Replay {
                     if pos > self.entries.len() {
                         return Err(corrupt(
                             path,
-                            format!("gap in the log: entry {} after {}", e.index, base + self.entries.len() as u64),
+                            format!(
+                                "gap in the log: entry {} after {}",
+                                e.index,
+                                base + self.entries.len() as u64
+                            ),
                         ));
                     }
                     self.entries.truncate(pos);
@@ -494,13 +532,19 @@ impl Replay {
     /// Fit the replayed log to the newest snapshot: keep only entries after it, and only
     /// if they continue it (a crash between writing an installed snapshot and its reset
     /// record leaves the old, conflicting log behind).
-    fn reconcile(&mut self, snapshot: Option<&Snapshot>, dir: &Path) -> Result<Vec<Entry>, StorageError> {
+    fn reconcile(
+        &mut self,
+        snapshot: Option<&Snapshot>,
+        dir: &Path,
+    ) -> Result<Vec<Entry>, StorageError> {
         let (s_index, s_term) = snapshot.map_or((0, 0), |s| (s.meta.index, s.meta.term));
         let base = self.base.unwrap_or(s_index);
         if base > s_index {
             return Err(corrupt(
                 dir,
-                format!("log starts after index {base} but the newest snapshot covers only {s_index}"),
+                format!(
+                    "log starts after index {base} but the newest snapshot covers only {s_index}"
+                ),
             ));
         }
         let entries = std::mem::take(&mut self.entries);
@@ -509,7 +553,9 @@ impl Replay {
         }
         let at = |i: LogIndex| entries.get((i - base - 1) as usize);
         match at(s_index) {
-            Some(e) if e.term == s_term => Ok(entries.into_iter().filter(|e| e.index > s_index).collect()),
+            Some(e) if e.term == s_term => {
+                Ok(entries.into_iter().filter(|e| e.index > s_index).collect())
+            }
             _ => Ok(Vec::new()),
         }
     }
@@ -526,5 +572,8 @@ fn rewrite_header(path: &Path, seq: u64) -> Result<(), StorageError> {
         .map_err(StorageError::io(format!("open {}", path.display())))?;
     file.write_all(&header)
         .and_then(|()| file.sync_all())
-        .map_err(StorageError::io(format!("rewrite header of {}", path.display())))
+        .map_err(StorageError::io(format!(
+            "rewrite header of {}",
+            path.display()
+        )))
 }

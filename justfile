@@ -1,0 +1,32 @@
+# syncmesh tasks. `just` alone runs the tests. Install just with: cargo install just --locked
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Run every test (the README's test command).
+test:
+    cargo test --workspace
+
+# Run the deterministic simulator over many seeds: `just sim 20000`.
+sim seeds="20000" start="0":
+    cargo run -p mesh-sim --release -- --seeds {{seeds}} --start-seed {{start}}
+
+# Replay one simulator seed step for step, printing every nemesis action.
+sim-repro seed:
+    cargo run -p mesh-sim --release -- --replay {{seed}}
+
+# Storage benchmark: raw fdatasync vs group-committed appends (1, 16, 64 proposers).
+bench-log seconds="3":
+    cargo run --release -- bench log --seconds {{seconds}}
+
+# Read-only checks: formatting, lints, docs, tests, a fixed-seed simulator smoke run.
+verify:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+    cargo test --workspace
+    cargo run -p mesh-sim --release -- --seeds 1000
+
+# The only task that rewrites files.
+fix:
+    cargo fmt --all
+    cargo clippy --workspace --all-targets --fix --allow-dirty -- -D warnings

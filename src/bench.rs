@@ -1,0 +1,162 @@
+//! `syncmesh bench`: load generators that print throughput and latency figures.
+//!
+//! `bench log` measures the storage layer alone: the raw fdatasync rate of the disk, then
+//! the write-ahead log under 1, 16 and 64 concurrent proposers through group commit, with
+//! appends per second, entries per fdatasync and append latency percentiles.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use mesh_node::storage::group::GroupCommitLog;
+use mesh_node::storage::{FileLog, WalOptions};
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Benchmarks.
+#[derive(Subcommand, Debug)]
+pub(crate) enum BenchCommand {
+    /// Durable appends per second of the write-ahead log, with group commit.
+    Log(LogArgs),
+}
+
+/// Options of `bench log`.
+#[derive(Args, Debug)]
+pub(crate) struct LogArgs {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Concurrent proposer counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    proposers: Vec<usize>,
+    /// Payload bytes per entry.
+    #[arg(long, default_value_t = 128)]
+    payload: usize,
+    /// Directory for the scratch logs (on the disk to measure; not tmpfs).
+    #[arg(long, default_value = ".syncmesh/bench-log")]
+    dir: PathBuf,
+}
+
+pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Log(args) => bench_log(&args),
+    }
+}
+
+fn bench_log(args: &LogArgs) -> Result<()> {
+    if !(0.1..=600.0).contains(&args.seconds) {
+        bail!("--seconds must be between 0.1 and 600");
+    }
+    if args.proposers.is_empty() || args.proposers.iter().any(|&p| p == 0 || p > 4096) {
+        bail!("--proposers takes counts between 1 and 4096");
+    }
+    if args.payload > 1 << 20 {
+        bail!("--payload is at most 1 MiB");
+    }
+    let _ = std::fs::remove_dir_all(&args.dir);
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
+    let duration = Duration::from_secs_f64(args.seconds);
+    let raw = raw_fdatasync(&args.dir, args.payload, duration)?;
+    println!("disk: {}", args.dir.display());
+    println!(
+        "raw fdatasync (write {} B + fdatasync, 1 thread): {:>9.0} /s   mean {:>6.0} µs",
+        args.payload,
+        raw,
+        1e6 / raw
+    );
+    println!();
+    println!("proposers   appends/s   entries/fsync   fsyncs/s   p50 µs    p99 µs   vs raw");
+    for &p in &args.proposers {
+        let r = group_commit(&args.dir.join(format!("p{p}")), p, args.payload, duration)?;
+        println!(
+            "{:>9} {:>11.0} {:>15.1} {:>10.0} {:>8} {:>9} {:>7.1}x",
+            p,
+            r.appends_per_sec,
+            r.entries_per_fsync,
+            r.fsyncs_per_sec,
+            r.p50_us,
+            r.p99_us,
+            r.appends_per_sec / raw
+        );
+    }
+    let _ = std::fs::remove_dir_all(&args.dir);
+    Ok(())
+}
+
+fn raw_fdatasync(dir: &Path, payload: usize, duration: Duration) -> Result<f64> {
+    let path = dir.join("raw.dat");
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("create {}", path.display()))?;
+    let buf = vec![0xA5u8; payload];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < duration {
+        file.write_all(&buf).context("write")?;
+        file.sync_data().context("fdatasync")?;
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+struct GroupResult {
+    appends_per_sec: f64,
+    entries_per_fsync: f64,
+    fsyncs_per_sec: f64,
+    p50_us: u64,
+    p99_us: u64,
+}
+
+fn group_commit(
+    dir: &Path,
+    proposers: usize,
+    payload: usize,
+    duration: Duration,
+) -> Result<GroupResult> {
+    let (log, _) = FileLog::open(dir, WalOptions::default())
+        .with_context(|| format!("open {}", dir.display()))?;
+    let group = GroupCommitLog::start(log, 1, 0)?;
+    let start = Instant::now();
+    let deadline = start + duration;
+    let workers: Vec<_> = (0..proposers)
+        .map(|_| {
+            let g = group.clone();
+            std::thread::spawn(move || -> Result<Vec<u32>> {
+                let mut latencies = Vec::new();
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    g.append(vec![0x5A; payload])?;
+                    latencies.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for w in workers {
+        let lat = w
+            .join()
+            .map_err(|_| anyhow::anyhow!("proposer thread panicked"))??;
+        latencies.extend(lat);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let pct = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    let fsyncs = group.stats().fsyncs.load(Ordering::Relaxed);
+    let entries = group.stats().entries.load(Ordering::Relaxed);
+    Ok(GroupResult {
+        appends_per_sec: entries as f64 / elapsed,
+        entries_per_fsync: entries as f64 / fsyncs.max(1) as f64,
+        fsyncs_per_sec: fsyncs as f64 / elapsed,
+        p50_us: u64::from(pct(0.50)),
+        p99_us: u64::from(pct(0.99)),
+    })
+}
