@@ -319,20 +319,27 @@ impl World {
             .map(|n| match &n.raft {
                 Some(r) => {
                     let s = r.status();
+                    let last_term = r.term_at(s.last_index).unwrap_or(0);
                     format!(
-                        "n{}:{}@t{} c{} a{}",
+                        "n{}:{}@t{} vote {:?} leader {:?} last {}@t{} c{} a{} voters {:?} learners {:?}",
                         n.id,
                         s.role.name(),
                         s.term,
+                        s.vote,
+                        s.leader,
+                        s.last_index,
+                        last_term,
                         s.commit,
-                        n.kv.applied
+                        n.kv.applied,
+                        s.membership.voters,
+                        s.membership.learners
                     )
                 }
                 None => format!("n{}:down", n.id),
             })
             .collect();
         let busy = self.clients.iter().filter(|c| c.current.is_some()).count();
-        format!("{}; {busy} clients busy", nodes.join(" "))
+        format!("{}; {busy} clients busy", nodes.join("; "))
     }
 
     fn heal(&mut self) {

@@ -90,12 +90,14 @@ impl Raft {
     }
 
     pub(super) fn tick_election(&mut self) {
-        self.election_elapsed += 1;
-        if self.election_elapsed >= self.randomized_election_ticks {
+        self.election_elapsed = self.election_elapsed.saturating_add(1);
+        // Only a node that may campaign restarts its timer. One that may not (a learner,
+        // or a voter whose log is too stale to know it was promoted) must let its lease
+        // on the old leader lapse, or it would ignore the votes that the leader's
+        // successor needs from it (the latest config may count it as a voter).
+        if self.promotable() && self.election_elapsed >= self.randomized_election_ticks {
             self.election_elapsed = 0;
-            if self.promotable() {
-                self.campaign(self.cfg.pre_vote, false);
-            }
+            self.campaign(self.cfg.pre_vote, false);
         }
     }
 
