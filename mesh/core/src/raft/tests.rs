@@ -561,8 +561,7 @@ fn membership_4_1_one_change_at_a_time_and_learners_do_not_vote() {
     // Four voters: a quorum is three, so with two cut off nothing commits.
     net.isolate(3);
     net.isolate(4);
-    net.cut
-        .retain(|&(a, b)| !(a == 3 && b == 4) && !(a == 4 && b == 3));
+    net.cut.retain(|&link| link != (3, 4) && link != (4, 3));
     let before = net.node(1).status().commit;
     net.node(1)
         .propose(b"needs three".to_vec())
@@ -670,6 +669,10 @@ fn next(seed: &mut u64) -> u64 {
     *seed
 }
 
+fn coin(seed: &mut u64) -> bool {
+    next(seed) & 1 == 0
+}
+
 fn random_message(seed: &mut u64, to: NodeId) -> Message {
     let small = |s: &mut u64| next(s) % 12;
     let entries = |s: &mut u64| {
@@ -678,14 +681,14 @@ fn random_message(seed: &mut u64, to: NodeId) -> Message {
     };
     let body = match next(seed) % 10 {
         0 => MessageBody::RequestVote {
-            pre_vote: next(seed) % 2 == 0,
+            pre_vote: coin(seed),
             last_log_index: small(seed),
             last_log_term: small(seed),
-            force: next(seed) % 2 == 0,
+            force: coin(seed),
         },
         1 => MessageBody::RequestVoteResp {
-            pre_vote: next(seed) % 2 == 0,
-            granted: next(seed) % 2 == 0,
+            pre_vote: coin(seed),
+            granted: coin(seed),
         },
         2 => MessageBody::AppendEntries {
             prev_log_index: small(seed),
@@ -694,7 +697,7 @@ fn random_message(seed: &mut u64, to: NodeId) -> Message {
             leader_commit: small(seed),
         },
         3 => MessageBody::AppendEntriesResp {
-            success: next(seed) % 2 == 0,
+            success: coin(seed),
             match_index: next(seed) % 40,
             rejected_prev: small(seed),
             conflict_index: next(seed) % 40,
@@ -715,12 +718,12 @@ fn random_message(seed: &mut u64, to: NodeId) -> Message {
             },
             offset: next(seed) % 3,
             data: vec![1, 2, 3],
-            done: next(seed) % 2 == 0,
+            done: coin(seed),
         },
         7 => MessageBody::InstallSnapshotResp {
             index: small(seed),
             next_offset: next(seed) % 5,
-            done: next(seed) % 2 == 0,
+            done: coin(seed),
         },
         8 => MessageBody::TimeoutNow,
         _ => MessageBody::Heartbeat {
