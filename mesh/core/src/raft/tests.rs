@@ -755,7 +755,7 @@ fn arbitrary_peer_messages_never_panic() {
             for id in 1..=3 {
                 net.flush(id);
             }
-            if next(&mut seed) % 7 == 0 {
+            if next(&mut seed).is_multiple_of(7) {
                 net.node(to).tick();
             }
         }
