@@ -12,55 +12,16 @@ use crate::linearizability::{self, Operation, RegisterOp};
 use crate::params::SimParams;
 use crate::rng::SimRng;
 use mesh_core::raft::{
-    ConfChange, Config, Entry, EntryPayload, HardState, InitialState, LogIndex, Membership,
-    Message, NodeId, ProposeError, Raft, Ready, Role, Snapshot, Term,
+    ConfChange, Config, Entry, EntryPayload, LogIndex, Membership, Message, NodeId, ProposeError,
+    Raft, Ready, Role, Snapshot, Term,
 };
 use mesh_core::services::StateMachine;
+use mesh_node::storage::{LogStore, MemLog};
 use std::collections::{BTreeMap, BTreeSet};
 
 const TICK_MS: u64 = 10;
 const CLIENT_TIMEOUT_MS: u64 = 400;
 const LIVENESS_BUDGET_MS: u64 = 30_000;
-
-/// What a durable disk holds: only what a completed fsync put there.
-#[derive(Clone, Debug, Default)]
-struct SimDisk {
-    hard_state: HardState,
-    snapshot: Option<Snapshot>,
-    entries: Vec<Entry>,
-}
-
-impl SimDisk {
-    fn write(&mut self, rd: &Ready) -> Result<(), String> {
-        if let Some(s) = &rd.snapshot {
-            self.snapshot = Some(s.clone());
-            self.entries.clear();
-        }
-        if let Some(first) = rd.entries.first() {
-            self.entries.retain(|e| e.index < first.index);
-            self.entries.extend(rd.entries.iter().cloned());
-        }
-        if let Some(hs) = rd.hard_state {
-            self.hard_state = hs;
-        }
-        let base = self.snapshot.as_ref().map_or(0, |s| s.meta.index);
-        for (i, e) in self.entries.iter().enumerate() {
-            if e.index != base + 1 + i as u64 {
-                return Err(format!(
-                    "disk log not contiguous: entry {} at slot {i} after {base}",
-                    e.index
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn compact(&mut self, snapshot: Snapshot) {
-        let index = snapshot.meta.index;
-        self.entries.retain(|e| e.index > index);
-        self.snapshot = Some(snapshot);
-    }
-}
 
 #[derive(Clone, Copy, Debug)]
 enum ClientOp {
@@ -106,7 +67,9 @@ struct SimNode {
     id: NodeId,
     bootstrap: Membership,
     raft: Option<Raft>,
-    disk: SimDisk,
+    /// The node's disk: the same LogStore twin that the storage conformance suite holds
+    /// to FileLog's behaviour. Only completed persists reach it.
+    disk: MemLog,
     kv: KvStore,
     incarnation: u64,
     persisting: Option<Ready>,
@@ -176,7 +139,7 @@ impl World {
                     Membership::default()
                 },
                 raft: None,
-                disk: SimDisk::default(),
+                disk: MemLog::new(),
                 kv: KvStore::default(),
                 incarnation: 0,
                 persisting: None,
@@ -242,22 +205,20 @@ impl World {
     fn start_node(&mut self, id: NodeId) {
         let cfg = self.raft_config(id);
         let node = &mut self.nodes[(id - 1) as usize];
-        let state = InitialState {
-            hard_state: node.disk.hard_state,
-            snapshot: node.disk.snapshot.clone(),
-            entries: node.disk.entries.clone(),
-            membership: node.bootstrap.clone(),
-        };
+        let recovered = node.disk.recover();
+        let term = recovered.hard_state.term;
+        let snapshot_data = recovered.snapshot.as_ref().map(|s| s.data.clone());
+        let state = recovered.into_initial_state(node.bootstrap.clone());
         // The config is the simulator's own and always valid.
         node.raft = Some(Raft::new(cfg, state).expect("simulator raft config is valid"));
         node.kv = KvStore::default();
-        if let Some(s) = &node.disk.snapshot {
+        if let Some(data) = snapshot_data {
             // Snapshots on the simulated disk were produced by KvStore itself.
-            node.kv.restore(&s.data).expect("own snapshot decodes");
+            node.kv.restore(&data).expect("own snapshot decodes");
         }
         node.incarnation += 1;
         node.marks = NodeMarks {
-            term: node.disk.hard_state.term,
+            term,
             ..NodeMarks::default()
         };
     }
@@ -521,7 +482,7 @@ impl World {
         let idx = (id - 1) as usize;
         self.nodes[idx]
             .disk
-            .write(&rd)
+            .persist(rd.snapshot.as_ref(), &rd.entries, rd.hard_state)
             .map_err(|e| format!("node {id}: {e}"))?;
         let marker = rd.persisted_marker();
         for m in rd.messages {
@@ -554,7 +515,9 @@ impl World {
             raft.compact(node.kv.applied, node.kv.snapshot())
                 .map_err(|e| format!("compact: {e}"))?;
             if let Some(s) = raft.snapshot() {
-                node.disk.compact(s.clone());
+                node.disk
+                    .compact(s)
+                    .map_err(|e| format!("node {id}: {e}"))?;
             }
         }
         Ok(())
