@@ -86,8 +86,8 @@ impl Config {
     }
 
     /// Check the parameters make sense together.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |why: &'static str| Err(ConfigError(why));
+    pub fn validate(&self) -> Result<(), InitError> {
+        let bad = |why: &'static str| Err(InitError::Config(why));
         if self.id == 0 {
             return bad("node id 0 is reserved");
         }
@@ -104,10 +104,16 @@ impl Config {
     }
 }
 
-/// An invalid [`Config`].
+/// Why a node cannot start.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid raft config: {0}")]
-pub struct ConfigError(&'static str);
+pub enum InitError {
+    /// The [`Config`] is inconsistent.
+    #[error("invalid raft config: {0}")]
+    Config(&'static str),
+    /// The stored state contradicts itself (storage must never hand this over).
+    #[error("inconsistent stored state: {0}")]
+    Storage(String),
+}
 
 /// Why a proposal, read or transfer was refused. None of these are fatal: the caller
 /// retries elsewhere or later.
@@ -299,14 +305,12 @@ pub struct Raft {
 }
 
 impl Raft {
-    /// A node restored from `state`.
-    ///
-    /// # Panics
-    ///
-    /// If `state.entries` is not contiguous after the snapshot: storage must validate what
-    /// it loads before handing it over.
-    pub fn new(cfg: Config, state: InitialState) -> Result<Self, ConfigError> {
+    /// A node restored from `state`. Fails if the config is invalid or the stored state
+    /// contradicts itself (entries not contiguous after the snapshot, or of a term later
+    /// than the stored current term).
+    pub fn new(cfg: Config, state: InitialState) -> Result<Self, InitError> {
         cfg.validate()?;
+        Self::check_initial_state(&state)?;
         let meta = state
             .snapshot
             .as_ref()
@@ -356,6 +360,29 @@ impl Raft {
         }
         raft.reset_election_timer();
         Ok(raft)
+    }
+
+    fn check_initial_state(state: &InitialState) -> Result<(), InitError> {
+        let base = state.snapshot.as_ref().map_or(0, |s| s.meta.index);
+        let after_snapshot = state.entries.iter().filter(|e| e.index > base);
+        for (expected, e) in (base + 1..).zip(after_snapshot) {
+            if e.index != expected {
+                return Err(InitError::Storage(format!(
+                    "entry {} where {expected} was due",
+                    e.index
+                )));
+            }
+        }
+        let last_term = state.entries.last().map(|e| e.term);
+        let snap_term = state.snapshot.as_ref().map(|s| s.meta.term);
+        let newest = last_term.max(snap_term).unwrap_or(0);
+        if newest > state.hard_state.term {
+            return Err(InitError::Storage(format!(
+                "log holds term {newest} but the current term is {}",
+                state.hard_state.term
+            )));
+        }
+        Ok(())
     }
 
     /// This node's id.

@@ -661,6 +661,36 @@ fn invalid_config_is_an_error() {
     assert!(Raft::new(Config::new(0), InitialState::default()).is_err());
 }
 
+#[test]
+fn inconsistent_stored_state_is_an_error_not_a_panic() {
+    let gap = InitialState {
+        hard_state: HardState {
+            term: 5,
+            vote: None,
+            commit: 0,
+        },
+        entries: vec![ent(1, 1), ent(3, 1)],
+        ..InitialState::default()
+    };
+    assert!(matches!(
+        Raft::new(Config::new(1), gap),
+        Err(InitError::Storage(_))
+    ));
+    let future = InitialState {
+        hard_state: HardState {
+            term: 1,
+            vote: None,
+            commit: 0,
+        },
+        entries: vec![ent(1, 2)],
+        ..InitialState::default()
+    };
+    assert!(matches!(
+        Raft::new(Config::new(1), future),
+        Err(InitError::Storage(_))
+    ));
+}
+
 /// A deterministic generator for the fuzz test below.
 fn next(seed: &mut u64) -> u64 {
     *seed ^= *seed << 13;
