@@ -5,7 +5,7 @@
 //! state machine that has applied up to that index. A new leader first waits for an
 //! entry of its own term to commit, since only then is its commit index current.
 
-use super::{MessageBody, ProposeError, Raft, ReadState, Role};
+use super::{ProposeError, Raft, ReadState, Role};
 use std::collections::VecDeque;
 
 /// A read waiting for its heartbeat round.
@@ -63,21 +63,8 @@ impl Raft {
         self.reads
             .pending
             .push_back(PendingRead { seq, index, ctx });
-        let peers: Vec<(u64, u64)> = self
-            .progress
-            .iter()
-            .map(|(&id, pr)| (id, pr.match_index))
-            .collect();
-        for (id, matched) in peers {
-            let commit = self.log.committed.min(matched);
-            self.send(
-                id,
-                MessageBody::Heartbeat {
-                    commit,
-                    read_seq: seq,
-                },
-            );
-        }
+        // The round starts now: only answers to heartbeats sent from here on count.
+        self.broadcast_heartbeat();
     }
 
     /// An entry of our term committed: reads that waited for it can start.
