@@ -1,7 +1,7 @@
-//! `syncmesh`: the one binary. Subcommands arrive with their issues; today it carries
-//! the storage benchmark.
+//! `syncmesh`: the one binary: certificates, nodes, the local cluster, benchmarks.
 
 mod bench;
+mod certs_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -16,6 +16,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Make and extend the cluster's certificates.
+    #[command(subcommand)]
+    Certs(certs_cmd::CertsCommand),
     /// Measure syncmesh on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Certs(cmd) => certs_cmd::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {
