@@ -17,3 +17,4 @@
 
 pub mod raft;
 pub mod services;
+pub mod wire;
