@@ -5,4 +5,6 @@
 //! transport and the driver that ties core, storage and network together arrive with the
 //! secure-mesh issue.
 
+pub mod metrics;
 pub mod storage;
+pub mod transport;

@@ -5,6 +5,8 @@
 //! and can be captured into and restored from a snapshot. Same log, same state, on every
 //! node.
 
+pub mod register;
+
 use crate::raft::LogIndex;
 
 /// A deterministic service replicated through the Raft log.

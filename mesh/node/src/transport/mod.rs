@@ -1,0 +1,627 @@
+//! The mesh transport: QUIC (quinn) with mutual TLS (rustls), ALPN `syncmesh/1`.
+//!
+//! Every connection presents a certificate signed by the cluster CA; the peer's identity
+//! is read from that certificate, never from what it says. A node opens one
+//! unidirectional stream for Raft traffic and another for snapshot chunks (so a large
+//! snapshot never delays heartbeats); each begins with `Hello { node }`, and a claim that
+//! does not match the certificate closes the connection. Client calls (from the gateway,
+//! the CLI or other nodes) use one bidirectional stream per call.
+//!
+//! ```text
+//!  node A ──uni: Hello, Raft, Raft, ...────────> node B ──> raft inbox (bounded)
+//!         ──uni: Hello, InstallSnapshot, ...───>
+//!  client ──bi: Request ─> <─ Response ────────> node B ──> client inbox (bounded)
+//! ```
+//! Outbound links reconnect with jittered exponential backoff, and are re-dialled at once
+//! when the peer connects to us afresh (it restarted). Every queue is bounded; a full
+//! one drops Raft messages, which Raft tolerates.
+
+mod framed;
+
+pub use framed::{write_frame, FrameReader, StreamError};
+
+use crate::metrics::NodeMetrics;
+use certs::{PeerKind, TlsMaterial};
+use mesh_core::raft::{Message, MessageBody, NodeId};
+use mesh_core::wire::{node_name, parse_node_name, ClientRequest, ClientResponse, Frame};
+use quinn::{Connection, Endpoint, VarInt};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+/// Raft messages queued per peer at most.
+const LINK_QUEUE: usize = 4096;
+/// Error codes we close streams and connections with.
+const CODE_IDENTITY: u32 = 1;
+const CODE_MALFORMED: u32 = 2;
+const CODE_UNEXPECTED: u32 = 3;
+/// How long a client call may wait for the node's answer.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client call handed to the node: the request and where to answer.
+pub type ClientCall = (ClientRequest, oneshot::Sender<ClientResponse>);
+
+/// Why the transport could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Certificates or TLS configuration.
+    #[error(transparent)]
+    Cert(#[from] certs::CertError),
+    /// quinn refused the TLS configuration.
+    #[error("QUIC crypto configuration: {0}")]
+    Crypto(String),
+    /// The UDP socket.
+    #[error("bind {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Settings of one node's transport.
+#[derive(Clone, Debug)]
+pub struct TransportConfig {
+    /// This node.
+    pub id: NodeId,
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Where the other nodes listen.
+    pub peers: BTreeMap<NodeId, SocketAddr>,
+    /// Largest frame accepted or sent.
+    pub max_frame_bytes: usize,
+}
+
+fn quic_transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    // Raft's own heartbeats detect failures; these only reclaim dead connections. A short
+    // idle timeout lets a link to a crashed peer give up quickly and redial.
+    t.max_idle_timeout(Duration::from_secs(3).try_into().ok());
+    t.keep_alive_interval(Some(Duration::from_millis(500)));
+    Arc::new(t)
+}
+
+/// Build a quinn endpoint bound to `listen` that serves and dials with `tls`.
+pub fn endpoint(
+    tls: &TlsMaterial,
+    listen: SocketAddr,
+    serve: bool,
+) -> Result<Endpoint, TransportError> {
+    let crypto = |e: &dyn std::fmt::Display| TransportError::Crypto(e.to_string());
+    let client_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls.client_config()?)
+        .map_err(|e| crypto(&e))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
+    client.transport_config(quic_transport());
+    let mut endpoint = if serve {
+        let server_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls.server_config()?)
+            .map_err(|e| crypto(&e))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
+        server.transport_config(quic_transport());
+        Endpoint::server(server, listen)
+    } else {
+        Endpoint::client(listen)
+    }
+    .map_err(|source| TransportError::Bind {
+        addr: listen,
+        source,
+    })?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+/// A running transport. Dropping it does not stop its tasks: call [`Transport::close`].
+pub struct Transport {
+    endpoint: Endpoint,
+    links: BTreeMap<NodeId, mpsc::Sender<Message>>,
+    metrics: NodeMetrics,
+}
+
+struct Inbound {
+    id: NodeId,
+    raft_tx: mpsc::Sender<Message>,
+    client_tx: mpsc::Sender<ClientCall>,
+    redial: BTreeMap<NodeId, Arc<Notify>>,
+    max_frame: usize,
+    metrics: NodeMetrics,
+}
+
+impl Transport {
+    /// Bind, start accepting, and start one outbound link per peer.
+    pub fn start(
+        cfg: &TransportConfig,
+        tls: &TlsMaterial,
+        raft_tx: mpsc::Sender<Message>,
+        client_tx: mpsc::Sender<ClientCall>,
+        metrics: NodeMetrics,
+    ) -> Result<Self, TransportError> {
+        let endpoint = endpoint(tls, cfg.listen, true)?;
+        let mut links = BTreeMap::new();
+        let mut redial = BTreeMap::new();
+        for (&peer, &addr) in cfg.peers.iter().filter(|(&p, _)| p != cfg.id) {
+            let (tx, rx) = mpsc::channel(LINK_QUEUE);
+            let notify = Arc::new(Notify::new());
+            links.insert(peer, tx);
+            redial.insert(peer, notify.clone());
+            let link = Link {
+                endpoint: endpoint.clone(),
+                me: cfg.id,
+                peer,
+                addr,
+                max_frame: cfg.max_frame_bytes,
+            };
+            tokio::spawn(link.run(rx, notify, metrics.clone()));
+        }
+        let inbound = Arc::new(Inbound {
+            id: cfg.id,
+            raft_tx,
+            client_tx,
+            redial,
+            max_frame: cfg.max_frame_bytes,
+            metrics: metrics.clone(),
+        });
+        tokio::spawn(accept_loop(endpoint.clone(), inbound));
+        Ok(Self {
+            endpoint,
+            links,
+            metrics,
+        })
+    }
+
+    /// Queue a Raft message for its peer; dropped (and counted) if the queue is full.
+    pub fn send(&self, m: Message) {
+        let Some(link) = self.links.get(&m.to) else {
+            self.metrics.messages_dropped.inc();
+            return;
+        };
+        if link.try_send(m).is_err() {
+            self.metrics.messages_dropped.inc();
+        }
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// Close every connection and wait briefly for the peers to hear it.
+    pub async fn close(&self) {
+        self.endpoint.close(VarInt::from_u32(0), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// One outbound link to a peer.
+struct Link {
+    endpoint: Endpoint,
+    me: NodeId,
+    peer: NodeId,
+    addr: SocketAddr,
+    max_frame: usize,
+}
+
+impl Link {
+    async fn run(self, mut rx: mpsc::Receiver<Message>, redial: Arc<Notify>, metrics: NodeMetrics) {
+        let mut backoff = Duration::from_millis(20);
+        let mut failures = 0u32;
+        loop {
+            match self.connect().await {
+                Ok(conn) => {
+                    if failures > 0 {
+                        tracing::info!(peer = %node_name(self.peer), "connected after {failures} failed attempts");
+                    }
+                    failures = 0;
+                    backoff = Duration::from_millis(20);
+                    if !self.pump(&conn, &mut rx, &redial, &metrics).await {
+                        return;
+                    }
+                    conn.close(VarInt::from_u32(0), b"redial");
+                }
+                Err(e) => {
+                    failures += 1;
+                    // Log the first failure and then every 50th, not every retry.
+                    if failures == 1 || failures % 50 == 0 {
+                        tracing::warn!(peer = %node_name(self.peer), addr = %self.addr, "cannot connect: {e}");
+                    }
+                }
+            }
+            // Messages queued while disconnected are stale; Raft resends what matters.
+            while rx.try_recv().is_ok() {
+                metrics.messages_dropped.inc();
+            }
+            tokio::select! {
+                () = tokio::time::sleep(jitter(backoff)) => {}
+                () = redial.notified() => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    async fn connect(&self) -> Result<Connection, String> {
+        let name = certs::server_name(&node_name(self.peer));
+        let connecting = self
+            .endpoint
+            .connect(self.addr, &name)
+            .map_err(|e| e.to_string())?;
+        tokio::time::timeout(Duration::from_secs(2), connecting)
+            .await
+            .map_err(|_| "handshake timed out".to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Forward queued messages until the connection fails (false: the node is stopping).
+    async fn pump(
+        &self,
+        conn: &Connection,
+        rx: &mut mpsc::Receiver<Message>,
+        redial: &Notify,
+        metrics: &NodeMetrics,
+    ) -> bool {
+        let mut raft = None;
+        let mut snapshots = None;
+        loop {
+            let m = tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => m,
+                    None => return false,
+                },
+                () = redial.notified() => return true,
+                _ = conn.closed() => return true,
+            };
+            let slot = if matches!(m.body, MessageBody::InstallSnapshot { .. }) {
+                &mut snapshots
+            } else {
+                &mut raft
+            };
+            if slot.is_none() {
+                match self.open_stream(conn).await {
+                    Ok(s) => *slot = Some(s),
+                    Err(e) => {
+                        tracing::debug!(peer = %node_name(self.peer), "open stream: {e}");
+                        metrics.messages_dropped.inc();
+                        return true;
+                    }
+                }
+            }
+            let Some(stream) = slot.as_mut() else {
+                return true;
+            };
+            if let Err(e) = write_frame(stream, &Frame::Raft(m), self.max_frame).await {
+                tracing::debug!(peer = %node_name(self.peer), "send: {e}");
+                metrics.messages_dropped.inc();
+                return true;
+            }
+        }
+    }
+
+    async fn open_stream(&self, conn: &Connection) -> Result<quinn::SendStream, StreamError> {
+        let mut stream = conn
+            .open_uni()
+            .await
+            .map_err(|e| StreamError::Write(e.into()))?;
+        write_frame(&mut stream, &Frame::Hello { node: self.me }, self.max_frame).await?;
+        Ok(stream)
+    }
+}
+
+/// A random delay in [d/2, d], from the standard library's per-process random hasher
+/// state (no RNG dependency for a jitter).
+fn jitter(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(d.as_nanos() as u64);
+    let frac = (h.finish() % 1000) as u32;
+    d / 2 + d * frac / 2000
+}
+
+async fn accept_loop(endpoint: Endpoint, inbound: Arc<Inbound>) {
+    while let Some(incoming) = endpoint.accept().await {
+        tokio::spawn(handle_connection(incoming, inbound.clone()));
+    }
+}
+
+/// Classify a handshake failure for the metric and the log.
+pub fn refusal_reason(error: &str) -> &'static str {
+    let e = error.to_ascii_lowercase();
+    if e.contains("unknownissuer") || e.contains("unknown issuer") || e.contains("unknown ca") {
+        "unknown_ca"
+    } else if e.contains("expired") {
+        "expired"
+    } else if e.contains("no certificates") || e.contains("certificate required") {
+        "no_client_cert"
+    } else if e.contains("alpn") || e.contains("application protocol") {
+        "alpn"
+    } else {
+        "handshake"
+    }
+}
+
+async fn handle_connection(incoming: quinn::Incoming, inbound: Arc<Inbound>) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            let error = e.to_string();
+            let reason = refusal_reason(&error);
+            inbound.metrics.refuse_connection(reason);
+            tracing::warn!(%remote, reason, "refused connection: {error}");
+            return;
+        }
+    };
+    let identity = conn
+        .peer_identity()
+        .and_then(|any| {
+            any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|chain| chain.first().and_then(|c| certs::identity_of(c).ok()));
+    let Some(identity) = identity else {
+        inbound.metrics.refuse_connection("no_identity");
+        tracing::warn!(%remote, reason = "no_identity", "refused connection: certificate names no node or client");
+        conn.close(VarInt::from_u32(CODE_IDENTITY), b"no identity");
+        return;
+    };
+    let node = match identity.kind {
+        PeerKind::Node => parse_node_name(&identity.name),
+        PeerKind::Client => None,
+    };
+    if let Some(redial) = node.and_then(|n| inbound.redial.get(&n)) {
+        // The peer dialled us afresh, so it may have restarted: our link to it may hold a
+        // dead connection. Redial now rather than after an idle timeout.
+        redial.notify_one();
+    }
+    tracing::debug!(%remote, peer = %identity.name, "accepted connection");
+    loop {
+        tokio::select! {
+            uni = conn.accept_uni() => match uni {
+                Ok(stream) => {
+                    let Some(node) = node else {
+                        inbound.metrics.reject_frame("unexpected");
+                        let mut reader = FrameReader::new(stream, inbound.max_frame);
+                        reader.stop(CODE_UNEXPECTED);
+                        continue;
+                    };
+                    tokio::spawn(read_raft_stream(FrameReader::new(stream, inbound.max_frame), conn.clone(), node, inbound.clone()));
+                }
+                Err(_) => return,
+            },
+            bi = conn.accept_bi() => match bi {
+                Ok((send, recv)) => {
+                    tokio::spawn(serve_call(send, FrameReader::new(recv, inbound.max_frame), inbound.clone()));
+                }
+                Err(_) => return,
+            },
+        }
+    }
+}
+
+fn refuse_identity(conn: &Connection, inbound: &Inbound, cert_node: NodeId, claimed: NodeId) {
+    inbound.metrics.refuse_connection("identity_mismatch");
+    tracing::warn!(
+        remote = %conn.remote_address(),
+        reason = "identity_mismatch",
+        "refused connection: certificate of {} but claims to be {}",
+        node_name(cert_node),
+        node_name(claimed)
+    );
+    conn.close(
+        VarInt::from_u32(CODE_IDENTITY),
+        b"identity does not match certificate",
+    );
+}
+
+async fn read_raft_stream(
+    mut reader: FrameReader,
+    conn: Connection,
+    node: NodeId,
+    inbound: Arc<Inbound>,
+) {
+    let mut greeted = false;
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            Err(StreamError::Read(_)) => return,
+            Err(e) => {
+                inbound.metrics.reject_frame(e.reason());
+                tracing::warn!(peer = %node_name(node), reason = e.reason(), "closed a stream: {e}");
+                reader.stop(CODE_MALFORMED);
+                return;
+            }
+        };
+        match frame {
+            Frame::Hello { node: claimed } if !greeted => {
+                if claimed != node {
+                    refuse_identity(&conn, &inbound, node, claimed);
+                    return;
+                }
+                greeted = true;
+            }
+            Frame::Raft(m) if greeted => {
+                if m.from != node || m.to != inbound.id {
+                    refuse_identity(&conn, &inbound, node, m.from);
+                    return;
+                }
+                if inbound.raft_tx.try_send(m).is_err() {
+                    inbound.metrics.messages_dropped.inc();
+                }
+            }
+            _ => {
+                inbound.metrics.reject_frame("unexpected");
+                tracing::warn!(peer = %node_name(node), "closed a stream: unexpected frame");
+                reader.stop(CODE_UNEXPECTED);
+                return;
+            }
+        }
+    }
+}
+
+async fn serve_call(mut send: quinn::SendStream, mut reader: FrameReader, inbound: Arc<Inbound>) {
+    let request = match reader.next().await {
+        Ok(Some(Frame::Request(req))) => req,
+        Ok(_) => {
+            inbound.metrics.reject_frame("unexpected");
+            reader.stop(CODE_UNEXPECTED);
+            return;
+        }
+        Err(e) => {
+            inbound.metrics.reject_frame(e.reason());
+            reader.stop(CODE_MALFORMED);
+            return;
+        }
+    };
+    let (tx, rx) = oneshot::channel();
+    let response = if inbound.client_tx.try_send((request, tx)).is_err() {
+        ClientResponse::Error {
+            message: "node is overloaded".into(),
+            retry: true,
+        }
+    } else {
+        match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => ClientResponse::Error {
+                message: "node stopped before answering".into(),
+                retry: true,
+            },
+            Err(_) => ClientResponse::Error {
+                message: "timed out waiting for commit".into(),
+                retry: true,
+            },
+        }
+    };
+    if write_frame(&mut send, &Frame::Response(response), inbound.max_frame)
+        .await
+        .is_ok()
+    {
+        let _ = send.finish();
+        let _ = send.stopped().await;
+    }
+}
+
+/// A client of the mesh: finds the leader and makes calls over mutually authenticated
+/// QUIC, following `NotLeader` hints.
+pub struct MeshClient {
+    endpoint: Endpoint,
+    nodes: BTreeMap<NodeId, SocketAddr>,
+    conns: tokio::sync::Mutex<BTreeMap<NodeId, Connection>>,
+    leader: std::sync::atomic::AtomicU64,
+    max_frame: usize,
+}
+
+/// Why a call failed on every node.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No node answered usefully within the attempts.
+    #[error("no node could serve the call: {0}")]
+    Unavailable(String),
+    /// Transport setup failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+impl MeshClient {
+    /// A client presenting `tls` (a client or node certificate) to `nodes`.
+    pub fn new(tls: &TlsMaterial, nodes: BTreeMap<NodeId, SocketAddr>) -> Result<Self, CallError> {
+        let bind: SocketAddr = ([127, 0, 0, 1], 0).into();
+        Ok(Self {
+            endpoint: endpoint(tls, bind, false)?,
+            nodes,
+            conns: tokio::sync::Mutex::new(BTreeMap::new()),
+            leader: std::sync::atomic::AtomicU64::new(0),
+            max_frame: mesh_core::wire::MAX_FRAME_BYTES,
+        })
+    }
+
+    async fn connection(&self, node: NodeId) -> Result<Connection, String> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(&node).filter(|c| c.close_reason().is_none()) {
+            return Ok(c.clone());
+        }
+        let addr = *self.nodes.get(&node).ok_or("unknown node")?;
+        let connecting = self
+            .endpoint
+            .connect(addr, &certs::server_name(&node_name(node)))
+            .map_err(|e| e.to_string())?;
+        let conn = tokio::time::timeout(Duration::from_secs(2), connecting)
+            .await
+            .map_err(|_| "handshake timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        conns.insert(node, conn.clone());
+        Ok(conn)
+    }
+
+    /// One call to one node.
+    pub async fn call_node(
+        &self,
+        node: NodeId,
+        req: &ClientRequest,
+    ) -> Result<ClientResponse, String> {
+        let conn = self.connection(node).await?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        write_frame(&mut send, &Frame::Request(req.clone()), self.max_frame)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        let mut reader = FrameReader::new(recv, self.max_frame);
+        match tokio::time::timeout(CALL_TIMEOUT + Duration::from_secs(1), reader.next()).await {
+            Ok(Ok(Some(Frame::Response(r)))) => Ok(r),
+            Ok(Ok(_)) => Err("no response".into()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("call timed out".into()),
+        }
+    }
+
+    /// Call the leader, following redirects and retrying elsewhere for up to `deadline`.
+    pub async fn call(
+        &self,
+        req: &ClientRequest,
+        deadline: Duration,
+    ) -> Result<ClientResponse, CallError> {
+        let start = tokio::time::Instant::now();
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let mut next = 0usize;
+        let mut last_error = String::from("no attempt");
+        while start.elapsed() < deadline {
+            let hint = self.leader.load(std::sync::atomic::Ordering::Relaxed);
+            let node = if self.nodes.contains_key(&hint) {
+                hint
+            } else {
+                next += 1;
+                ids[next % ids.len().max(1)]
+            };
+            match self.call_node(node, req).await {
+                Ok(ClientResponse::NotLeader { leader }) => {
+                    let to = leader.filter(|l| *l != node).unwrap_or(0);
+                    self.leader.store(to, std::sync::atomic::Ordering::Relaxed);
+                    last_error = format!("{} is not the leader", node_name(node));
+                    if to == 0 {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                Ok(ClientResponse::Error {
+                    message,
+                    retry: true,
+                }) => {
+                    self.leader.store(0, std::sync::atomic::Ordering::Relaxed);
+                    last_error = message;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(r) => {
+                    self.leader
+                        .store(node, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(r);
+                }
+                Err(e) => {
+                    self.conns.lock().await.remove(&node);
+                    self.leader.store(0, std::sync::atomic::Ordering::Relaxed);
+                    last_error = format!("{}: {e}", node_name(node));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        Err(CallError::Unavailable(last_error))
+    }
+}
