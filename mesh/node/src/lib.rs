@@ -5,6 +5,9 @@
 //! transport and the driver that ties core, storage and network together arrive with the
 //! secure-mesh issue.
 
+pub mod admin;
+pub mod driver;
 pub mod metrics;
+pub mod node;
 pub mod storage;
 pub mod transport;

@@ -253,6 +253,20 @@ impl Raft {
         Ok(())
     }
 
+    /// The voter (other than this leader) whose log matches the most, the natural
+    /// target of a leadership transfer. `None` when not leader or alone.
+    pub fn transfer_candidate(&self) -> Option<NodeId> {
+        if self.role != Role::Leader {
+            return None;
+        }
+        let membership = self.membership();
+        self.progress
+            .iter()
+            .filter(|(id, _)| membership.is_voter(**id))
+            .max_by_key(|(id, pr)| (pr.match_index, std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id)
+    }
+
     pub(super) fn handle_timeout_now(&mut self, from: NodeId) {
         if self.leader == Some(from) && self.promotable() {
             self.campaign(false, true);

@@ -220,10 +220,11 @@ impl Link {
                     }
                     conn.close(VarInt::from_u32(0), b"redial");
                 }
+                Err(e) if e.contains("endpoint stopping") => return,
                 Err(e) => {
                     failures += 1;
                     // Log the first failure and then every 50th, not every retry.
-                    if failures == 1 || failures % 50 == 0 {
+                    if failures == 1 || failures.is_multiple_of(50) {
                         tracing::warn!(peer = %node_name(self.peer), addr = %self.addr, "cannot connect: {e}");
                     }
                 }

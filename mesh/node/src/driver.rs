@@ -1,0 +1,439 @@
+//! The node driver: one tokio task that feeds the Raft core and executes its Readies.
+//!
+//! ```text
+//!  select! { tick | raft inbox | client inbox | shutdown }
+//!    └─> while has_ready: persist (one fdatasync, on a blocking thread)
+//!                         -> send -> restore/apply -> serve reads -> advance -> compact
+//! ```
+//! Everything that arrives while a Ready is being persisted waits in the bounded inboxes
+//! and goes into the next Ready together: that is the node's group commit.
+
+use crate::admin::Health;
+use crate::metrics::NodeMetrics;
+use crate::storage::{FileLog, LogStore, StorageError};
+use crate::transport::{ClientCall, Transport};
+use mesh_core::raft::{
+    EntryPayload, LogIndex, Message, MessageBody, NodeId, ProposeError, Raft, Role, Term,
+};
+use mesh_core::services::register::Register;
+use mesh_core::services::StateMachine;
+use mesh_core::wire::{node_name, ClientRequest, ClientResponse};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Calls waiting for commit or for a read, at most; beyond it calls are refused.
+const MAX_PENDING: usize = 100_000;
+/// A call still unanswered after this is answered with a retryable error.
+const PENDING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Inputs handled per wake-up before executing a Ready.
+const INPUT_BATCH: usize = 1024;
+
+/// A failure that stops the node.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// Storage failed (fatal: the node must restart and recover from disk).
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    /// A snapshot from the leader does not decode.
+    #[error("snapshot restore: {0}")]
+    Restore(String),
+    /// A blocking task died.
+    #[error("storage thread: {0}")]
+    Join(String),
+}
+
+/// The driver's state.
+pub struct Driver {
+    raft: Raft,
+    log: Option<FileLog>,
+    sm: Register,
+    transport: Transport,
+    metrics: NodeMetrics,
+    health: watch::Sender<Health>,
+    tick: Duration,
+    snapshot_every: u64,
+    proposals: BTreeMap<LogIndex, (Term, oneshot::Sender<ClientResponse>, Instant)>,
+    reads: BTreeMap<u64, (Vec<u8>, oneshot::Sender<ClientResponse>, Instant)>,
+    read_ready: Vec<(LogIndex, u64)>,
+    next_read: u64,
+    rpc_sent: BTreeMap<(NodeId, &'static str), Instant>,
+    last_leader: Option<NodeId>,
+}
+
+/// Driver construction parameters.
+pub struct DriverParts {
+    /// The core, restored from storage.
+    pub raft: Raft,
+    /// The log it was restored from.
+    pub log: FileLog,
+    /// The service, restored from the snapshot.
+    pub sm: Register,
+    /// The started transport.
+    pub transport: Transport,
+    /// Metrics.
+    pub metrics: NodeMetrics,
+    /// Where `/health` reads from.
+    pub health: watch::Sender<Health>,
+    /// Tick interval.
+    pub tick: Duration,
+    /// Applied entries between snapshots.
+    pub snapshot_every: u64,
+}
+
+fn rpc_op(body: &MessageBody) -> Option<(&'static str, bool)> {
+    match body {
+        MessageBody::RequestVote {
+            pre_vote: false, ..
+        } => Some(("request_vote", true)),
+        MessageBody::RequestVoteResp {
+            pre_vote: false, ..
+        } => Some(("request_vote", false)),
+        MessageBody::AppendEntries { .. } => Some(("append_entries", true)),
+        MessageBody::AppendEntriesResp { .. } => Some(("append_entries", false)),
+        MessageBody::InstallSnapshot { .. } => Some(("install_snapshot", true)),
+        MessageBody::InstallSnapshotResp { .. } => Some(("install_snapshot", false)),
+        _ => None,
+    }
+}
+
+impl Driver {
+    /// A driver over restored parts.
+    pub fn new(p: DriverParts) -> Self {
+        Self {
+            raft: p.raft,
+            log: Some(p.log),
+            sm: p.sm,
+            transport: p.transport,
+            metrics: p.metrics,
+            health: p.health,
+            tick: p.tick,
+            snapshot_every: p.snapshot_every,
+            proposals: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            read_ready: Vec::new(),
+            next_read: 0,
+            rpc_sent: BTreeMap::new(),
+            last_leader: None,
+        }
+    }
+
+    /// Run until `shutdown` resolves; a leader then hands over leadership first.
+    pub async fn run(
+        mut self,
+        mut raft_rx: mpsc::Receiver<Message>,
+        mut client_rx: mpsc::Receiver<ClientCall>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), DriverError> {
+        let mut ticker = tokio::time::interval(self.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        let mut stopping: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                () = &mut shutdown, if stopping.is_none() => {
+                    stopping = Some(Instant::now());
+                    if !self.begin_handover() {
+                        break;
+                    }
+                }
+                _ = ticker.tick() => {
+                    self.raft.tick();
+                    self.expire_pending();
+                }
+                Some(m) = raft_rx.recv() => {
+                    self.on_message(m);
+                    for _ in 0..INPUT_BATCH {
+                        let Ok(m) = raft_rx.try_recv() else { break };
+                        self.on_message(m);
+                    }
+                }
+                Some(call) = client_rx.recv() => {
+                    self.on_call(call);
+                    for _ in 0..INPUT_BATCH {
+                        let Ok(call) = client_rx.try_recv() else { break };
+                        self.on_call(call);
+                    }
+                }
+            }
+            self.process_ready().await?;
+            self.publish();
+            if let Some(since) = stopping {
+                if self.raft.role() != Role::Leader || since.elapsed() > Duration::from_secs(1) {
+                    break;
+                }
+            }
+        }
+        tracing::info!(node = %node_name(self.raft.id()), "stopping");
+        self.transport.close().await;
+        Ok(())
+    }
+
+    /// A leader that is asked to stop first hands leadership to its most up-to-date
+    /// follower, so the cluster does not wait out an election timeout.
+    /// Returns whether a transfer started (and is worth waiting for).
+    fn begin_handover(&mut self) -> bool {
+        let Some(target) = self.raft.transfer_candidate() else {
+            return false;
+        };
+        match self.raft.transfer_leader(target) {
+            Ok(()) => {
+                tracing::info!(to = %node_name(target), "shutting down: transferring leadership");
+                true
+            }
+            Err(e) => {
+                tracing::warn!("shutting down: leadership transfer refused: {e}");
+                false
+            }
+        }
+    }
+
+    fn on_message(&mut self, m: Message) {
+        if let Some((op, false)) = rpc_op(&m.body) {
+            if let Some(sent) = self.rpc_sent.remove(&(m.from, op)) {
+                self.metrics.observe_rpc(op, sent.elapsed().as_secs_f64());
+            }
+        }
+        self.raft.step(m);
+    }
+
+    fn on_call(&mut self, (request, reply): ClientCall) {
+        if self.proposals.len() + self.reads.len() >= MAX_PENDING {
+            let _ = reply.send(ClientResponse::Error {
+                message: "too many calls in flight".into(),
+                retry: true,
+            });
+            return;
+        }
+        match request {
+            ClientRequest::Propose(data) => match self.raft.propose(data) {
+                Ok(index) => {
+                    let term = self.raft.term();
+                    if let Some((_, old, _)) =
+                        self.proposals.insert(index, (term, reply, Instant::now()))
+                    {
+                        let _ = old.send(lost());
+                    }
+                }
+                Err(e) => {
+                    let _ = reply.send(refusal(e));
+                }
+            },
+            ClientRequest::Read(query) => {
+                self.next_read += 1;
+                let id = self.next_read;
+                match self.raft.read_index(id.to_le_bytes().to_vec()) {
+                    Ok(()) => {
+                        self.reads.insert(id, (query, reply, Instant::now()));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(refusal(e));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn process_ready(&mut self) -> Result<(), DriverError> {
+        while self.raft.has_ready() {
+            let mut rd = self.raft.ready();
+            let marker = rd.persisted_marker();
+            if rd.snapshot.is_some() || !rd.entries.is_empty() || rd.must_sync {
+                let snapshot = rd.snapshot.clone();
+                let entries = std::mem::take(&mut rd.entries);
+                let hard_state = rd.hard_state;
+                self.persist(move |log| log.persist(snapshot.as_ref(), &entries, hard_state))
+                    .await?;
+            }
+            for m in rd.messages {
+                if let Some((op, true)) = rpc_op(&m.body) {
+                    self.rpc_sent.entry((m.to, op)).or_insert_with(Instant::now);
+                }
+                self.transport.send(m);
+            }
+            if let Some(s) = &rd.snapshot {
+                self.sm
+                    .restore(&s.data)
+                    .map_err(|e| DriverError::Restore(e.to_string()))?;
+                let later = self.proposals.split_off(&(s.meta.index + 1));
+                for (_, (_, reply, _)) in std::mem::replace(&mut self.proposals, later) {
+                    let _ = reply.send(lost());
+                }
+            }
+            for e in rd.committed_entries {
+                let reply = match &e.payload {
+                    EntryPayload::Command(data) => Some(self.sm.apply_bytes(e.index, data)),
+                    EntryPayload::Noop | EntryPayload::Config(_) => {
+                        self.sm.skip(e.index);
+                        None
+                    }
+                };
+                if let Some((term, tx, started)) = self.proposals.remove(&e.index) {
+                    let answer = match reply {
+                        Some(r) if term == e.term => {
+                            self.metrics
+                                .observe_rpc("propose", started.elapsed().as_secs_f64());
+                            ClientResponse::Applied {
+                                index: e.index,
+                                result: postcard::to_stdvec(&r).unwrap_or_default(),
+                            }
+                        }
+                        _ => lost(),
+                    };
+                    let _ = tx.send(answer);
+                }
+            }
+            for rs in rd.read_states {
+                if let Ok(bytes) = <[u8; 8]>::try_from(rs.ctx.as_slice()) {
+                    self.read_ready.push((rs.index, u64::from_le_bytes(bytes)));
+                }
+            }
+            self.serve_reads();
+            self.raft.advance(marker);
+            self.maybe_compact().await?;
+        }
+        Ok(())
+    }
+
+    async fn persist(
+        &mut self,
+        write: impl FnOnce(&mut FileLog) -> Result<(), StorageError> + Send + 'static,
+    ) -> Result<(), DriverError> {
+        let Some(mut log) = self.log.take() else {
+            return Err(DriverError::Join("log already failed".into()));
+        };
+        let started = Instant::now();
+        let (log, result) = tokio::task::spawn_blocking(move || {
+            let r = write(&mut log);
+            (log, r)
+        })
+        .await
+        .map_err(|e| DriverError::Join(e.to_string()))?;
+        self.log = Some(log);
+        self.metrics
+            .storage_fsync
+            .observe(started.elapsed().as_secs_f64());
+        result.map_err(DriverError::from)
+    }
+
+    fn serve_reads(&mut self) {
+        let applied = self.raft.status().applied;
+        let (now, later): (Vec<_>, Vec<_>) =
+            self.read_ready.drain(..).partition(|(i, _)| *i <= applied);
+        self.read_ready = later;
+        for (_, id) in now {
+            if let Some((query, tx, _)) = self.reads.remove(&id) {
+                let reply = self.sm.query_bytes(&query);
+                let _ = tx.send(ClientResponse::Read(
+                    postcard::to_stdvec(&reply).unwrap_or_default(),
+                ));
+            }
+        }
+    }
+
+    async fn maybe_compact(&mut self) -> Result<(), DriverError> {
+        let st = self.raft.status();
+        if self.snapshot_every == 0 || st.applied < st.snapshot_index + self.snapshot_every {
+            return Ok(());
+        }
+        if self.raft.compact(st.applied, self.sm.snapshot()).is_err() {
+            return Ok(());
+        }
+        let Some(snapshot) = self.raft.snapshot().cloned() else {
+            return Ok(());
+        };
+        tracing::info!(
+            index = snapshot.meta.index,
+            bytes = snapshot.data.len(),
+            "snapshot taken"
+        );
+        self.persist(move |log| log.compact(&snapshot)).await
+    }
+
+    fn expire_pending(&mut self) {
+        let expired = |t: &Instant| t.elapsed() > PENDING_TIMEOUT;
+        let stale: Vec<LogIndex> = self
+            .proposals
+            .iter()
+            .filter(|(_, p)| expired(&p.2))
+            .map(|(i, _)| *i)
+            .collect();
+        for i in stale {
+            if let Some((_, tx, _)) = self.proposals.remove(&i) {
+                let _ = tx.send(lost());
+            }
+        }
+        let stale: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| expired(&r.2))
+            .map(|(i, _)| *i)
+            .collect();
+        for i in stale {
+            if let Some((_, tx, _)) = self.reads.remove(&i) {
+                let _ = tx.send(ClientResponse::Error {
+                    message: "read not confirmed in time".into(),
+                    retry: true,
+                });
+            }
+        }
+        self.rpc_sent.retain(|_, t| t.elapsed() < PENDING_TIMEOUT);
+    }
+
+    fn publish(&mut self) {
+        let st = self.raft.status();
+        if st.leader != self.last_leader {
+            if st.leader.is_some() {
+                self.metrics.raft_leader_changes.inc();
+                tracing::info!(term = st.term, leader = ?st.leader.map(node_name), "leader changed");
+            }
+            self.last_leader = st.leader;
+        }
+        self.metrics.raft_term.set(st.term as i64);
+        self.metrics.raft_role.set(i64::from(st.role.code()));
+        self.metrics.raft_commit_index.set(st.commit as i64);
+        self.metrics.raft_applied_index.set(st.applied as i64);
+        let health = Health {
+            ok: true,
+            id: node_name(st.id),
+            role: st.role.code(),
+            role_name: st.role.name().into(),
+            term: st.term,
+            leader: st.leader.map(node_name),
+            commit_index: st.commit,
+            applied_index: st.applied,
+            last_index: st.last_index,
+            voters: st.membership.voters.iter().map(|&v| node_name(v)).collect(),
+        };
+        self.health.send_if_modified(|h| {
+            let changed = *h != health;
+            *h = health;
+            changed
+        });
+    }
+}
+
+/// The answer to a call the core refused.
+fn refusal(e: ProposeError) -> ClientResponse {
+    match e {
+        ProposeError::NotLeader { leader } => ClientResponse::NotLeader { leader },
+        ProposeError::Busy | ProposeError::TransferInProgress => ClientResponse::Error {
+            message: e.to_string(),
+            retry: true,
+        },
+        other => ClientResponse::Error {
+            message: other.to_string(),
+            retry: false,
+        },
+    }
+}
+
+/// The answer to a call whose entry was overwritten or whose leader stepped down: it may
+/// or may not have been applied, so the client must retry (sessions make that safe).
+fn lost() -> ClientResponse {
+    ClientResponse::Error {
+        message: "leadership changed before the entry committed; retry".into(),
+        retry: true,
+    }
+}

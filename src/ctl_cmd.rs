@@ -1,0 +1,116 @@
+//! `syncmesh ctl`: talk to the cluster over mutually authenticated QUIC with a client
+//! certificate (default `admin`).
+
+use anyhow::{anyhow, bail, Context, Result};
+use certs::TlsMaterial;
+use clap::{Args, Subcommand};
+use mesh_core::raft::NodeId;
+use mesh_core::services::register::{RegisterCommand, RegisterQuery, RegisterReply};
+use mesh_core::wire::{parse_node_name, ClientRequest, ClientResponse};
+use mesh_node::transport::MeshClient;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Options of `syncmesh ctl`.
+#[derive(Args, Debug)]
+pub(crate) struct CtlArgs {
+    /// Certificates directory.
+    #[arg(long, env = "SYNCMESH_CERTS_DIR", default_value = ".syncmesh/certs")]
+    certs_dir: PathBuf,
+    /// Client certificate to present.
+    #[arg(long, default_value = "admin")]
+    cert: String,
+    /// Nodes to reach: NAME=HOST:PORT, comma-separated (default: the local cluster).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "node1=127.0.0.1:7001,node2=127.0.0.1:7002,node3=127.0.0.1:7003"
+    )]
+    nodes: Vec<String>,
+    /// Seconds to keep trying (leader changes are retried).
+    #[arg(long, default_value_t = 10)]
+    timeout_secs: u64,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+/// What to do.
+#[derive(Subcommand, Debug)]
+pub(crate) enum CtlCommand {
+    /// Replicate KEY=VALUE in the register service.
+    Put {
+        /// Key.
+        key: String,
+        /// Value.
+        value: String,
+    },
+    /// Read KEY linearizably.
+    Get {
+        /// Key.
+        key: String,
+    },
+    /// Key count and applied index, read linearizably.
+    Stats,
+}
+
+fn parse_nodes(specs: &[String]) -> Result<BTreeMap<NodeId, SocketAddr>> {
+    let mut nodes = BTreeMap::new();
+    for spec in specs {
+        let (name, addr) = spec
+            .split_once('=')
+            .ok_or_else(|| anyhow!("invalid --nodes entry {spec:?}: expected NAME=HOST:PORT"))?;
+        let id = parse_node_name(name).ok_or_else(|| anyhow!("invalid node name {name:?}"))?;
+        nodes.insert(
+            id,
+            addr.parse()
+                .with_context(|| format!("invalid address {addr:?}"))?,
+        );
+    }
+    if nodes.is_empty() {
+        bail!("--nodes is empty");
+    }
+    Ok(nodes)
+}
+
+pub(crate) fn run(args: CtlArgs) -> Result<()> {
+    let nodes = parse_nodes(&args.nodes)?;
+    let tls = TlsMaterial::load(&args.certs_dir, &args.cert)?;
+    let request = match &args.command {
+        CtlCommand::Put { key, value } => {
+            ClientRequest::Propose(postcard::to_stdvec(&RegisterCommand::Put {
+                key: key.as_bytes().to_vec(),
+                value: value.as_bytes().to_vec(),
+            })?)
+        }
+        CtlCommand::Get { key } => ClientRequest::Read(postcard::to_stdvec(&RegisterQuery::Get {
+            key: key.as_bytes().to_vec(),
+        })?),
+        CtlCommand::Stats => ClientRequest::Read(postcard::to_stdvec(&RegisterQuery::Stats)?),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let response = runtime.block_on(async {
+        let client = MeshClient::new(&tls, nodes)?;
+        client
+            .call(&request, Duration::from_secs(args.timeout_secs))
+            .await
+    })?;
+    let (index, bytes) = match response {
+        ClientResponse::Applied { index, result } => (Some(index), result),
+        ClientResponse::Read(bytes) => (None, bytes),
+        ClientResponse::Error { message, .. } => bail!("{message}"),
+        ClientResponse::NotLeader { .. } => bail!("no leader answered"),
+    };
+    let reply: RegisterReply = postcard::from_bytes(&bytes).context("decode the reply")?;
+    match (reply, index) {
+        (RegisterReply::Written { .. }, Some(index)) => println!("ok index={index}"),
+        (RegisterReply::Value(Some(v)), _) => println!("{}", String::from_utf8_lossy(&v)),
+        (RegisterReply::Value(None), _) => bail!("not found"),
+        (RegisterReply::Stats { keys, applied }, _) => println!("keys={keys} applied={applied}"),
+        (other, _) => bail!("unexpected reply {other:?}"),
+    }
+    Ok(())
+}
