@@ -1,3 +1,5 @@
 //! Integration tests of the `syncmesh` binary: real processes, real disks.
 
 mod bench_cli;
+mod mesh;
+mod support;

@@ -1,0 +1,177 @@
+//! Real processes, real QUIC with mutual TLS, real disks: elections, kill -9, restarts.
+
+use crate::support::{syncmesh, TestCluster};
+use std::time::{Duration, Instant};
+
+#[test]
+fn three_nodes_elect_one_leader_and_agree_on_it() {
+    let mut c = TestCluster::start("elect3", 3);
+    let (leader, term) = c.wait_for_leader(Duration::from_secs(10));
+    for i in 0..3 {
+        let h = c.health(i).expect("health");
+        assert_eq!(h["ok"], true);
+        assert_eq!(h["id"], c.nodes[i].name.as_str());
+        assert_eq!(h["term"], term);
+        assert_eq!(h["leader"], c.nodes[leader].name.as_str());
+        assert_eq!(h["role"], if i == leader { 2 } else { 0 });
+    }
+    let metrics = c.metrics(leader);
+    for series in [
+        "raft_term",
+        "raft_role",
+        "raft_commit_index",
+        "raft_applied_index",
+        "storage_fsync_seconds",
+        "rpc_latency_seconds",
+    ] {
+        assert!(metrics.contains(series), "{series} missing from /metrics");
+    }
+}
+
+#[test]
+fn killing_the_leader_elects_another_and_loses_nothing_committed() {
+    let mut c = TestCluster::start("kill9", 3);
+    let (leader, term) = c.wait_for_leader(Duration::from_secs(10));
+    for i in 0..20 {
+        c.put(&format!("k{i}"), &format!("v{i}"));
+    }
+    let killed_at = Instant::now();
+    c.kill9(leader);
+    let (new_leader, new_term) = c.wait_for_leader(Duration::from_secs(5));
+    let took = killed_at.elapsed();
+    eprintln!("new leader {} after {took:?}", c.nodes[new_leader].name);
+    assert_ne!(new_leader, leader);
+    assert!(new_term > term);
+    assert!(took < Duration::from_secs(2), "new leader took {took:?}");
+    for i in 0..20 {
+        assert_eq!(
+            c.get(&format!("k{i}")).as_deref(),
+            Some(format!("v{i}").as_str()),
+            "k{i} survived"
+        );
+    }
+    c.put("after", "failover");
+    // The old leader comes back and catches up.
+    c.start_node(leader);
+    let target = c.health(new_leader).expect("health")["commit_index"]
+        .as_u64()
+        .expect("commit");
+    let start = Instant::now();
+    loop {
+        let caught_up = c
+            .health(leader)
+            .and_then(|h| h["applied_index"].as_u64())
+            .is_some_and(|a| a >= target);
+        if caught_up {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "restarted node did not catch up to {target}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, _) = c.wait_for_leader(Duration::from_secs(5));
+}
+
+#[test]
+fn a_full_cluster_restart_keeps_every_committed_entry() {
+    let mut c = TestCluster::start("restart", 3);
+    c.wait_for_leader(Duration::from_secs(10));
+    for i in 0..10 {
+        c.put(&format!("r{i}"), &format!("x{i}"));
+    }
+    for i in 0..3 {
+        c.kill9(i);
+    }
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    c.wait_for_leader(Duration::from_secs(10));
+    for i in 0..10 {
+        assert_eq!(
+            c.get(&format!("r{i}")).as_deref(),
+            Some(format!("x{i}").as_str())
+        );
+    }
+}
+
+#[test]
+fn sigterm_on_the_leader_hands_over_and_exits_cleanly() {
+    let mut c = TestCluster::start("sigterm", 3);
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
+    c.put("before", "stop");
+    let pid = c.pid(leader);
+    // SAFETY: kill(2) on a child we spawned.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let code = c.wait_exit(leader, Duration::from_secs(5));
+    assert_eq!(code, Some(0), "a stopped node exits 0");
+    assert!(
+        c.log(leader).contains("transferring leadership"),
+        "{}",
+        c.log(leader)
+    );
+    let (new_leader, _) = c.wait_for_leader(Duration::from_secs(3));
+    assert_ne!(new_leader, leader);
+    assert_eq!(c.get("before").as_deref(), Some("stop"));
+}
+
+#[test]
+fn five_node_cluster_command_elects_a_leader() {
+    let dir = crate::support::TempDir::new("cluster5");
+    let ports = |base: u16| base.to_string();
+    let mut child = syncmesh()
+        .current_dir(&dir.0)
+        .args([
+            "cluster",
+            "--nodes",
+            "5",
+            "--dir",
+            "c5",
+            "--quic-port",
+            &ports(17_101),
+            "--admin-port",
+            &ports(19_101),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start cluster");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+        text
+    });
+    let start = Instant::now();
+    let mut up = false;
+    while start.elapsed() < Duration::from_secs(20) {
+        let views: Vec<Option<String>> = (0..5)
+            .map(|i| {
+                let (_, body) =
+                    crate::support::http_get(([127, 0, 0, 1], 19_101 + i).into(), "/health")?;
+                let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                v["leader"].as_str().map(str::to_string)
+            })
+            .collect();
+        if views.iter().all(|v| v.is_some() && *v == views[0]) {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SIGTERM the launcher: it stops every child.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("wait cluster");
+    let out = reader.join().expect("reader");
+    assert!(up, "5 nodes did not agree on a leader: {out}");
+    assert!(out.contains("syncmesh cluster is up: 5 nodes"), "{out}");
+    assert!(out.contains("every node stopped"), "{out}");
+    assert!(status.success(), "cluster exits 0 on SIGTERM");
+}
