@@ -2,4 +2,5 @@
 
 mod bench_cli;
 mod mesh;
+mod security;
 mod support;

@@ -324,10 +324,21 @@ async fn accept_loop(endpoint: Endpoint, inbound: Arc<Inbound>) {
     }
 }
 
-/// Classify a handshake failure for the metric and the log.
+/// Classify a handshake failure for the metric and the log. A certificate not signed by
+/// the cluster CA shows up as an unknown issuer, or (when another CA uses the same
+/// name) as a bad signature.
 pub fn refusal_reason(error: &str) -> &'static str {
     let e = error.to_ascii_lowercase();
-    if e.contains("unknownissuer") || e.contains("unknown issuer") || e.contains("unknown ca") {
+    if [
+        "unknownissuer",
+        "unknown issuer",
+        "unknown ca",
+        "badsignature",
+        "bad signature",
+    ]
+    .iter()
+    .any(|s| e.contains(s))
+    {
         "unknown_ca"
     } else if e.contains("expired") {
         "expired"
