@@ -6,6 +6,14 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 test:
     cargo test --workspace
 
+# Start the local cluster (3 nodes; pass e.g. `--nodes 5`), until Ctrl-C.
+cluster *args:
+    cargo run --release -- cluster {{args}}
+
+# Make the cluster's certificates (CA, node1..node3, gateway, admin) in .syncmesh/certs.
+certs *args:
+    cargo run --release -- certs init {{args}}
+
 # Run the deterministic simulator over many seeds: `just sim 20000`.
 sim seeds="20000" start="0":
     cargo run -p mesh-sim --release -- --seeds {{seeds}} --start-seed {{start}}
@@ -17,6 +25,10 @@ sim-repro seed:
 # Storage benchmark: raw fdatasync vs group-committed appends (1, 16, 64 proposers).
 bench-log seconds="3":
     cargo run --release -- bench log --seconds {{seconds}}
+
+# Kill the leader 10 times and print how long until a new leader commits.
+bench-failover kills="10" quiet="10":
+    cargo run --release -- bench failover --kills {{kills}} --quiet-secs {{quiet}}
 
 # Read-only checks: formatting, lints, docs, tests, a fixed-seed simulator smoke run.
 verify:

@@ -4,6 +4,7 @@
 //! the write-ahead log under 1, 16 and 64 concurrent proposers through group commit, with
 //! appends per second, entries per fdatasync and append latency percentiles.
 
+use crate::cluster_cmd::{ClusterArgs, LocalCluster};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use mesh_node::storage::group::GroupCommitLog;
@@ -19,6 +20,28 @@ use std::time::{Duration, Instant};
 pub(crate) enum BenchCommand {
     /// Durable appends per second of the write-ahead log, with group commit.
     Log(LogArgs),
+    /// Time from kill -9 of the leader until a new leader commits, over several kills.
+    Failover(FailoverArgs),
+}
+
+/// Options of `bench failover`.
+#[derive(Args, Debug)]
+pub(crate) struct FailoverArgs {
+    /// Leader kills to measure.
+    #[arg(long, default_value_t = 10)]
+    kills: u32,
+    /// Before the kills, watch the quiet cluster this many seconds for spurious elections.
+    #[arg(long, default_value_t = 10)]
+    quiet_secs: u64,
+    /// Directory for the scratch cluster.
+    #[arg(long, default_value = ".syncmesh/bench-failover")]
+    dir: PathBuf,
+    /// QUIC port of node1 of the scratch cluster.
+    #[arg(long, default_value_t = 27001)]
+    quic_port: u16,
+    /// Admin port of node1 of the scratch cluster.
+    #[arg(long, default_value_t = 29001)]
+    admin_port: u16,
 }
 
 /// Options of `bench log`.
@@ -41,6 +64,7 @@ pub(crate) struct LogArgs {
 pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Log(args) => bench_log(&args),
+        BenchCommand::Failover(args) => bench_failover(&args),
     }
 }
 
@@ -159,4 +183,81 @@ fn group_commit(
         p50_us: u64::from(pct(0.50)),
         p99_us: u64::from(pct(0.99)),
     })
+}
+
+fn wait_agreed(cluster: &LocalCluster, timeout: Duration) -> Result<(usize, u64, u64)> {
+    let start = Instant::now();
+    loop {
+        if let Some(l) = cluster.agreed_leader() {
+            return Ok(l);
+        }
+        if start.elapsed() > timeout {
+            bail!("no agreed leader within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn bench_failover(args: &FailoverArgs) -> Result<()> {
+    if args.kills == 0 || args.kills > 1000 {
+        bail!("--kills must be between 1 and 1000");
+    }
+    let _ = std::fs::remove_dir_all(&args.dir);
+    let mut cluster = LocalCluster::start(ClusterArgs {
+        nodes: 3,
+        dir: args.dir.clone(),
+        quic_port: args.quic_port,
+        admin_port: args.admin_port,
+        wait_secs: 30,
+    })?;
+    let (_, first_term, _) = wait_agreed(&cluster, Duration::from_secs(30))?;
+    if args.quiet_secs > 0 {
+        std::thread::sleep(Duration::from_secs(args.quiet_secs));
+        let (_, term, _) = wait_agreed(&cluster, Duration::from_secs(5))?;
+        println!(
+            "quiet cluster for {} s: term {first_term} -> {term} ({} spurious elections)",
+            args.quiet_secs,
+            term - first_term
+        );
+    }
+    let mut took = Vec::new();
+    for round in 1..=args.kills {
+        let (leader, term, commit) = wait_agreed(&cluster, Duration::from_secs(30))?;
+        let killed = Instant::now();
+        cluster.kill9(leader);
+        // A new leader has committed once the survivors agree on it in a later term and
+        // its commit index passed the old one (its no-op entry of the new term).
+        loop {
+            if let Some((l, t, c)) = cluster.agreed_leader() {
+                if l != leader && t > term && c > commit {
+                    break;
+                }
+            }
+            if killed.elapsed() > Duration::from_secs(30) {
+                bail!("round {round}: no new leader committed within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let elapsed = killed.elapsed();
+        println!(
+            "kill {round:>2}: {} killed, new leader committed after {:>5.0} ms",
+            LocalCluster::name(leader),
+            elapsed.as_secs_f64() * 1e3
+        );
+        took.push(elapsed);
+        cluster.start_node(leader)?;
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    took.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "failover over {} kills: median {:.0} ms, best {:.0} ms, worst {:.0} ms",
+        took.len(),
+        ms(took[took.len() / 2]),
+        ms(took[0]),
+        ms(took[took.len() - 1])
+    );
+    cluster.stop_all();
+    let _ = std::fs::remove_dir_all(&args.dir);
+    Ok(())
 }

@@ -8,57 +8,98 @@ use crate::node_cmd::NodeArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Options of `syncmesh cluster`.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub(crate) struct ClusterArgs {
     /// Number of nodes.
     #[arg(long, default_value_t = 3)]
-    nodes: u16,
+    pub(crate) nodes: u16,
     /// Directory for certificates and node data.
     #[arg(long, default_value = ".syncmesh")]
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// QUIC port of node1 (node i gets base + i - 1).
     #[arg(long, default_value_t = 7001)]
-    quic_port: u16,
+    pub(crate) quic_port: u16,
     /// Admin HTTP port of node1 (node i gets base + i - 1).
     #[arg(long, default_value_t = 9001)]
-    admin_port: u16,
+    pub(crate) admin_port: u16,
     /// Seconds to wait for a leader before giving up.
     #[arg(long, default_value_t = 30)]
-    wait_secs: u64,
+    pub(crate) wait_secs: u64,
 }
 
-struct Member {
-    name: String,
-    admin: SocketAddr,
-    child: Child,
+/// Node processes on loopback, started from this binary.
+pub(crate) struct LocalCluster {
+    args: ClusterArgs,
+    children: Vec<Option<Child>>,
 }
 
 fn addr(port: u16) -> SocketAddr {
     ([127, 0, 0, 1], port).into()
 }
 
-fn start_members(args: &ClusterArgs) -> Result<Vec<Member>> {
-    let exe = std::env::current_exe().context("locate the syncmesh binary")?;
-    let n = args.nodes;
-    let names: Vec<String> = (1..=n).map(|i| format!("node{i}")).collect();
-    let mut members = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let i = i as u16;
-        let peers = names
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j as u16 != i)
-            .map(|(j, p)| format!("{p}={}", addr(args.quic_port + j as u16)))
+impl LocalCluster {
+    /// Make certificates if missing and start every node.
+    pub(crate) fn start(args: ClusterArgs) -> Result<Self> {
+        if args.nodes == 0 || args.nodes > 99 {
+            bail!("--nodes must be between 1 and 99");
+        }
+        let names: Vec<String> = (1..=args.nodes).map(|i| format!("node{i}")).collect();
+        let certs_dir = args.dir.join("certs");
+        let made =
+            certs::ensure_cluster(&certs_dir, &names, &["gateway".into(), "admin".into()], 825)?;
+        if !made.is_empty() {
+            println!(
+                "made {} certificate files in {}",
+                made.len(),
+                certs_dir.display()
+            );
+        }
+        let mut cluster = Self {
+            children: (0..args.nodes).map(|_| None).collect(),
+            args,
+        };
+        for i in 0..cluster.args.nodes as usize {
+            cluster.start_node(i)?;
+        }
+        Ok(cluster)
+    }
+
+    pub(crate) fn name(i: usize) -> String {
+        format!("node{}", i + 1)
+    }
+
+    pub(crate) fn admin(&self, i: usize) -> SocketAddr {
+        addr(self.args.admin_port + i as u16)
+    }
+
+    pub(crate) fn quic(&self, i: usize) -> SocketAddr {
+        addr(self.args.quic_port + i as u16)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.children.len()
+    }
+
+    fn log_path(&self, i: usize) -> PathBuf {
+        self.args.dir.join(Self::name(i)).join("node.log")
+    }
+
+    /// Start (or restart) node `i`.
+    pub(crate) fn start_node(&mut self, i: usize) -> Result<()> {
+        let exe = std::env::current_exe().context("locate the syncmesh binary")?;
+        let peers = (0..self.len())
+            .filter(|&j| j != i)
+            .map(|j| format!("{}={}", Self::name(j), self.quic(j)))
             .collect();
-        let admin = addr(args.admin_port + i);
-        let flags = NodeArgs::local(name, addr(args.quic_port + i), admin, peers, &args.dir);
-        std::fs::create_dir_all(args.dir.join(name))?;
-        let log_path = args.dir.join(name).join("node.log");
+        let name = Self::name(i);
+        let flags = NodeArgs::local(&name, self.quic(i), self.admin(i), peers, &self.args.dir);
+        std::fs::create_dir_all(self.args.dir.join(&name))?;
+        let log_path = self.log_path(i);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -71,119 +112,144 @@ fn start_members(args: &ClusterArgs) -> Result<Vec<Member>> {
             .stderr(log)
             .spawn()
             .with_context(|| format!("start {name}"))?;
-        members.push(Member {
-            name: name.clone(),
-            admin,
-            child,
-        });
+        self.children[i] = Some(child);
+        Ok(())
     }
-    Ok(members)
-}
 
-/// The leader every member reports, once they all agree.
-fn agreed_leader(members: &[Member]) -> Option<String> {
-    let mut leader = None;
-    for m in members {
-        let (status, body) = http_get::get(m.admin, "/health").ok()?;
+    /// kill -9 node `i`.
+    pub(crate) fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `/health` of node `i`, as (leader, term, commit index).
+    pub(crate) fn health(&self, i: usize) -> Option<(String, u64, u64)> {
+        let (status, body) = http_get::get(self.admin(i), "/health").ok()?;
         if status != 200 {
             return None;
         }
-        let l = body
-            .split("\"leader\":\"")
-            .nth(1)?
-            .split('"')
-            .next()?
-            .to_string();
-        if leader.get_or_insert_with(|| l.clone()) != &l {
-            return None;
-        }
+        let field = |name: &str| -> Option<&str> {
+            let rest = body.split(&format!("\"{name}\":")).nth(1)?;
+            Some(rest.split([',', '}']).next()?.trim_matches('"'))
+        };
+        Some((
+            field("leader")?.to_string(),
+            field("term")?.parse().ok()?,
+            field("commit_index")?.parse().ok()?,
+        ))
     }
-    leader
-}
 
-fn stop_all(members: &mut [Member]) {
-    for m in members.iter() {
-        // SIGTERM lets a leader hand over and every node flush; SIGKILL follows if not.
-        if let Ok(pid) = i32::try_from(m.child.id()) {
-            // SAFETY: kill(2) with a pid we spawned and a valid signal number.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
+    /// The leader, term and its commit index, once every running node agrees.
+    pub(crate) fn agreed_leader(&self) -> Option<(usize, u64, u64)> {
+        let mut agreed: Option<(String, u64)> = None;
+        let mut commit = 0;
+        for i in (0..self.len()).filter(|&i| self.children[i].is_some()) {
+            let (leader, term, c) = self.health(i)?;
+            if agreed.get_or_insert_with(|| (leader.clone(), term)) != &(leader.clone(), term) {
+                return None;
+            }
+            if Self::name(i) == leader {
+                commit = c;
+            }
+        }
+        let (leader, term) = agreed?;
+        let idx =
+            (0..self.len()).find(|&i| Self::name(i) == leader && self.children[i].is_some())?;
+        Some((idx, term, commit))
+    }
+
+    /// A child that exited on its own, as an error naming its log.
+    pub(crate) fn check_children(&mut self) -> Result<()> {
+        for i in 0..self.len() {
+            if let Some(Ok(Some(status))) = self.children[i].as_mut().map(Child::try_wait) {
+                bail!(
+                    "{} exited ({status}); see {}",
+                    Self::name(i),
+                    self.log_path(i).display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGTERM every node (a leader hands over), then SIGKILL what is left after 5 s.
+    pub(crate) fn stop_all(&mut self) {
+        for child in self.children.iter().flatten() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: kill(2) on a process we spawned, with a valid signal number.
+                unsafe {
+                    libc::kill(pid, libc::SIGTERM);
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for slot in &mut self.children {
+            if let Some(mut child) = slot.take() {
+                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
             }
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for m in members.iter_mut() {
-        while Instant::now() < deadline {
-            if matches!(m.child.try_wait(), Ok(Some(_))) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = m.child.kill();
-        let _ = m.child.wait();
-    }
-}
 
-fn print_addresses(args: &ClusterArgs, members: &[Member], leader: &str) {
-    println!(
-        "syncmesh cluster is up: {} nodes, leader {leader}",
-        members.len()
-    );
-    for (i, m) in members.iter().enumerate() {
+    fn print_addresses(&self, leader: usize) {
         println!(
-            "  {:<7} quic {}  admin http://{}/health  log {}",
-            m.name,
-            addr(args.quic_port + i as u16),
-            m.admin,
-            args.dir.join(&m.name).join("node.log").display()
+            "syncmesh cluster is up: {} nodes, leader {}",
+            self.len(),
+            Self::name(leader)
         );
+        for i in 0..self.len() {
+            println!(
+                "  {:<7} quic {}  admin http://{}/health  log {}",
+                Self::name(i),
+                self.quic(i),
+                self.admin(i),
+                self.log_path(i).display()
+            );
+        }
+        println!(
+            "  certificates in {}",
+            self.args.dir.join("certs").display()
+        );
+        println!("Ctrl-C stops every node.");
     }
-    println!("  certificates in {}", args.dir.join("certs").display());
-    println!("Ctrl-C stops every node.");
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
 }
 
 pub(crate) fn run(args: ClusterArgs) -> Result<()> {
-    if args.nodes == 0 || args.nodes > 99 {
-        bail!("--nodes must be between 1 and 99");
-    }
-    let names: Vec<String> = (1..=args.nodes).map(|i| format!("node{i}")).collect();
-    let made = certs::ensure_cluster(
-        &args.dir.join("certs"),
-        &names,
-        &["gateway".into(), "admin".into()],
-        825,
-    )?;
-    if !made.is_empty() {
-        println!(
-            "made {} certificate files in {}",
-            made.len(),
-            args.dir.join("certs").display()
-        );
-    }
-    let mut members = start_members(&args)?;
+    let mut cluster = LocalCluster::start(args)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = runtime.block_on(supervise(&args, &mut members));
-    stop_all(&mut members);
+    let result = runtime.block_on(supervise(&mut cluster));
+    cluster.stop_all();
     println!("every node stopped");
     result
 }
 
-async fn supervise(args: &ClusterArgs, members: &mut [Member]) -> Result<()> {
+async fn supervise(cluster: &mut LocalCluster) -> Result<()> {
     let signal = crate::node_cmd::shutdown_signal();
     tokio::pin!(signal);
-    let deadline = Instant::now() + Duration::from_secs(args.wait_secs);
+    let deadline = Instant::now() + Duration::from_secs(cluster.args.wait_secs);
     let leader = loop {
-        if let Some(l) = agreed_leader(members) {
+        if let Some((l, _, _)) = cluster.agreed_leader() {
             break l;
         }
-        check_children(members, &args.dir)?;
+        cluster.check_children()?;
         if Instant::now() > deadline {
             bail!(
                 "no leader after {} s; see the node logs under {}",
-                args.wait_secs,
-                args.dir.display()
+                cluster.args.wait_secs,
+                cluster.args.dir.display()
             );
         }
         tokio::select! {
@@ -191,24 +257,11 @@ async fn supervise(args: &ClusterArgs, members: &mut [Member]) -> Result<()> {
             () = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     };
-    print_addresses(args, members, &leader);
+    cluster.print_addresses(leader);
     loop {
         tokio::select! {
             () = &mut signal => return Ok(()),
-            () = tokio::time::sleep(Duration::from_millis(500)) => check_children(members, &args.dir)?,
+            () = tokio::time::sleep(Duration::from_millis(500)) => cluster.check_children()?,
         }
     }
-}
-
-fn check_children(members: &mut [Member], dir: &Path) -> Result<()> {
-    for m in members.iter_mut() {
-        if let Ok(Some(status)) = m.child.try_wait() {
-            bail!(
-                "{} exited ({status}); see {}",
-                m.name,
-                dir.join(&m.name).join("node.log").display()
-            );
-        }
-    }
-    Ok(())
 }
