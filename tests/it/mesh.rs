@@ -122,8 +122,8 @@ fn sigterm_on_the_leader_hands_over_and_exits_cleanly() {
 
 #[test]
 fn five_node_cluster_command_elects_a_leader() {
+    use std::io::BufRead;
     let dir = crate::support::TempDir::new("cluster5");
-    let ports = |base: u16| base.to_string();
     let mut child = syncmesh()
         .current_dir(&dir.0)
         .args([
@@ -133,45 +133,104 @@ fn five_node_cluster_command_elects_a_leader() {
             "--dir",
             "c5",
             "--quic-port",
-            &ports(17_101),
+            "17101",
             "--admin-port",
-            &ports(19_101),
+            "19101",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start cluster");
-    let mut stdout = child.stdout.take().expect("stdout");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
-        text
-    });
-    let start = Instant::now();
-    let mut up = false;
-    while start.elapsed() < Duration::from_secs(20) {
-        let views: Vec<Option<String>> = (0..5)
-            .map(|i| {
-                let (_, body) =
-                    crate::support::http_get(([127, 0, 0, 1], 19_101 + i).into(), "/health")?;
-                let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-                v["leader"].as_str().map(str::to_string)
-            })
-            .collect();
-        if views.iter().all(|v| v.is_some() && *v == views[0]) {
-            up = true;
-            break;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    });
+    let mut out = String::new();
+    let up = loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => {
+                out.push_str(&line);
+                out.push('\n');
+                if line.contains("syncmesh cluster is up: 5 nodes") {
+                    break true;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    // Every node agrees with the launcher's report.
+    let leaders: Vec<Option<String>> = (0..5)
+        .map(|i| {
+            let (_, body) =
+                crate::support::http_get(([127, 0, 0, 1], 19_101 + i).into(), "/health")?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            v["leader"].as_str().map(str::to_string)
+        })
+        .collect();
     // SIGTERM the launcher: it stops every child.
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
     let status = child.wait().expect("wait cluster");
-    let out = reader.join().expect("reader");
-    assert!(up, "5 nodes did not agree on a leader: {out}");
-    assert!(out.contains("syncmesh cluster is up: 5 nodes"), "{out}");
+    reader.join().expect("reader");
+    out.extend(rx.try_iter().map(|l| l + "\n"));
+    assert!(up, "the launcher never reported the cluster up: {out}");
+    assert!(
+        leaders.iter().all(|l| l.is_some() && *l == leaders[0]),
+        "{leaders:?}"
+    );
     assert!(out.contains("every node stopped"), "{out}");
     assert!(status.success(), "cluster exits 0 on SIGTERM");
+}
+
+#[test]
+fn a_node_that_fell_behind_compaction_catches_up_by_snapshot() {
+    let mut c = TestCluster::start_with_snapshots("snapshot", 3, 8);
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
+    let follower = (leader + 1) % 3;
+    c.kill9(follower);
+    for i in 0..40 {
+        c.put(&format!("s{i}"), &format!("v{i}"));
+    }
+    let target = c.health(leader).expect("health")["commit_index"]
+        .as_u64()
+        .expect("commit");
+    c.start_node(follower);
+    let start = Instant::now();
+    while !c
+        .health(follower)
+        .and_then(|h| h["applied_index"].as_u64())
+        .is_some_and(|a| a >= target)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "follower did not catch up:\n{}",
+            c.log(follower)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        c.log(follower)
+            .contains("installed snapshot from the leader"),
+        "follower:\n{}\nleader:\n{}",
+        c.log(follower),
+        c.log(leader)
+    );
+    // The caught-up node serves as part of a quorum: stop another and read everything.
+    let other = (0..3)
+        .find(|&i| i != leader && i != follower)
+        .expect("third node");
+    c.kill9(other);
+    for i in (0..40).step_by(7) {
+        assert_eq!(
+            c.get(&format!("s{i}")).as_deref(),
+            Some(format!("v{i}").as_str())
+        );
+    }
 }

@@ -66,11 +66,22 @@ pub(crate) struct TestNode {
 pub(crate) struct TestCluster {
     pub(crate) dir: TempDir,
     pub(crate) nodes: Vec<TestNode>,
+    /// Passed to every node as `--snapshot-every` when set.
+    pub(crate) snapshot_every: Option<u64>,
 }
 
 impl TestCluster {
     /// Certificates and `n` running nodes.
     pub(crate) fn start(name: &str, n: usize) -> Self {
+        Self::start_with(name, n, None)
+    }
+
+    /// Like `start`, with snapshots every `every` applied entries.
+    pub(crate) fn start_with_snapshots(name: &str, n: usize, every: u64) -> Self {
+        Self::start_with(name, n, Some(every))
+    }
+
+    fn start_with(name: &str, n: usize, snapshot_every: Option<u64>) -> Self {
         let dir = TempDir::new(name);
         let out = syncmesh()
             .args(["certs", "init", "--nodes", &n.to_string(), "--dir"])
@@ -90,7 +101,11 @@ impl TestCluster {
                 child: None,
             })
             .collect();
-        let mut cluster = Self { dir, nodes };
+        let mut cluster = Self {
+            dir,
+            nodes,
+            snapshot_every,
+        };
         for i in 0..n {
             cluster.start_node(i);
         }
@@ -130,6 +145,9 @@ impl TestCluster {
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log);
+        if let Some(every) = self.snapshot_every {
+            cmd.args(["--snapshot-every", &every.to_string()]);
+        }
         for peer in self.nodes.iter().filter(|p| p.name != node.name) {
             cmd.arg("--peer")
                 .arg(format!("{}={}", peer.name, peer.quic));

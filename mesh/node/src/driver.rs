@@ -256,6 +256,11 @@ impl Driver {
                 self.sm
                     .restore(&s.data)
                     .map_err(|e| DriverError::Restore(e.to_string()))?;
+                tracing::info!(
+                    index = s.meta.index,
+                    bytes = s.data.len(),
+                    "installed snapshot from the leader"
+                );
                 let later = self.proposals.split_off(&(s.meta.index + 1));
                 for (_, (_, reply, _)) in std::mem::replace(&mut self.proposals, later) {
                     let _ = reply.send(lost());

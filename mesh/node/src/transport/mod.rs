@@ -344,7 +344,10 @@ pub fn refusal_reason(error: &str) -> &'static str {
         "expired"
     } else if e.contains("no certificates") || e.contains("certificate required") {
         "no_client_cert"
-    } else if e.contains("alpn") || e.contains("application protocol") {
+    } else if e.contains("no_application_protocol")
+        || e.contains("no application protocol")
+        || e.contains("alpn")
+    {
         "alpn"
     } else {
         "handshake"
@@ -357,6 +360,15 @@ async fn handle_connection(incoming: quinn::Incoming, inbound: Arc<Inbound>) {
         Ok(conn) => conn,
         Err(e) => {
             let error = e.to_string();
+            if matches!(
+                e,
+                quinn::ConnectionError::TimedOut | quinn::ConnectionError::ApplicationClosed(_)
+            ) || error.contains("aborted by peer")
+            {
+                // The peer gave up (it was stopping or redialling): nothing was refused.
+                tracing::debug!(%remote, "handshake abandoned by the peer: {error}");
+                return;
+            }
             let reason = refusal_reason(&error);
             inbound.metrics.refuse_connection(reason);
             tracing::warn!(%remote, reason, "refused connection: {error}");
@@ -514,8 +526,13 @@ async fn serve_call(mut send: quinn::SendStream, mut reader: FrameReader, inboun
 }
 
 /// A client of the mesh: finds the leader and makes calls over mutually authenticated
-/// QUIC, following `NotLeader` hints.
+/// QUIC, following `NotLeader` hints. Cheap to clone.
+#[derive(Clone)]
 pub struct MeshClient {
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
     endpoint: Endpoint,
     nodes: BTreeMap<NodeId, SocketAddr>,
     conns: tokio::sync::Mutex<BTreeMap<NodeId, Connection>>,
@@ -526,7 +543,7 @@ pub struct MeshClient {
 /// Why a call failed on every node.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
-    /// No node answered usefully within the attempts.
+    /// No node answered usefully within the deadline.
     #[error("no node could serve the call: {0}")]
     Unavailable(String),
     /// Transport setup failed.
@@ -534,26 +551,41 @@ pub enum CallError {
     Transport(#[from] TransportError),
 }
 
+/// What one attempt at one node said.
+enum Attempt {
+    Answer(ClientResponse),
+    Redirect(Option<NodeId>),
+    Failed(String),
+}
+
 impl MeshClient {
     /// A client presenting `tls` (a client or node certificate) to `nodes`.
     pub fn new(tls: &TlsMaterial, nodes: BTreeMap<NodeId, SocketAddr>) -> Result<Self, CallError> {
         let bind: SocketAddr = ([127, 0, 0, 1], 0).into();
         Ok(Self {
-            endpoint: endpoint(tls, bind, false)?,
-            nodes,
-            conns: tokio::sync::Mutex::new(BTreeMap::new()),
-            leader: std::sync::atomic::AtomicU64::new(0),
-            max_frame: mesh_core::wire::MAX_FRAME_BYTES,
+            inner: Arc::new(ClientInner {
+                endpoint: endpoint(tls, bind, false)?,
+                nodes,
+                conns: tokio::sync::Mutex::new(BTreeMap::new()),
+                leader: std::sync::atomic::AtomicU64::new(0),
+                max_frame: mesh_core::wire::MAX_FRAME_BYTES,
+            }),
         })
     }
 
     async fn connection(&self, node: NodeId) -> Result<Connection, String> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(&node).filter(|c| c.close_reason().is_none()) {
+        let inner = &self.inner;
+        if let Some(c) = inner
+            .conns
+            .lock()
+            .await
+            .get(&node)
+            .filter(|c| c.close_reason().is_none())
+        {
             return Ok(c.clone());
         }
-        let addr = *self.nodes.get(&node).ok_or("unknown node")?;
-        let connecting = self
+        let addr = *inner.nodes.get(&node).ok_or("unknown node")?;
+        let connecting = inner
             .endpoint
             .connect(addr, &certs::server_name(&node_name(node)))
             .map_err(|e| e.to_string())?;
@@ -561,7 +593,7 @@ impl MeshClient {
             .await
             .map_err(|_| "handshake timed out".to_string())?
             .map_err(|e| e.to_string())?;
-        conns.insert(node, conn.clone());
+        inner.conns.lock().await.insert(node, conn.clone());
         Ok(conn)
     }
 
@@ -571,13 +603,14 @@ impl MeshClient {
         node: NodeId,
         req: &ClientRequest,
     ) -> Result<ClientResponse, String> {
+        let max = self.inner.max_frame;
         let conn = self.connection(node).await?;
         let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        write_frame(&mut send, &Frame::Request(req.clone()), self.max_frame)
+        write_frame(&mut send, &Frame::Request(req.clone()), max)
             .await
             .map_err(|e| e.to_string())?;
         let _ = send.finish();
-        let mut reader = FrameReader::new(recv, self.max_frame);
+        let mut reader = FrameReader::new(recv, max);
         match tokio::time::timeout(CALL_TIMEOUT + Duration::from_secs(1), reader.next()).await {
             Ok(Ok(Some(Frame::Response(r)))) => Ok(r),
             Ok(Ok(_)) => Err("no response".into()),
@@ -586,50 +619,86 @@ impl MeshClient {
         }
     }
 
-    /// Call the leader, following redirects and retrying elsewhere for up to `deadline`.
+    async fn attempt(&self, node: NodeId, req: &ClientRequest) -> Attempt {
+        match self.call_node(node, req).await {
+            Ok(ClientResponse::NotLeader { leader }) => {
+                Attempt::Redirect(leader.filter(|&l| l != node))
+            }
+            Ok(ClientResponse::Error {
+                message,
+                retry: true,
+            }) => Attempt::Failed(message),
+            Ok(r) => Attempt::Answer(r),
+            Err(e) => {
+                self.inner.conns.lock().await.remove(&node);
+                Attempt::Failed(format!("{}: {e}", node_name(node)))
+            }
+        }
+    }
+
+    /// Ask every node at once (only the leader acts on the call; the others redirect):
+    /// the first answer wins. Used while the leader is unknown.
+    async fn attempt_all(&self, req: &ClientRequest) -> Attempt {
+        let mut calls = tokio::task::JoinSet::new();
+        for &node in self.inner.nodes.keys() {
+            let (client, req) = (self.clone(), req.clone());
+            calls.spawn(async move { (node, client.attempt(node, &req).await) });
+        }
+        let mut outcome = Attempt::Failed("no node answered".into());
+        while let Some(joined) = calls.join_next().await {
+            let Ok((node, attempt)) = joined else {
+                continue;
+            };
+            match attempt {
+                Attempt::Answer(r) => {
+                    self.inner
+                        .leader
+                        .store(node, std::sync::atomic::Ordering::Relaxed);
+                    return Attempt::Answer(r);
+                }
+                Attempt::Redirect(Some(l)) => outcome = Attempt::Redirect(Some(l)),
+                other if matches!(outcome, Attempt::Failed(_)) => outcome = other,
+                _ => {}
+            }
+        }
+        outcome
+    }
+
+    /// Call the leader, following redirects and retrying for up to `deadline`.
     pub async fn call(
         &self,
         req: &ClientRequest,
         deadline: Duration,
     ) -> Result<ClientResponse, CallError> {
         let start = tokio::time::Instant::now();
-        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
-        let mut next = 0usize;
         let mut last_error = String::from("no attempt");
         while start.elapsed() < deadline {
-            let hint = self.leader.load(std::sync::atomic::Ordering::Relaxed);
-            let node = if self.nodes.contains_key(&hint) {
-                hint
+            let hint = self.inner.leader.load(std::sync::atomic::Ordering::Relaxed);
+            let attempt = if self.inner.nodes.contains_key(&hint) {
+                self.attempt(hint, req).await
             } else {
-                next += 1;
-                ids[next % ids.len().max(1)]
+                self.attempt_all(req).await
             };
-            match self.call_node(node, req).await {
-                Ok(ClientResponse::NotLeader { leader }) => {
-                    let to = leader.filter(|l| *l != node).unwrap_or(0);
-                    self.leader.store(to, std::sync::atomic::Ordering::Relaxed);
-                    last_error = format!("{} is not the leader", node_name(node));
-                    if to == 0 {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
+            match attempt {
+                Attempt::Answer(r) => return Ok(r),
+                Attempt::Redirect(Some(leader)) => {
+                    self.inner
+                        .leader
+                        .store(leader, std::sync::atomic::Ordering::Relaxed);
+                    last_error = format!("redirected to {}", node_name(leader));
                 }
-                Ok(ClientResponse::Error {
-                    message,
-                    retry: true,
-                }) => {
-                    self.leader.store(0, std::sync::atomic::Ordering::Relaxed);
-                    last_error = message;
+                Attempt::Redirect(None) => {
+                    self.inner
+                        .leader
+                        .store(0, std::sync::atomic::Ordering::Relaxed);
+                    last_error = "no leader known".into();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Ok(r) => {
-                    self.leader
-                        .store(node, std::sync::atomic::Ordering::Relaxed);
-                    return Ok(r);
-                }
-                Err(e) => {
-                    self.conns.lock().await.remove(&node);
-                    self.leader.store(0, std::sync::atomic::Ordering::Relaxed);
-                    last_error = format!("{}: {e}", node_name(node));
+                Attempt::Failed(e) => {
+                    self.inner
+                        .leader
+                        .store(0, std::sync::atomic::Ordering::Relaxed);
+                    last_error = e;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
