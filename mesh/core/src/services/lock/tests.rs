@@ -1,0 +1,322 @@
+//! Model tests of the lock table: one command in, the exact reply and events out.
+
+use super::*;
+
+struct Table {
+    t: LockTable,
+    index: LogIndex,
+    now: u64,
+}
+
+impl Table {
+    fn new() -> Self {
+        Self {
+            t: LockTable::default(),
+            index: 0,
+            now: 1_000,
+        }
+    }
+
+    fn apply(&mut self, cmd: LockCommand) -> (LockReply, Vec<LockEvent>) {
+        self.index += 1;
+        self.t.apply(self.index, self.now, cmd)
+    }
+
+    fn acquire(&mut self, key: &str, client: &str, mode: Mode, wait_ms: u64) -> LockReply {
+        let cmd = LockCommand::Acquire {
+            key: key.into(),
+            client: client.into(),
+            mode,
+            ttl_ms: 10_000,
+            wait_ms,
+        };
+        self.apply(cmd).0
+    }
+
+    fn release(&mut self, key: &str, client: &str) -> (LockReply, Vec<LockEvent>) {
+        self.apply(LockCommand::Release {
+            key: key.into(),
+            client: client.into(),
+        })
+    }
+
+    fn tick(&mut self, advance_ms: u64) -> Vec<LockEvent> {
+        self.now += advance_ms;
+        self.apply(LockCommand::Tick).1
+    }
+}
+
+fn granted(r: &LockReply) -> Option<u64> {
+    match r {
+        LockReply::Granted { token, .. } => Some(*token),
+        _ => None,
+    }
+}
+
+fn granted_clients(events: &[LockEvent]) -> Vec<&str> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            LockEvent::Granted { client, .. } => Some(client.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn compatibility_matrix() {
+    for (first, second, compatible) in [
+        (Mode::S, Mode::S, true),
+        (Mode::S, Mode::X, false),
+        (Mode::X, Mode::S, false),
+        (Mode::X, Mode::X, false),
+    ] {
+        let mut t = Table::new();
+        assert!(granted(&t.acquire("A", "c1", first, 0)).is_some());
+        let r = t.acquire("A", "c2", second, 0);
+        assert_eq!(
+            granted(&r).is_some(),
+            compatible,
+            "{first:?} then {second:?}: {r:?}"
+        );
+        if !compatible {
+            assert!(matches!(r, LockReply::Conflict { ref holders } if holders[0].client == "c1"));
+        }
+    }
+}
+
+#[test]
+fn reacquire_is_idempotent_and_x_covers_s() {
+    let mut t = Table::new();
+    let token = granted(&t.acquire("A", "c1", Mode::X, 0));
+    assert_eq!(granted(&t.acquire("A", "c1", Mode::X, 0)), token);
+    assert_eq!(granted(&t.acquire("A", "c1", Mode::S, 0)), token);
+}
+
+#[test]
+fn sole_shared_holder_upgrades_others_must_wait() {
+    let mut t = Table::new();
+    t.acquire("A", "c1", Mode::S, 0);
+    let up = granted(&t.acquire("A", "c1", Mode::X, 0)).expect("sole holder upgrades");
+    assert_eq!(t.t.view("A").mode, Some(Mode::X));
+    assert!(up > 1, "the upgrade gets a fresh token");
+    let mut t = Table::new();
+    t.acquire("A", "c1", Mode::S, 0);
+    t.acquire("A", "c2", Mode::S, 0);
+    assert!(matches!(
+        t.acquire("A", "c1", Mode::X, 0),
+        LockReply::Conflict { .. }
+    ));
+}
+
+#[test]
+fn waiters_are_served_fifo_without_barging() {
+    let mut t = Table::new();
+    t.acquire("A", "holder", Mode::S, 0);
+    assert_eq!(t.acquire("A", "w1", Mode::X, 5_000), LockReply::Queued);
+    // A later S request is compatible with the S holder but must not pass the waiting X.
+    assert_eq!(t.acquire("A", "w2", Mode::S, 5_000), LockReply::Queued);
+    assert_eq!(t.acquire("A", "w3", Mode::S, 5_000), LockReply::Queued);
+    let (_, events) = t.release("A", "holder");
+    assert_eq!(granted_clients(&events), vec!["w1"]);
+    let (_, events) = t.release("A", "w1");
+    assert_eq!(
+        granted_clients(&events),
+        vec!["w2", "w3"],
+        "consecutive S waiters go together"
+    );
+}
+
+#[test]
+fn release_hands_over_in_the_same_apply_with_a_larger_token() {
+    let mut t = Table::new();
+    let first = granted(&t.acquire("A", "c1", Mode::X, 0)).expect("granted");
+    t.acquire("A", "c2", Mode::X, 5_000);
+    let (reply, events) = t.release("A", "c1");
+    assert_eq!(reply, LockReply::Released);
+    match &events[..] {
+        [LockEvent::Granted { client, token, .. }] => {
+            assert_eq!(client, "c2");
+            assert!(*token > first, "fencing tokens increase");
+        }
+        other => panic!("expected one grant, got {other:?}"),
+    }
+}
+
+#[test]
+fn fencing_tokens_increase_strictly_per_key() {
+    let mut t = Table::new();
+    let mut last = 0;
+    for i in 0..20 {
+        let client = format!("c{i}");
+        let token = granted(&t.acquire("A", &client, Mode::X, 0)).expect("free lock");
+        assert!(token > last);
+        last = token;
+        t.release("A", &client);
+    }
+}
+
+#[test]
+fn waits_time_out_by_leader_time() {
+    let mut t = Table::new();
+    t.acquire("A", "c1", Mode::X, 0);
+    assert_eq!(t.acquire("A", "c2", Mode::X, 500), LockReply::Queued);
+    assert!(t.tick(499).is_empty());
+    let events = t.tick(1);
+    assert!(
+        matches!(&events[..], [LockEvent::TimedOut { client, holders, .. }] if client == "c2" && holders[0].client == "c1")
+    );
+    assert!(t.t.view("A").waiters.is_empty());
+}
+
+#[test]
+fn expired_lease_releases_and_wakes_the_next_waiter() {
+    let mut t = Table::new();
+    t.apply(LockCommand::Acquire {
+        key: "A".into(),
+        client: "c1".into(),
+        mode: Mode::X,
+        ttl_ms: 1_000,
+        wait_ms: 0,
+    });
+    t.acquire("A", "c2", Mode::X, 60_000);
+    assert!(t.tick(999).is_empty(), "not yet");
+    let events = t.tick(1);
+    assert!(matches!(&events[0], LockEvent::Expired { client, .. } if client == "c1"));
+    assert_eq!(granted_clients(&events), vec!["c2"]);
+}
+
+#[test]
+fn renew_extends_every_lease_of_a_client() {
+    let mut t = Table::new();
+    for key in ["A", "B"] {
+        t.apply(LockCommand::Acquire {
+            key: key.into(),
+            client: "c1".into(),
+            mode: Mode::X,
+            ttl_ms: 1_000,
+            wait_ms: 0,
+        });
+    }
+    t.now += 800;
+    assert_eq!(
+        t.apply(LockCommand::Renew {
+            client: "c1".into()
+        })
+        .0,
+        LockReply::Renewed { locks: 2 }
+    );
+    assert!(t.tick(800).is_empty(), "renewed at 800 for another 1000");
+    assert_eq!(t.tick(200).len(), 2, "both expire at 1800");
+}
+
+#[test]
+fn time_never_runs_backwards() {
+    let mut t = Table::new();
+    t.apply(LockCommand::Acquire {
+        key: "A".into(),
+        client: "c1".into(),
+        mode: Mode::X,
+        ttl_ms: 1_000,
+        wait_ms: 0,
+    });
+    t.now += 5_000;
+    t.apply(LockCommand::Tick);
+    // A new leader whose clock is behind must not resurrect anything.
+    t.now -= 4_000;
+    t.apply(LockCommand::Tick);
+    assert_eq!(t.t.now_ms(), 6_000);
+    assert!(t.t.view("A").holders.is_empty());
+}
+
+#[test]
+fn two_client_deadlock_is_refused_naming_the_cycle() {
+    let mut t = Table::new();
+    t.acquire("A", "c1", Mode::X, 0);
+    t.acquire("B", "c2", Mode::X, 0);
+    assert_eq!(t.acquire("B", "c1", Mode::X, 5_000), LockReply::Queued);
+    match t.acquire("A", "c2", Mode::X, 5_000) {
+        LockReply::Deadlock { cycle } => assert_eq!(cycle, vec!["c2", "c1", "c2"]),
+        other => panic!("expected deadlock, got {other:?}"),
+    }
+    assert_eq!(t.t.deadlocks(), 1);
+    assert!(
+        t.t.view("A").waiters.is_empty(),
+        "the refused request does not wait"
+    );
+}
+
+#[test]
+fn three_client_deadlock_is_refused_naming_the_cycle() {
+    let mut t = Table::new();
+    for (key, client) in [("A", "c1"), ("B", "c2"), ("C", "c3")] {
+        t.acquire(key, client, Mode::X, 0);
+    }
+    assert_eq!(t.acquire("B", "c1", Mode::X, 5_000), LockReply::Queued);
+    assert_eq!(t.acquire("C", "c2", Mode::X, 5_000), LockReply::Queued);
+    match t.acquire("A", "c3", Mode::X, 5_000) {
+        LockReply::Deadlock { cycle } => assert_eq!(cycle, vec!["c3", "c1", "c2", "c3"]),
+        other => panic!("expected deadlock, got {other:?}"),
+    }
+}
+
+#[test]
+fn shared_upgrades_by_two_holders_deadlock() {
+    let mut t = Table::new();
+    t.acquire("A", "c1", Mode::S, 0);
+    t.acquire("A", "c2", Mode::S, 0);
+    assert_eq!(t.acquire("A", "c1", Mode::X, 5_000), LockReply::Queued);
+    assert!(matches!(
+        t.acquire("A", "c2", Mode::X, 5_000),
+        LockReply::Deadlock { .. }
+    ));
+}
+
+#[test]
+fn release_of_a_lock_not_held_names_the_holders() {
+    let mut t = Table::new();
+    assert_eq!(
+        t.release("A", "c1").0,
+        LockReply::NotHeld { holders: vec![] }
+    );
+    t.acquire("A", "c2", Mode::X, 0);
+    assert!(
+        matches!(t.release("A", "c1").0, LockReply::NotHeld { ref holders } if holders[0].client == "c2")
+    );
+}
+
+#[test]
+fn invalid_input_is_refused() {
+    let mut t = Table::new();
+    assert!(matches!(
+        t.acquire("", "c1", Mode::X, 0),
+        LockReply::Invalid(_)
+    ));
+    assert!(matches!(
+        t.acquire(&"k".repeat(MAX_KEY_BYTES + 1), "c1", Mode::X, 0),
+        LockReply::Invalid(_)
+    ));
+    assert!(matches!(
+        t.acquire("A", "", Mode::X, 0),
+        LockReply::Invalid(_)
+    ));
+}
+
+#[test]
+fn state_survives_a_snapshot() {
+    let mut t = Table::new();
+    t.acquire("A", "c1", Mode::X, 0);
+    t.acquire("A", "c2", Mode::S, 5_000);
+    let bytes = postcard::to_stdvec(&t.t).expect("encode");
+    let mut restored: LockTable = postcard::from_bytes(&bytes).expect("decode");
+    assert_eq!(restored, t.t);
+    let (_, events) = restored.apply(
+        100,
+        t.now,
+        LockCommand::Release {
+            key: "A".into(),
+            client: "c1".into(),
+        },
+    );
+    assert_eq!(granted_clients(&events), vec!["c2"]);
+}
