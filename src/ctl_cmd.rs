@@ -5,6 +5,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use certs::TlsMaterial;
 use clap::{Args, Subcommand};
 use mesh_core::raft::NodeId;
+use mesh_core::services::envelope::{Command, Envelope, Query, QueryReply, Reply};
 use mesh_core::services::register::{RegisterCommand, RegisterQuery, RegisterReply};
 use mesh_core::wire::{parse_node_name, ClientRequest, ClientResponse};
 use mesh_node::transport::MeshClient;
@@ -79,15 +80,27 @@ pub(crate) fn run(args: CtlArgs) -> Result<()> {
     let tls = TlsMaterial::load(&args.certs_dir, &args.cert)?;
     let request = match &args.command {
         CtlCommand::Put { key, value } => {
-            ClientRequest::Propose(postcard::to_stdvec(&RegisterCommand::Put {
+            let put = RegisterCommand::Put {
                 key: key.as_bytes().to_vec(),
                 value: value.as_bytes().to_vec(),
-            })?)
+            };
+            let envelope = Envelope {
+                session: 0,
+                seq: 0,
+                now_ms: 0,
+                command: Command::Register(put),
+            };
+            ClientRequest::Propose(postcard::to_stdvec(&envelope)?)
         }
-        CtlCommand::Get { key } => ClientRequest::Read(postcard::to_stdvec(&RegisterQuery::Get {
-            key: key.as_bytes().to_vec(),
-        })?),
-        CtlCommand::Stats => ClientRequest::Read(postcard::to_stdvec(&RegisterQuery::Stats)?),
+        CtlCommand::Get { key } => {
+            let query = Query::Register(RegisterQuery::Get {
+                key: key.as_bytes().to_vec(),
+            });
+            ClientRequest::Read(postcard::to_stdvec(&query)?)
+        }
+        CtlCommand::Stats => {
+            ClientRequest::Read(postcard::to_stdvec(&Query::Register(RegisterQuery::Stats))?)
+        }
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -98,13 +111,19 @@ pub(crate) fn run(args: CtlArgs) -> Result<()> {
             .call(&request, Duration::from_secs(args.timeout_secs))
             .await
     })?;
-    let (index, bytes) = match response {
-        ClientResponse::Applied { index, result } => (Some(index), result),
-        ClientResponse::Read(bytes) => (None, bytes),
+    let (index, reply) = match response {
+        ClientResponse::Applied { index, result } => match postcard::from_bytes::<Reply>(&result) {
+            Ok(Reply::Register(r)) => (Some(index), r),
+            other => bail!("unexpected reply {other:?}"),
+        },
+        ClientResponse::Read(bytes) => match postcard::from_bytes::<QueryReply>(&bytes) {
+            Ok(QueryReply::Register(r)) => (None, r),
+            other => bail!("unexpected reply {other:?}"),
+        },
         ClientResponse::Error { message, .. } => bail!("{message}"),
         ClientResponse::NotLeader { .. } => bail!("no leader answered"),
+        ClientResponse::Status(_) => bail!("unexpected status reply"),
     };
-    let reply: RegisterReply = postcard::from_bytes(&bytes).context("decode the reply")?;
     match (reply, index) {
         (RegisterReply::Written { .. }, Some(index)) => println!("ok index={index}"),
         (RegisterReply::Value(Some(v)), _) => println!("{}", String::from_utf8_lossy(&v)),

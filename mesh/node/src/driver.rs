@@ -15,9 +15,10 @@ use crate::transport::{ClientCall, Transport};
 use mesh_core::raft::{
     EntryPayload, LogIndex, Message, MessageBody, NodeId, ProposeError, Raft, Role, Term,
 };
-use mesh_core::services::register::Register;
+use mesh_core::services::envelope::{Command, Envelope, Reply, Services};
+use mesh_core::services::lock::{LockCommand, LockEvent, LockReply};
 use mesh_core::services::StateMachine;
-use mesh_core::wire::{node_name, ClientRequest, ClientResponse};
+use mesh_core::wire::{node_name, ClientRequest, ClientResponse, NodeStatus};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -27,6 +28,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 const MAX_PENDING: usize = 100_000;
 /// A call still unanswered after this is answered with a retryable error.
 const PENDING_TIMEOUT: Duration = Duration::from_secs(10);
+/// A queued lock acquire is abandoned after this (the gateway caps waits well below it).
+const LOCK_WAIT_LIMIT: Duration = Duration::from_secs(120);
 /// Inputs handled per wake-up before executing a Ready.
 const INPUT_BATCH: usize = 1024;
 
@@ -48,13 +51,19 @@ pub enum DriverError {
 pub struct Driver {
     raft: Raft,
     log: Option<FileLog>,
-    sm: Register,
+    sm: Services,
     transport: Transport,
     metrics: NodeMetrics,
     health: watch::Sender<Health>,
     tick: Duration,
     snapshot_every: u64,
-    proposals: BTreeMap<LogIndex, (Term, oneshot::Sender<ClientResponse>, Instant)>,
+    proposals: BTreeMap<LogIndex, Proposal>,
+    /// Lock acquires that were queued, by (client, key), until granted or timed out.
+    lock_waits: BTreeMap<(String, String), Vec<Waiting>>,
+    /// The last leader time stamped into a proposal (stamps never go backwards).
+    last_stamp_ms: u64,
+    /// When this node last proposed a lock Tick.
+    last_tick_proposal: Option<Instant>,
     reads: BTreeMap<u64, (Vec<u8>, oneshot::Sender<ClientResponse>, Instant)>,
     read_ready: Vec<(LogIndex, u64)>,
     next_read: u64,
@@ -68,8 +77,8 @@ pub struct DriverParts {
     pub raft: Raft,
     /// The log it was restored from.
     pub log: FileLog,
-    /// The service, restored from the snapshot.
-    pub sm: Register,
+    /// The services, restored from the snapshot.
+    pub sm: Services,
     /// The started transport.
     pub transport: Transport,
     /// Metrics.
@@ -80,6 +89,31 @@ pub struct DriverParts {
     pub tick: Duration,
     /// Applied entries between snapshots.
     pub snapshot_every: u64,
+}
+
+/// A queued lock acquire's caller and when it asked.
+type Waiting = (oneshot::Sender<ClientResponse>, Instant);
+
+/// A client's proposal waiting for its entry to apply.
+struct Proposal {
+    term: Term,
+    reply: oneshot::Sender<ClientResponse>,
+    started: Instant,
+    /// For a lock acquire that may queue: (client, key).
+    waits_for: Option<(String, String)>,
+}
+
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn applied(index: LogIndex, reply: &Reply) -> ClientResponse {
+    ClientResponse::Applied {
+        index,
+        result: postcard::to_stdvec(reply).unwrap_or_default(),
+    }
 }
 
 fn rpc_op(body: &MessageBody) -> Option<(&'static str, bool)> {
@@ -111,6 +145,9 @@ impl Driver {
             tick: p.tick,
             snapshot_every: p.snapshot_every,
             proposals: BTreeMap::new(),
+            lock_waits: BTreeMap::new(),
+            last_stamp_ms: 0,
+            last_tick_proposal: None,
             reads: BTreeMap::new(),
             read_ready: Vec::new(),
             next_read: 0,
@@ -141,6 +178,7 @@ impl Driver {
                 _ = ticker.tick() => {
                     self.raft.tick();
                     self.expire_pending();
+                    self.maybe_tick_locks();
                 }
                 Some(m) = raft_rx.recv() => {
                     self.on_message(m);
@@ -207,19 +245,7 @@ impl Driver {
             return;
         }
         match request {
-            ClientRequest::Propose(data) => match self.raft.propose(data) {
-                Ok(index) => {
-                    let term = self.raft.term();
-                    if let Some((_, old, _)) =
-                        self.proposals.insert(index, (term, reply, Instant::now()))
-                    {
-                        let _ = old.send(lost());
-                    }
-                }
-                Err(e) => {
-                    let _ = reply.send(refusal(e));
-                }
-            },
+            ClientRequest::Propose(data) => self.propose_envelope(&data, reply),
             ClientRequest::Read(query) => {
                 self.next_read += 1;
                 let id = self.next_read;
@@ -232,6 +258,95 @@ impl Driver {
                     }
                 }
             }
+            ClientRequest::Status => {
+                let st = self.raft.status();
+                let _ = reply.send(ClientResponse::Status(NodeStatus {
+                    id: st.id,
+                    role: st.role.code(),
+                    term: st.term,
+                    leader: st.leader,
+                    commit: st.commit,
+                    applied: st.applied,
+                }));
+            }
+        }
+    }
+
+    /// The leader's clock for a new proposal: wall time, never behind the last stamp.
+    fn stamp(&mut self) -> u64 {
+        self.last_stamp_ms = self.last_stamp_ms.max(wall_clock_ms());
+        self.last_stamp_ms
+    }
+
+    /// Stamp the leader's time into a client's envelope and propose it.
+    fn propose_envelope(&mut self, data: &[u8], reply: oneshot::Sender<ClientResponse>) {
+        let Ok(mut envelope) = postcard::from_bytes::<Envelope>(data) else {
+            let _ = reply.send(ClientResponse::Error {
+                message: "malformed command".into(),
+                retry: false,
+            });
+            return;
+        };
+        envelope.now_ms = self.stamp();
+        let waits_for = match &envelope.command {
+            Command::Lock(LockCommand::Acquire {
+                key,
+                client,
+                wait_ms,
+                ..
+            }) if *wait_ms > 0 => Some((client.clone(), key.clone())),
+            _ => None,
+        };
+        let bytes = postcard::to_stdvec(&envelope).unwrap_or_default();
+        match self.raft.propose(bytes) {
+            Ok(index) => {
+                let term = self.raft.term();
+                let proposal = Proposal {
+                    term,
+                    reply,
+                    started: Instant::now(),
+                    waits_for,
+                };
+                if let Some(old) = self.proposals.insert(index, proposal) {
+                    let _ = old.reply.send(lost());
+                }
+            }
+            Err(e) => {
+                let _ = reply.send(refusal(e));
+            }
+        }
+    }
+
+    /// When a lease or wait deadline has passed, the leader proposes a Tick so the lock
+    /// table expires it even without other traffic (at most every 10 ms).
+    fn maybe_tick_locks(&mut self) {
+        if self.raft.role() != Role::Leader {
+            return;
+        }
+        let Some(deadline) = self.sm.locks().next_deadline_ms() else {
+            return;
+        };
+        if self
+            .last_tick_proposal
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(10))
+        {
+            return;
+        }
+        if wall_clock_ms() < deadline {
+            return;
+        }
+        let envelope = Envelope {
+            session: 0,
+            seq: 0,
+            now_ms: self.stamp(),
+            command: Command::Lock(LockCommand::Tick),
+        };
+        if self
+            .raft
+            .propose(postcard::to_stdvec(&envelope).unwrap_or_default())
+            .is_ok()
+        {
+            self.last_tick_proposal = Some(Instant::now());
         }
     }
 
@@ -262,32 +377,12 @@ impl Driver {
                     "installed snapshot from the leader"
                 );
                 let later = self.proposals.split_off(&(s.meta.index + 1));
-                for (_, (_, reply, _)) in std::mem::replace(&mut self.proposals, later) {
-                    let _ = reply.send(lost());
+                for (_, p) in std::mem::replace(&mut self.proposals, later) {
+                    let _ = p.reply.send(lost());
                 }
             }
             for e in rd.committed_entries {
-                let reply = match &e.payload {
-                    EntryPayload::Command(data) => Some(self.sm.apply_bytes(e.index, data)),
-                    EntryPayload::Noop | EntryPayload::Config(_) => {
-                        self.sm.skip(e.index);
-                        None
-                    }
-                };
-                if let Some((term, tx, started)) = self.proposals.remove(&e.index) {
-                    let answer = match reply {
-                        Some(r) if term == e.term => {
-                            self.metrics
-                                .observe_rpc("propose", started.elapsed().as_secs_f64());
-                            ClientResponse::Applied {
-                                index: e.index,
-                                result: postcard::to_stdvec(&r).unwrap_or_default(),
-                            }
-                        }
-                        _ => lost(),
-                    };
-                    let _ = tx.send(answer);
-                }
+                self.apply_entry(&e);
             }
             for rs in rd.read_states {
                 if let Ok(bytes) = <[u8; 8]>::try_from(rs.ctx.as_slice()) {
@@ -299,6 +394,93 @@ impl Driver {
             self.maybe_compact().await?;
         }
         Ok(())
+    }
+
+    fn apply_entry(&mut self, e: &mesh_core::raft::Entry) {
+        let (reply, events) = match &e.payload {
+            EntryPayload::Command(data) => {
+                let (reply, events) = self.sm.apply_bytes(e.index, data);
+                (Some(reply), events)
+            }
+            EntryPayload::Noop | EntryPayload::Config(_) => {
+                self.sm.skip(e.index);
+                (None, Vec::new())
+            }
+        };
+        if let Some(p) = self.proposals.remove(&e.index) {
+            match reply {
+                Some(r) if p.term == e.term => {
+                    self.metrics
+                        .observe_rpc("propose", p.started.elapsed().as_secs_f64());
+                    self.answer(e.index, r, p);
+                }
+                _ => {
+                    let _ = p.reply.send(lost());
+                }
+            }
+        }
+        for event in events {
+            self.on_lock_event(e.index, event);
+        }
+    }
+
+    /// Answer a proposal; a queued lock acquire waits for its grant instead.
+    fn answer(&mut self, index: LogIndex, reply: Reply, p: Proposal) {
+        let (Reply::Lock(LockReply::Queued), Some((client, key))) = (&reply, p.waits_for) else {
+            let _ = p.reply.send(applied(index, &reply));
+            return;
+        };
+        // A retried acquire may answer "queued" from the session cache after the grant
+        // already happened: then it holds the lock now.
+        if let Some(h) = self
+            .sm
+            .locks()
+            .view(&key)
+            .holders
+            .into_iter()
+            .find(|h| h.client == client)
+        {
+            let granted = Reply::Lock(LockReply::Granted {
+                token: h.token,
+                mode: h.mode,
+                expires_ms: h.expires_ms,
+            });
+            let _ = p.reply.send(applied(index, &granted));
+            return;
+        }
+        self.lock_waits
+            .entry((client, key))
+            .or_default()
+            .push((p.reply, p.started));
+    }
+
+    fn on_lock_event(&mut self, index: LogIndex, event: LockEvent) {
+        let (client, key, reply) = match event {
+            LockEvent::Granted {
+                key,
+                client,
+                token,
+                mode,
+                expires_ms,
+            } => (
+                client,
+                key,
+                LockReply::Granted {
+                    token,
+                    mode,
+                    expires_ms,
+                },
+            ),
+            LockEvent::TimedOut {
+                key,
+                client,
+                holders,
+            } => (client, key, LockReply::TimedOut { holders }),
+            LockEvent::Expired { .. } => return,
+        };
+        for (tx, _) in self.lock_waits.remove(&(client, key)).unwrap_or_default() {
+            let _ = tx.send(applied(index, &Reply::Lock(reply.clone())));
+        }
     }
 
     async fn persist(
@@ -361,14 +543,20 @@ impl Driver {
         let stale: Vec<LogIndex> = self
             .proposals
             .iter()
-            .filter(|(_, p)| expired(&p.2))
+            .filter(|(_, p)| expired(&p.started))
             .map(|(i, _)| *i)
             .collect();
         for i in stale {
-            if let Some((_, tx, _)) = self.proposals.remove(&i) {
-                let _ = tx.send(lost());
+            if let Some(p) = self.proposals.remove(&i) {
+                let _ = p.reply.send(lost());
             }
         }
+        // Lock waits end by their own deadline in the table; this only drops waits whose
+        // caller went away or that outlived any deadline the gateway allows.
+        self.lock_waits.retain(|_, waits| {
+            waits.retain(|(tx, started)| !tx.is_closed() && started.elapsed() < LOCK_WAIT_LIMIT);
+            !waits.is_empty()
+        });
         let stale: Vec<u64> = self
             .reads
             .iter()

@@ -7,7 +7,7 @@ use crate::storage::{FileLog, WalOptions};
 use crate::transport::{Transport, TransportConfig, TransportError};
 use certs::TlsMaterial;
 use mesh_core::raft::{Config, Membership, NodeId, Raft};
-use mesh_core::services::register::Register;
+use mesh_core::services::envelope::Services;
 use mesh_core::services::StateMachine;
 use mesh_core::wire::{node_name, MAX_FRAME_BYTES};
 use std::collections::BTreeMap;
@@ -86,7 +86,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         snapshot = recovered.snapshot.as_ref().map_or(0, |s| s.meta.index),
         "recovered storage"
     );
-    let mut sm = Register::default();
+    let mut sm = Services::default();
     if let Some(s) = &recovered.snapshot {
         sm.restore(&s.data)
             .map_err(|e| NodeError::Snapshot(e.to_string()))?;

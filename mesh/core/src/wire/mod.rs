@@ -41,6 +41,25 @@ pub enum ClientRequest {
     Propose(Vec<u8>),
     /// A linearizable read of the state machine (a query it understands).
     Read(Vec<u8>),
+    /// The node's own view: role, term, leader, commit (not linearizable).
+    Status,
+}
+
+/// A node's view of the cluster, answered to [`ClientRequest::Status`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node.
+    pub id: NodeId,
+    /// 0 follower, 1 candidate, 2 leader.
+    pub role: u8,
+    /// Current term.
+    pub term: u64,
+    /// Known leader.
+    pub leader: Option<NodeId>,
+    /// Commit index.
+    pub commit: LogIndex,
+    /// Applied index.
+    pub applied: LogIndex,
 }
 
 /// A node's answer to a client.
@@ -67,6 +86,8 @@ pub enum ClientResponse {
         /// Whether a retry may succeed.
         retry: bool,
     },
+    /// The node's status.
+    Status(NodeStatus),
 }
 
 /// Why bytes are not a frame.

@@ -37,8 +37,9 @@ const LINK_QUEUE: usize = 4096;
 const CODE_IDENTITY: u32 = 1;
 const CODE_MALFORMED: u32 = 2;
 const CODE_UNEXPECTED: u32 = 3;
-/// How long a client call may wait for the node's answer.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client call may wait for the node's answer (a lock acquire may wait in
+/// its queue; the gateway caps `wait_ms` below this).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A client call handed to the node: the request and where to answer.
 pub type ClientCall = (ClientRequest, oneshot::Sender<ClientResponse>);

@@ -130,6 +130,12 @@ pub enum LockReply {
     Invalid(String),
     /// Too many waiters on the key.
     Busy,
+    /// A queued request gave up waiting (answered by the node from a
+    /// [`LockEvent::TimedOut`]).
+    TimedOut {
+        /// Holders at the time.
+        holders: Vec<Holder>,
+    },
 }
 
 /// Something that happened to a waiter or holder as a side effect of a command.
@@ -291,9 +297,10 @@ impl LockTable {
         self.deadlocks
     }
 
-    /// Whether anything can expire (the leader then ticks the table regularly).
-    pub fn has_deadlines(&self) -> bool {
-        !self.keys.is_empty()
+    /// The earliest lease end or wait deadline still pending: when it passes, the leader
+    /// proposes a `Tick` so that expiry happens even without other traffic.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.deadlines.first().map(|(t, _)| *t)
     }
 
     /// State of one key.
