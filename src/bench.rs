@@ -208,6 +208,7 @@ fn bench_failover(args: &FailoverArgs) -> Result<()> {
         dir: args.dir.clone(),
         quic_port: args.quic_port,
         admin_port: args.admin_port,
+        gateway_port: 0,
         wait_secs: 30,
     })?;
     let (_, first_term, _) = wait_agreed(&cluster, Duration::from_secs(30))?;

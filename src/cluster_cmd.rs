@@ -27,6 +27,9 @@ pub(crate) struct ClusterArgs {
     /// Admin HTTP port of node1 (node i gets base + i - 1).
     #[arg(long, default_value_t = 9001)]
     pub(crate) admin_port: u16,
+    /// HTTP port of the gateway (0: no gateway).
+    #[arg(long, default_value_t = 8000)]
+    pub(crate) gateway_port: u16,
     /// Seconds to wait for a leader before giving up.
     #[arg(long, default_value_t = 30)]
     pub(crate) wait_secs: u64,
@@ -36,6 +39,7 @@ pub(crate) struct ClusterArgs {
 pub(crate) struct LocalCluster {
     args: ClusterArgs,
     children: Vec<Option<Child>>,
+    gateway: Option<Child>,
 }
 
 fn addr(port: u16) -> SocketAddr {
@@ -62,9 +66,13 @@ impl LocalCluster {
         let mut cluster = Self {
             children: (0..args.nodes).map(|_| None).collect(),
             args,
+            gateway: None,
         };
         for i in 0..cluster.args.nodes as usize {
             cluster.start_node(i)?;
+        }
+        if cluster.args.gateway_port != 0 {
+            cluster.start_gateway()?;
         }
         Ok(cluster)
     }
@@ -116,6 +124,36 @@ impl LocalCluster {
         Ok(())
     }
 
+    fn start_gateway(&mut self) -> Result<()> {
+        let exe = std::env::current_exe().context("locate the syncmesh binary")?;
+        let nodes: Vec<String> = (0..self.len())
+            .map(|j| format!("{}={}", Self::name(j), self.quic(j)))
+            .collect();
+        let log_path = self.args.dir.join("gateway.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("open {}", log_path.display()))?;
+        let child = Command::new(exe)
+            .args([
+                "gateway",
+                "--listen",
+                &addr(self.args.gateway_port).to_string(),
+                "--nodes",
+                &nodes.join(","),
+            ])
+            .arg("--certs-dir")
+            .arg(self.args.dir.join("certs"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start the gateway")?;
+        self.gateway = Some(child);
+        Ok(())
+    }
+
     /// kill -9 node `i`.
     pub(crate) fn kill9(&mut self, i: usize) {
         if let Some(mut c) = self.children[i].take() {
@@ -162,6 +200,12 @@ impl LocalCluster {
 
     /// A child that exited on its own, as an error naming its log.
     pub(crate) fn check_children(&mut self) -> Result<()> {
+        if let Some(Ok(Some(status))) = self.gateway.as_mut().map(Child::try_wait) {
+            bail!(
+                "the gateway exited ({status}); see {}",
+                self.args.dir.join("gateway.log").display()
+            );
+        }
         for i in 0..self.len() {
             if let Some(Ok(Some(status))) = self.children[i].as_mut().map(Child::try_wait) {
                 bail!(
@@ -176,6 +220,10 @@ impl LocalCluster {
 
     /// SIGTERM every node (a leader hands over), then SIGKILL what is left after 5 s.
     pub(crate) fn stop_all(&mut self) {
+        if let Some(mut gw) = self.gateway.take() {
+            let _ = gw.kill();
+            let _ = gw.wait();
+        }
         for child in self.children.iter().flatten() {
             if let Ok(pid) = i32::try_from(child.id()) {
                 // SAFETY: kill(2) on a process we spawned, with a valid signal number.
@@ -209,6 +257,13 @@ impl LocalCluster {
                 self.quic(i),
                 self.admin(i),
                 self.log_path(i).display()
+            );
+        }
+        if self.args.gateway_port != 0 {
+            println!(
+                "  gateway http://{}  log {}",
+                addr(self.args.gateway_port),
+                self.args.dir.join("gateway.log").display()
             );
         }
         println!(

@@ -4,6 +4,7 @@ mod bench;
 mod certs_cmd;
 mod cluster_cmd;
 mod ctl_cmd;
+mod gateway_cmd;
 mod http_get;
 mod node_cmd;
 
@@ -22,7 +23,9 @@ struct Cli {
 enum Command {
     /// Run one node.
     Node(node_cmd::NodeArgs),
-    /// Run a local cluster (certificates, nodes) until Ctrl-C.
+    /// Run the HTTP/JSON gateway.
+    Gateway(gateway_cmd::GatewayArgs),
+    /// Run a local cluster (certificates, nodes, gateway) until Ctrl-C.
     Cluster(cluster_cmd::ClusterArgs),
     /// Call the cluster: put, get, stats.
     Ctl(ctl_cmd::CtlArgs),
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Node(args) => node_cmd::run(args),
+        Command::Gateway(args) => gateway_cmd::run(args),
         Command::Cluster(args) => cluster_cmd::run(args),
         Command::Ctl(args) => ctl_cmd::run(args),
         Command::Certs(cmd) => certs_cmd::run(cmd),

@@ -1,4 +1,277 @@
-//! The HTTP/JSON gateway: translates DESIGN.md section 4 into mesh calls.
+//! The HTTP/JSON gateway: DESIGN.md section 4 over the mesh.
 //!
-//! Empty until the gateway issue lands; the crate exists so the workspace has its final
-//! shape from the start.
+//! ```text
+//!  HTTP JSON ──> parse + validate (400/413) ──> Envelope{session, seq} ──> MeshClient
+//!                                                   (mTLS QUIC, follows the leader)
+//!  HTTP JSON <── ApiError / reply mapping  <────────── committed + applied reply
+//! ```
+//! It keeps no state of its own beyond a session id and a sequence counter, so any number
+//! of gateways can run. A call retried after a leader change carries the same sequence
+//! number; the services answer a duplicate with the first reply, so nothing is applied
+//! twice.
+
+mod error;
+mod locks;
+
+pub use error::ApiError;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use certs::TlsMaterial;
+use mesh_core::raft::NodeId;
+use mesh_core::wire::{node_name, ClientRequest, ClientResponse};
+use mesh_node::transport::MeshClient;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Default request body limit.
+pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+
+/// Settings of a gateway.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// HTTP address.
+    pub listen: SocketAddr,
+    /// Certificates directory.
+    pub certs_dir: PathBuf,
+    /// Client certificate name (default `gateway`).
+    pub cert: String,
+    /// The nodes and their QUIC addresses.
+    pub nodes: BTreeMap<NodeId, SocketAddr>,
+    /// The node whose view `/health` reports.
+    pub home: NodeId,
+    /// Request body limit in bytes.
+    pub max_body: usize,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// Certificates.
+    #[error("certificates: {0}")]
+    Cert(#[from] certs::CertError),
+    /// The mesh client.
+    #[error("mesh client: {0}")]
+    Client(#[from] mesh_node::transport::CallError),
+    /// HTTP listener.
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Metrics registry.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Shared by every handler.
+pub(crate) struct AppState {
+    pub(crate) client: MeshClient,
+    home: NodeId,
+    session: u64,
+    seq: AtomicU64,
+    max_body: usize,
+    registry: prometheus::Registry,
+    http_duration: prometheus::HistogramVec,
+}
+
+impl AppState {
+    /// The next sequence number of this gateway's session.
+    pub(crate) fn next_seq(&self) -> (u64, u64) {
+        (self.session, self.seq.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Read and parse a JSON body, with the errors of DESIGN.md section 4.
+    pub(crate) async fn json<T: DeserializeOwned>(&self, body: Body) -> Result<T, ApiError> {
+        let bytes = axum::body::to_bytes(body, self.max_body)
+            .await
+            .map_err(|_| ApiError::too_large(self.max_body))?;
+        if bytes.is_empty() {
+            return Err(ApiError::bad_request(
+                "malformed_json",
+                "request body is empty; a JSON object is required",
+            ));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => {
+                ApiError::bad_request("invalid_request", e.to_string())
+            }
+            _ => ApiError::bad_request("malformed_json", e.to_string()),
+        })
+    }
+
+    /// Make a call through the mesh, mapping transport failures to 503.
+    pub(crate) async fn call(
+        &self,
+        req: ClientRequest,
+        deadline: Duration,
+    ) -> Result<ClientResponse, ApiError> {
+        match self.client.call(&req, deadline).await {
+            Ok(ClientResponse::Error {
+                message,
+                retry: true,
+            }) => Err(ApiError::unavailable("unavailable", message)),
+            Ok(ClientResponse::Error {
+                message,
+                retry: false,
+            }) => Err(ApiError::internal(message)),
+            Ok(ClientResponse::NotLeader { .. }) => {
+                Err(ApiError::unavailable("no_leader", "no leader is available"))
+            }
+            Ok(r) => Ok(r),
+            Err(e) => Err(ApiError::unavailable("no_leader", e.to_string())),
+        }
+    }
+}
+
+/// Build the router (exposed for tests).
+pub fn router(cfg: &GatewayConfig) -> Result<Router, GatewayError> {
+    let tls = TlsMaterial::load(&cfg.certs_dir, &cfg.cert)?;
+    let client = MeshClient::new(&tls, cfg.nodes.clone())?;
+    let registry = prometheus::Registry::new();
+    let http_duration = prometheus::HistogramVec::new(
+        prometheus::HistogramOpts::new(
+            "http_request_duration_seconds",
+            "HTTP requests by route and status",
+        )
+        .buckets(prometheus::exponential_buckets(0.000_1, 2.0, 18)?),
+        &["route", "status"],
+    )?;
+    registry.register(Box::new(http_duration.clone()))?;
+    let session = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id()).rotate_left(40);
+    let state = Arc::new(AppState {
+        client,
+        home: cfg.home,
+        session: session.max(1),
+        seq: AtomicU64::new(0),
+        max_body: cfg.max_body,
+        registry,
+        http_duration,
+    });
+    Ok(Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .route("/lock/acquire", post(locks::acquire))
+        .route("/lock/release", post(locks::release))
+        .route("/lock/renew", post(locks::renew))
+        .route("/lock/state", get(locks::state))
+        .route("/lock/list", get(locks::list))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state))
+}
+
+/// Serve until `shutdown` resolves.
+pub async fn serve(
+    cfg: GatewayConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    let app = router(&cfg)?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| GatewayError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    tracing::info!(listen = %cfg.listen, home = %node_name(cfg.home), "gateway started");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|source| GatewayError::Listen {
+            addr: cfg.listen,
+            source,
+        })
+}
+
+async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    if let Ok(h) = state
+        .http_duration
+        .get_metric_with_label_values(&[&route, &status])
+    {
+        h.observe(started.elapsed().as_secs_f64());
+    }
+    response
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let status = state
+        .client
+        .call_node(state.home, &ClientRequest::Status)
+        .await;
+    let Ok(ClientResponse::Status(s)) = status else {
+        return Err(ApiError::unavailable(
+            "node_unreachable",
+            format!("{} does not answer", node_name(state.home)),
+        ));
+    };
+    let role_name = match s.role {
+        2 => "leader",
+        1 => "candidate",
+        _ => "follower",
+    };
+    let body = json!({
+        "ok": true,
+        "id": node_name(s.id),
+        "role": s.role,
+        "role_name": role_name,
+        "term": s.term,
+        "leader": s.leader.map(node_name),
+        "commit_index": s.commit,
+        "applied_index": s.applied,
+    });
+    Ok(axum::Json(body).into_response())
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut out = Vec::new();
+    let _ = prometheus::Encoder::encode(
+        &prometheus::TextEncoder::new(),
+        &state.registry.gather(),
+        &mut out,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+async fn openapi() -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        locks::OPENAPI,
+    )
+        .into_response()
+}

@@ -1,0 +1,286 @@
+//! `/lock/*`: acquire, release, renew, state, list.
+
+use crate::{ApiError, AppState};
+use axum::body::Body;
+use axum::extract::{Query as UrlQuery, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use mesh_core::services::envelope::{Command, Envelope, Query, QueryReply, Reply};
+use mesh_core::services::lock::{
+    Holder, KeyView, LockCommand, LockReply, Mode, Waiter, MAX_CLIENT_BYTES, MAX_KEY_BYTES,
+};
+use mesh_core::wire::{ClientRequest, ClientResponse};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest wait a request may ask for.
+pub(crate) const MAX_WAIT_MS: u64 = 60_000;
+/// How long a call may take beyond its own wait (leader changes, retries).
+const CALL_SLACK: Duration = Duration::from_secs(10);
+
+#[derive(Deserialize)]
+pub(crate) struct AcquireBody {
+    key: String,
+    mode: String,
+    client_id: String,
+    ttl_ms: Option<u64>,
+    wait_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ReleaseBody {
+    key: String,
+    client_id: String,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct RenewBody {
+    client_id: String,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct KeyParam {
+    key: Option<String>,
+}
+
+fn check_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_key",
+            "key must not be empty",
+        ));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(ApiError::bad_request(
+            "invalid_key",
+            format!("key is {} bytes; the limit is {MAX_KEY_BYTES}", key.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_client(client: &str) -> Result<(), ApiError> {
+    if client.is_empty() || client.len() > MAX_CLIENT_BYTES {
+        return Err(ApiError::bad_request(
+            "invalid_client_id",
+            format!("client_id must be 1 to {MAX_CLIENT_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::S => "S",
+        Mode::X => "X",
+    }
+}
+
+fn holders_json(holders: &[Holder]) -> Value {
+    holders
+        .iter()
+        .map(|h| json!({"client_id": h.client, "mode": mode_name(h.mode), "token": h.token, "expires_ms": h.expires_ms}))
+        .collect()
+}
+
+fn waiters_json(waiters: &[Waiter]) -> Value {
+    waiters.iter().map(|w| json!({"client_id": w.client, "mode": mode_name(w.mode), "deadline_ms": w.deadline_ms})).collect()
+}
+
+fn view_json(v: &KeyView) -> Value {
+    json!({"key": v.key, "mode": v.mode.map(mode_name), "holders": holders_json(&v.holders), "waiters": waiters_json(&v.waiters)})
+}
+
+/// Propose a lock command and return the lock table's reply.
+async fn propose(
+    state: &AppState,
+    command: LockCommand,
+    deadline: Duration,
+) -> Result<LockReply, ApiError> {
+    let (session, seq) = state.next_seq();
+    let envelope = Envelope {
+        session,
+        seq,
+        now_ms: 0,
+        command: Command::Lock(command),
+    };
+    let bytes = postcard::to_stdvec(&envelope).map_err(|e| ApiError::internal(e.to_string()))?;
+    match state.call(ClientRequest::Propose(bytes), deadline).await? {
+        ClientResponse::Applied { result, .. } => match postcard::from_bytes::<Reply>(&result) {
+            Ok(Reply::Lock(r)) => Ok(r),
+            other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+        },
+        other => Err(ApiError::internal(format!("unexpected response {other:?}"))),
+    }
+}
+
+async fn query(state: &AppState, q: Query) -> Result<QueryReply, ApiError> {
+    let bytes = postcard::to_stdvec(&q).map_err(|e| ApiError::internal(e.to_string()))?;
+    match state.call(ClientRequest::Read(bytes), CALL_SLACK).await? {
+        ClientResponse::Read(bytes) => {
+            postcard::from_bytes(&bytes).map_err(|e| ApiError::internal(e.to_string()))
+        }
+        other => Err(ApiError::internal(format!("unexpected response {other:?}"))),
+    }
+}
+
+/// The refusals every lock reply may be.
+fn refusal(reply: LockReply, key: &str) -> ApiError {
+    match reply {
+        LockReply::Conflict { holders } => ApiError::conflict("conflict", format!("{key} is held"))
+            .with("holders", holders_json(&holders)),
+        LockReply::TimedOut { holders } => {
+            ApiError::conflict("timeout", format!("timed out waiting for {key}"))
+                .with("holders", holders_json(&holders))
+        }
+        LockReply::Deadlock { cycle } => ApiError::conflict(
+            "deadlock",
+            format!("waiting would deadlock: {}", cycle.join(" -> ")),
+        )
+        .with("cycle", json!(cycle)),
+        LockReply::NotHeld { holders } => {
+            ApiError::conflict("not_held", format!("{key} is not held by this client"))
+                .with("holders", holders_json(&holders))
+        }
+        LockReply::Invalid(why) => ApiError::bad_request("invalid_request", why),
+        LockReply::Busy => ApiError::unavailable("busy", format!("too many waiters on {key}")),
+        other => ApiError::internal(format!("unexpected lock reply {other:?}")),
+    }
+}
+
+pub(crate) async fn acquire(
+    State(state): State<Arc<AppState>>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: AcquireBody = state.json(body).await?;
+    check_key(&req.key)?;
+    check_client(&req.client_id)?;
+    let mode = match req.mode.as_str() {
+        "X" | "x" => Mode::X,
+        "S" | "s" => Mode::S,
+        other => {
+            return Err(ApiError::bad_request(
+                "invalid_mode",
+                format!("unknown mode {other:?}: use \"X\" or \"S\""),
+            ))
+        }
+    };
+    let wait_ms = req.wait_ms.unwrap_or(0);
+    if wait_ms > MAX_WAIT_MS {
+        return Err(ApiError::bad_request(
+            "invalid_wait",
+            format!("wait_ms is at most {MAX_WAIT_MS}"),
+        ));
+    }
+    let ttl_ms = req.ttl_ms.unwrap_or(0);
+    let cmd = LockCommand::Acquire {
+        key: req.key.clone(),
+        client: req.client_id,
+        mode,
+        ttl_ms,
+        wait_ms,
+    };
+    match propose(&state, cmd, Duration::from_millis(wait_ms) + CALL_SLACK).await? {
+        LockReply::Granted {
+            token,
+            mode,
+            expires_ms,
+        } => Ok(Json(
+            json!({"ok": true, "token": token, "mode": mode_name(mode), "expires_ms": expires_ms}),
+        )
+        .into_response()),
+        other => Err(refusal(other, &req.key)),
+    }
+}
+
+pub(crate) async fn release(
+    State(state): State<Arc<AppState>>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: ReleaseBody = state.json(body).await?;
+    check_key(&req.key)?;
+    check_client(&req.client_id)?;
+    let cmd = LockCommand::Release {
+        key: req.key.clone(),
+        client: req.client_id,
+    };
+    match propose(&state, cmd, CALL_SLACK).await? {
+        LockReply::Released => Ok(Json(json!({"ok": true})).into_response()),
+        other => Err(refusal(other, &req.key)),
+    }
+}
+
+pub(crate) async fn renew(
+    State(state): State<Arc<AppState>>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: RenewBody = state.json(body).await?;
+    check_client(&req.client_id)?;
+    match propose(
+        &state,
+        LockCommand::Renew {
+            client: req.client_id,
+        },
+        CALL_SLACK,
+    )
+    .await?
+    {
+        LockReply::Renewed { locks } => {
+            Ok(Json(json!({"ok": true, "renewed": locks})).into_response())
+        }
+        other => Err(refusal(other, "")),
+    }
+}
+
+pub(crate) async fn state(
+    State(state): State<Arc<AppState>>,
+    UrlQuery(p): UrlQuery<KeyParam>,
+) -> Result<Response, ApiError> {
+    let key = p
+        .key
+        .ok_or_else(|| ApiError::bad_request("invalid_key", "query parameter key is required"))?;
+    check_key(&key)?;
+    match query(&state, Query::LockState { key }).await? {
+        QueryReply::LockState(view) => {
+            let mut body = view_json(&view);
+            body["ok"] = json!(true);
+            Ok(Json(body).into_response())
+        }
+        other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+    }
+}
+
+pub(crate) async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    match query(&state, Query::LockList { limit: 1000 }).await? {
+        QueryReply::LockList(views) => {
+            let locks: Vec<Value> = views.iter().map(view_json).collect();
+            Ok(Json(json!({"ok": true, "locks": locks})).into_response())
+        }
+        other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// The OpenAPI document of the routes this gateway serves.
+pub(crate) const OPENAPI: &str = r#"{
+  "openapi": "3.0.3",
+  "info": {"title": "syncmesh gateway", "version": "1"},
+  "paths": {
+    "/health": {"get": {"summary": "The home node's view: role, term, leader", "responses": {"200": {"description": "ok"}, "503": {"description": "home node unreachable"}}}},
+    "/lock/acquire": {"post": {"summary": "Take a lock (X or S) with a lease; optionally wait in FIFO order",
+      "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["key", "mode", "client_id"],
+        "properties": {"key": {"type": "string", "minLength": 1, "maxLength": 256}, "mode": {"type": "string", "enum": ["X", "S"]},
+          "client_id": {"type": "string", "minLength": 1, "maxLength": 256}, "ttl_ms": {"type": "integer", "minimum": 0}, "wait_ms": {"type": "integer", "minimum": 0, "maximum": 60000}}}}}},
+      "responses": {"200": {"description": "granted: {ok, token, mode, expires_ms}"}, "400": {"description": "invalid input"}, "409": {"description": "conflict, timeout or deadlock"}, "413": {"description": "body too large"}, "503": {"description": "no leader"}}}},
+    "/lock/release": {"post": {"summary": "Release a lock", "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["key", "client_id"],
+        "properties": {"key": {"type": "string"}, "client_id": {"type": "string"}}}}}},
+      "responses": {"200": {"description": "released"}, "409": {"description": "not held"}}}},
+    "/lock/renew": {"post": {"summary": "Extend every lease of a client", "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["client_id"],
+        "properties": {"client_id": {"type": "string"}}}}}}, "responses": {"200": {"description": "renewed: {ok, renewed}"}}}},
+    "/lock/state": {"get": {"summary": "Holders and waiters of one key (linearizable)", "parameters": [{"name": "key", "in": "query", "required": true, "schema": {"type": "string"}}],
+      "responses": {"200": {"description": "state"}}}},
+    "/lock/list": {"get": {"summary": "Every key held or waited on (linearizable)", "responses": {"200": {"description": "locks"}}}},
+    "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}}
+  }
+}"#;
