@@ -64,6 +64,7 @@ pub(crate) struct TestNode {
 }
 
 pub(crate) struct TestCluster {
+    gateway: Option<(SocketAddr, Child)>,
     pub(crate) dir: TempDir,
     pub(crate) nodes: Vec<TestNode>,
     /// Passed to every node as `--snapshot-every` when set.
@@ -102,6 +103,7 @@ impl TestCluster {
             })
             .collect();
         let mut cluster = Self {
+            gateway: None,
             dir,
             nodes,
             snapshot_every,
@@ -259,6 +261,37 @@ impl TestCluster {
             .expect("run ctl")
     }
 
+    /// Start a gateway in front of the cluster; its HTTP address once it answers.
+    pub(crate) fn start_gateway(&mut self) -> SocketAddr {
+        let listen = free_tcp();
+        let log = std::fs::File::create(self.dir.0.join("gateway.log")).expect("log");
+        let child = syncmesh()
+            .args([
+                "gateway",
+                "--listen",
+                &listen.to_string(),
+                "--nodes",
+                &self.nodes_flag(),
+                "--certs-dir",
+            ])
+            .arg(self.certs_dir())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start gateway");
+        self.gateway = Some((listen, child));
+        let start = Instant::now();
+        while http_get(listen, "/health").is_none_or(|(status, _)| status != 200) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "gateway did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        listen
+    }
+
     pub(crate) fn put(&self, key: &str, value: &str) {
         let out = self.ctl(&["put", key, value]);
         assert!(
@@ -278,8 +311,40 @@ impl TestCluster {
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
+        if let Some((_, mut gw)) = self.gateway.take() {
+            let _ = gw.kill();
+            let _ = gw.wait();
+        }
         for i in 0..self.nodes.len() {
             self.kill9(i);
         }
     }
+}
+
+/// One HTTP/1.1 request with a body: status and the parsed JSON body (Null if not JSON).
+pub(crate) fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect to gateway");
+    s.set_read_timeout(Some(Duration::from_secs(90)))
+        .expect("timeout");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write head");
+    // The server may answer (413) before reading a large body and close; that is fine.
+    let _ = s.write_all(body);
+    let mut text = Vec::new();
+    let _ = s.read_to_end(&mut text);
+    let text = String::from_utf8_lossy(&text);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let json = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null);
+    (status, json)
 }
