@@ -256,6 +256,11 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         &state.registry.gather(),
         &mut out,
     );
+    // The lock series come from the cluster's applied state (a linearizable read); if
+    // the cluster cannot answer, the HTTP series are still served.
+    if let Some(text) = locks::metrics_text(&state).await {
+        out.extend_from_slice(text.as_bytes());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

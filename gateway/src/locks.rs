@@ -262,6 +262,24 @@ pub(crate) async fn list(State(state): State<Arc<AppState>>) -> Result<Response,
     }
 }
 
+/// `lock_held{mode}`, `lock_waiters` and `lock_deadlocks_total` in Prometheus text.
+pub(crate) async fn metrics_text(state: &AppState) -> Option<String> {
+    let QueryReply::LockStats {
+        shared,
+        exclusive,
+        waiters,
+        deadlocks,
+    } = query(state, Query::LockStats).await.ok()?
+    else {
+        return None;
+    };
+    Some(format!(
+        "# HELP lock_held Locks held, by mode\n# TYPE lock_held gauge\nlock_held{{mode=\"S\"}} {shared}\nlock_held{{mode=\"X\"}} {exclusive}\n\
+         # HELP lock_waiters Queued lock requests\n# TYPE lock_waiters gauge\nlock_waiters {waiters}\n\
+         # HELP lock_deadlocks_total Lock requests refused for deadlock\n# TYPE lock_deadlocks_total counter\nlock_deadlocks_total {deadlocks}\n"
+    ))
+}
+
 /// The OpenAPI document of the routes this gateway serves.
 pub(crate) const OPENAPI: &str = r#"{
   "openapi": "3.0.3",

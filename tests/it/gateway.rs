@@ -238,4 +238,6 @@ fn bad_requests_get_their_documented_status_and_the_cluster_keeps_serving() {
         ),
         "{metrics}"
     );
+    assert!(metrics.contains("lock_held{mode=\"X\"} 1"), "{metrics}");
+    assert!(metrics.contains("lock_waiters 0"), "{metrics}");
 }

@@ -587,6 +587,9 @@ impl Driver {
         self.metrics.raft_role.set(i64::from(st.role.code()));
         self.metrics.raft_commit_index.set(st.commit as i64);
         self.metrics.raft_applied_index.set(st.applied as i64);
+        let (shared, exclusive, waiters) = self.sm.locks().counts();
+        self.metrics
+            .set_locks(shared, exclusive, waiters, self.sm.locks().deadlocks());
         let health = Health {
             ok: true,
             id: node_name(st.id),

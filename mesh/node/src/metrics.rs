@@ -3,7 +3,7 @@
 
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every series a node exports.
@@ -31,6 +31,12 @@ pub struct NodeMetrics {
     pub connections_refused: IntCounterVec,
     /// Raft messages dropped because a peer's queue was full or it was unreachable.
     pub messages_dropped: IntCounter,
+    /// Locks held, by mode, in this node's applied state.
+    pub lock_held: IntGaugeVec,
+    /// Queued lock requests.
+    pub lock_waiters: IntGauge,
+    /// Lock requests refused for deadlock.
+    pub lock_deadlocks: IntCounter,
 }
 
 impl NodeMetrics {
@@ -75,6 +81,12 @@ impl NodeMetrics {
                 "mesh_messages_dropped_total",
                 "Raft messages dropped (peer queue full or unreachable)",
             )?,
+            lock_held: IntGaugeVec::new(Opts::new("lock_held", "Locks held, by mode"), &["mode"])?,
+            lock_waiters: IntGauge::new("lock_waiters", "Queued lock requests")?,
+            lock_deadlocks: IntCounter::new(
+                "lock_deadlocks_total",
+                "Lock requests refused for deadlock",
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.rpc_latency.clone()))?;
@@ -90,7 +102,25 @@ impl NodeMetrics {
         m.registry
             .register(Box::new(m.connections_refused.clone()))?;
         m.registry.register(Box::new(m.messages_dropped.clone()))?;
+        m.registry.register(Box::new(m.lock_held.clone()))?;
+        m.registry.register(Box::new(m.lock_waiters.clone()))?;
+        m.registry.register(Box::new(m.lock_deadlocks.clone()))?;
         Ok(m)
+    }
+
+    /// Publish the lock table's counts.
+    pub fn set_locks(&self, shared: usize, exclusive: usize, waiters: usize, deadlocks: u64) {
+        if let Ok(g) = self.lock_held.get_metric_with_label_values(&["S"]) {
+            g.set(shared as i64);
+        }
+        if let Ok(g) = self.lock_held.get_metric_with_label_values(&["X"]) {
+            g.set(exclusive as i64);
+        }
+        self.lock_waiters.set(waiters as i64);
+        let seen = self.lock_deadlocks.get();
+        if deadlocks > seen {
+            self.lock_deadlocks.inc_by(deadlocks - seen);
+        }
     }
 
     /// Count a refused frame.

@@ -68,6 +68,8 @@ pub enum Query {
         /// Most keys returned.
         limit: usize,
     },
+    /// Counts of holders, waiters and deadlocks.
+    LockStats,
 }
 
 /// The answer to a query.
@@ -81,6 +83,17 @@ pub enum QueryReply {
     LockList(Vec<KeyView>),
     /// The query did not decode.
     Invalid(String),
+    /// Lock counts.
+    LockStats {
+        /// Shared holds.
+        shared: u64,
+        /// Exclusive holds.
+        exclusive: u64,
+        /// Queued requests.
+        waiters: u64,
+        /// Requests refused for deadlock so far.
+        deadlocks: u64,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +151,15 @@ impl Services {
             Ok(Query::LockState { key }) => QueryReply::LockState(self.locks.view(&key)),
             Ok(Query::LockList { limit }) => {
                 QueryReply::LockList(self.locks.list(limit.min(10_000)))
+            }
+            Ok(Query::LockStats) => {
+                let (shared, exclusive, waiters) = self.locks.counts();
+                QueryReply::LockStats {
+                    shared: shared as u64,
+                    exclusive: exclusive as u64,
+                    waiters: waiters as u64,
+                    deadlocks: self.locks.deadlocks(),
+                }
             }
             Err(e) => QueryReply::Invalid(e.to_string()),
         }
