@@ -22,6 +22,31 @@ pub(crate) enum BenchCommand {
     Log(LogArgs),
     /// Time from kill -9 of the leader until a new leader commits, over several kills.
     Failover(FailoverArgs),
+    /// Lock acquire + release through the gateway: N clients, distinct keys or one hot key.
+    Lock(LockBenchArgs),
+}
+
+/// Options of `bench lock`.
+#[derive(Args, Debug)]
+pub(crate) struct LockBenchArgs {
+    /// A running gateway to measure; without it a fresh local cluster is started.
+    #[arg(long)]
+    gateway: Option<std::net::SocketAddr>,
+    /// Client counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    clients: Vec<usize>,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Runs per configuration (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Only the hot-key workload (default: distinct keys, then one hot key).
+    #[arg(long)]
+    hot_only: bool,
+    /// Directory for the scratch cluster.
+    #[arg(long, default_value = ".syncmesh/bench-lock")]
+    dir: PathBuf,
 }
 
 /// Options of `bench failover`.
@@ -65,6 +90,7 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Log(args) => bench_log(&args),
         BenchCommand::Failover(args) => bench_failover(&args),
+        BenchCommand::Lock(args) => crate::bench_lock::run(&args.into()),
     }
 }
 
@@ -183,6 +209,19 @@ fn group_commit(
         p50_us: u64::from(pct(0.50)),
         p99_us: u64::from(pct(0.99)),
     })
+}
+
+impl From<LockBenchArgs> for crate::bench_lock::LockBench {
+    fn from(a: LockBenchArgs) -> Self {
+        Self {
+            gateway: a.gateway,
+            clients: a.clients,
+            seconds: a.seconds,
+            runs: a.runs,
+            hot_only: a.hot_only,
+            dir: a.dir,
+        }
+    }
 }
 
 fn wait_agreed(cluster: &LocalCluster, timeout: Duration) -> Result<(usize, u64, u64)> {

@@ -1,6 +1,7 @@
 //! `syncmesh`: the one binary: certificates, nodes, the local cluster, benchmarks.
 
 mod bench;
+mod bench_lock;
 mod certs_cmd;
 mod cluster_cmd;
 mod ctl_cmd;

@@ -10,6 +10,7 @@
 pub mod invariants;
 pub mod kv;
 pub mod linearizability;
+pub mod lockcheck;
 pub mod params;
 pub mod rng;
 pub mod world;

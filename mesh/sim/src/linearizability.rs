@@ -9,6 +9,31 @@
 //! cached so each is visited once.
 
 use std::collections::{BTreeMap, HashSet};
+use std::hash::Hash;
+
+/// A sequential specification: what each operation does to the state, and whether the
+/// result it returned is one the object could have given.
+pub trait Model {
+    /// The object's state.
+    type State: Clone + Eq + Hash;
+    /// An operation together with the result it returned.
+    type Op;
+    /// The state before any operation.
+    fn init(&self) -> Self::State;
+    /// The state after `op`, if `op`'s result is consistent with `state`.
+    fn step(&self, state: &Self::State, op: &Self::Op) -> Option<Self::State>;
+}
+
+/// One call with its real-time interval (`ret: None` if it never returned).
+#[derive(Clone, Debug)]
+pub struct Call<Op> {
+    /// Operation and result.
+    pub op: Op,
+    /// Invocation time.
+    pub call: u64,
+    /// Return time.
+    pub ret: Option<u64>,
+}
 
 /// What a client did to a register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,11 +105,11 @@ struct EventList {
 }
 
 impl EventList {
-    fn new(ops: &[Operation]) -> Self {
+    fn new(times: &[(u64, Option<u64>)]) -> Self {
         let mut order: Vec<(u64, usize, bool)> = Vec::new();
-        for (i, op) in ops.iter().enumerate() {
-            order.push((op.call, i, true));
-            order.push((op.ret.unwrap_or(u64::MAX), i, false));
+        for (i, (call, ret)) in times.iter().enumerate() {
+            order.push((*call, i, true));
+            order.push((ret.unwrap_or(u64::MAX), i, false));
         }
         order.sort_unstable_by_key(|&(t, i, is_call)| (t, !is_call, i));
         let n = order.len();
@@ -94,8 +119,8 @@ impl EventList {
             prev: 0,
             next: 1,
         }];
-        let mut call_of = vec![0; ops.len()];
-        let mut ret_of = vec![0; ops.len()];
+        let mut call_of = vec![0; times.len()];
+        let mut ret_of = vec![0; times.len()];
         for (k, &(_, op, is_call)) in order.iter().enumerate() {
             let idx = k + 1;
             events.push(Event {
@@ -157,37 +182,59 @@ impl EventList {
     }
 }
 
-fn step(state: u64, op: RegisterOp) -> Option<u64> {
-    match op {
-        RegisterOp::Write(v) => Some(v),
-        RegisterOp::Read(Some(v)) => (v == state).then_some(state),
-        RegisterOp::Read(None) => Some(state),
+/// The register as a [`Model`].
+struct RegisterModel(u64);
+
+impl Model for RegisterModel {
+    type State = u64;
+    type Op = RegisterOp;
+
+    fn init(&self) -> u64 {
+        self.0
+    }
+
+    fn step(&self, state: &u64, op: &RegisterOp) -> Option<u64> {
+        match *op {
+            RegisterOp::Write(v) => Some(v),
+            RegisterOp::Read(Some(v)) => (v == *state).then_some(*state),
+            RegisterOp::Read(None) => Some(*state),
+        }
     }
 }
 
 fn check_register(ops: &[Operation], initial: u64) -> bool {
-    let mut list = EventList::new(ops);
-    let words = ops.len().div_ceil(64);
+    let calls: Vec<Call<RegisterOp>> = ops
+        .iter()
+        .map(|o| Call {
+            op: o.op,
+            call: o.call,
+            ret: o.ret,
+        })
+        .collect();
+    check_calls(&RegisterModel(initial), &calls)
+}
+
+/// Whether `calls` (all on one object) are linearizable with respect to `model`.
+pub fn check_calls<M: Model>(model: &M, calls: &[Call<M::Op>]) -> bool {
+    let times: Vec<(u64, Option<u64>)> = calls.iter().map(|c| (c.call, c.ret)).collect();
+    let mut list = EventList::new(&times);
+    let words = calls.len().div_ceil(64);
     let mut linearized = vec![0u64; words];
-    let mut cache: HashSet<(Vec<u64>, u64)> = HashSet::new();
-    let mut stack: Vec<(usize, u64)> = Vec::new();
-    let mut state = initial;
+    let mut cache: HashSet<(Vec<u64>, M::State)> = HashSet::new();
+    let mut stack: Vec<(usize, M::State)> = Vec::new();
+    let mut state = model.init();
     let mut cursor = list.head();
     loop {
-        if list.head() == usize::MAX {
-            return true;
-        }
-        if cursor == usize::MAX {
+        if list.head() == usize::MAX || cursor == usize::MAX {
             return true;
         }
         let event = list.events[cursor];
         if event.is_call {
-            if let Some(next_state) = step(state, ops[event.op].op) {
+            if let Some(next_state) = model.step(&state, &calls[event.op].op) {
                 let (w, b) = (event.op / 64, event.op % 64);
                 linearized[w] |= 1 << b;
-                if cache.insert((linearized.clone(), next_state)) {
-                    stack.push((event.op, state));
-                    state = next_state;
+                if cache.insert((linearized.clone(), next_state.clone())) {
+                    stack.push((event.op, std::mem::replace(&mut state, next_state)));
                     list.lift(event.op);
                     cursor = list.head();
                     continue;
@@ -195,9 +242,9 @@ fn check_register(ops: &[Operation], initial: u64) -> bool {
                 linearized[w] &= !(1 << b);
             }
             cursor = event.next;
-        } else if ops[event.op].ret.is_none() {
-            // Returns of pending ops sort last: reaching one means every completed op is
-            // linearized, and the pending ones need not be.
+        } else if calls[event.op].ret.is_none() {
+            // Returns of pending calls sort last: reaching one means every completed call
+            // is linearized, and the pending ones need not be.
             return true;
         } else {
             let Some((op, previous)) = stack.pop() else {

@@ -43,6 +43,8 @@ pub struct SimParams {
     pub clients: u64,
     /// Keys the clients work on.
     pub keys: u64,
+    /// Half the client operations are lock acquires and releases.
+    pub locks: bool,
 }
 
 impl SimParams {
@@ -80,6 +82,7 @@ impl SimParams {
             snapshot_chunk_bytes: rng.pick(&[7, 64, 4096]),
             clients: rng.range(2, 6),
             keys: rng.range(1, 4),
+            locks: rng.chance(0.6),
         }
     }
 }

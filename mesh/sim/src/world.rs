@@ -7,14 +7,18 @@
 //! after each.
 
 use crate::invariants::{Invariants, NodeMarks};
-use crate::kv::{decode_words, Fnv, KvStore, Put};
+use crate::kv::{decode_words, Fnv};
 use crate::linearizability::{self, Operation, RegisterOp};
+use crate::lockcheck::{LockCall, LockOp, LockOutcome};
 use crate::params::SimParams;
 use crate::rng::SimRng;
 use mesh_core::raft::{
     ConfChange, Config, Entry, EntryPayload, LogIndex, Membership, Message, NodeId, ProposeError,
     Raft, Ready, Role, Snapshot, Term,
 };
+use mesh_core::services::envelope::{Command, Envelope, Query, QueryReply, Reply, Services};
+use mesh_core::services::lock::{LockCommand, LockReply, Mode, MAX_TTL_MS};
+use mesh_core::services::register::{RegisterCommand, RegisterQuery, RegisterReply};
 use mesh_core::services::StateMachine;
 use mesh_node::storage::{LogStore, MemLog};
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,13 +31,30 @@ const LIVENESS_BUDGET_MS: u64 = 30_000;
 enum ClientOp {
     Put { key: u64, value: u64 },
     Get { key: u64 },
+    Acquire { key: u64, mode: Mode },
+    Release { key: u64 },
 }
 
-#[derive(Clone, Copy, Debug)]
+/// What a completed operation returned.
+#[derive(Clone, Debug)]
+enum Answer {
+    Written,
+    Value(u64),
+    Lock(LockReply),
+}
+
+#[derive(Clone, Debug)]
 enum Outcome {
-    Done(Option<u64>),
+    Done(Answer),
     Redirect(Option<NodeId>),
     Retry,
+}
+
+/// Where a client's current operation is recorded.
+#[derive(Clone, Copy, Debug)]
+enum HistRef {
+    Register(usize),
+    Lock(usize),
 }
 
 #[derive(Debug)]
@@ -70,7 +91,7 @@ struct SimNode {
     /// The node's disk: the same LogStore twin that the storage conformance suite holds
     /// to FileLog's behaviour. Only completed persists reach it.
     disk: MemLog,
-    kv: KvStore,
+    sm: Services,
     incarnation: u64,
     persisting: Option<Ready>,
     proposals: BTreeMap<LogIndex, (Term, u64, u64)>,
@@ -81,7 +102,7 @@ struct SimNode {
 struct Current {
     seq: u64,
     op: ClientOp,
-    history: usize,
+    history: HistRef,
     attempt: u64,
 }
 
@@ -89,6 +110,8 @@ struct Client {
     target: NodeId,
     seq: u64,
     current: Option<Current>,
+    /// Locks this client holds, as the cluster told it.
+    held: BTreeMap<u64, Mode>,
 }
 
 /// Summary of a finished run.
@@ -119,6 +142,9 @@ pub struct World {
     blocked: BTreeSet<(NodeId, NodeId)>,
     clients: Vec<Client>,
     history: Vec<Operation>,
+    lock_history: Vec<LockOp>,
+    /// A client saw an answer no correct cluster gives; reported at the next step.
+    violation: Option<String>,
     invariants: Invariants,
     trace: Fnv,
     faults: bool,
@@ -140,7 +166,7 @@ impl World {
                 },
                 raft: None,
                 disk: MemLog::new(),
-                kv: KvStore::default(),
+                sm: Services::default(),
                 incarnation: 0,
                 persisting: None,
                 proposals: BTreeMap::new(),
@@ -153,6 +179,7 @@ impl World {
                 target: 1 + c % params.nodes,
                 seq: 0,
                 current: None,
+                held: BTreeMap::new(),
             })
             .collect();
         let mut world = Self {
@@ -165,6 +192,8 @@ impl World {
             blocked: BTreeSet::new(),
             clients,
             history: Vec::new(),
+            lock_history: Vec::new(),
+            violation: None,
             invariants: Invariants::default(),
             trace: Fnv::default(),
             faults: true,
@@ -211,10 +240,10 @@ impl World {
         let state = recovered.into_initial_state(node.bootstrap.clone());
         // The config is the simulator's own and always valid.
         node.raft = Some(Raft::new(cfg, state).expect("simulator raft config is valid"));
-        node.kv = KvStore::default();
+        node.sm = Services::default();
         if let Some(data) = snapshot_data {
-            // Snapshots on the simulated disk were produced by KvStore itself.
-            node.kv.restore(&data).expect("own snapshot decodes");
+            // Snapshots on the simulated disk were produced by Services itself.
+            node.sm.restore(&data).expect("own snapshot decodes");
         }
         node.incarnation += 1;
         node.marks = NodeMarks {
@@ -257,6 +286,7 @@ impl World {
             self.step()?;
             steps += 1;
         }
+        crate::lockcheck::check(&self.lock_history).map_err(|e| format!("locks: {e}"))?;
         linearizability::check(&self.history, 0).map_err(|v| {
             format!(
                 "linearizability: history of key {} ({} ops) has no valid order",
@@ -266,7 +296,12 @@ impl World {
         Ok(RunReport {
             steps,
             virtual_ms: self.now,
-            ops_completed: self.history.iter().filter(|o| o.ret.is_some()).count(),
+            ops_completed: self.history.iter().filter(|o| o.ret.is_some()).count()
+                + self
+                    .lock_history
+                    .iter()
+                    .filter(|o| o.returned.is_some())
+                    .count(),
             committed: self.invariants.committed_count(),
             leader_terms: self.invariants.leader_terms(),
             trace: self.trace.0,
@@ -291,7 +326,7 @@ impl World {
                         s.last_index,
                         last_term,
                         s.commit,
-                        n.kv.applied,
+                        n.sm.applied(),
                         s.membership.voters,
                         s.membership.learners
                     )
@@ -333,7 +368,7 @@ impl World {
             n.raft
                 .as_ref()
                 .is_some_and(|r| r.status().commit == st.commit)
-                && n.kv.applied == st.commit
+                && n.sm.applied() == st.commit
         });
         converged
     }
@@ -345,6 +380,9 @@ impl World {
         self.now = time;
         self.trace.write(time);
         let touched = self.handle(event)?;
+        if let Some(v) = self.violation.take() {
+            return Err(v);
+        }
         if let Some(id) = touched {
             self.drive(id)?;
         }
@@ -510,9 +548,9 @@ impl World {
         raft.advance(marker);
         let every = self.params.snapshot_every;
         let snap_index = raft.status().snapshot_index;
-        if every > 0 && node.kv.applied >= snap_index + every {
+        if every > 0 && node.sm.applied() >= snap_index + every {
             // applied <= raft's applied and > snapshot index: compaction cannot fail.
-            raft.compact(node.kv.applied, node.kv.snapshot())
+            raft.compact(node.sm.applied(), node.sm.snapshot())
                 .map_err(|e| format!("compact: {e}"))?;
             if let Some(s) = raft.snapshot() {
                 node.disk
@@ -525,18 +563,19 @@ impl World {
 
     fn restore_snapshot(&mut self, id: NodeId, snapshot: &Snapshot) -> Result<(), String> {
         let node = &mut self.nodes[(id - 1) as usize];
-        node.kv
+        node.sm
             .restore(&snapshot.data)
             .map_err(|e| format!("node {id}: snapshot restore: {e}"))?;
-        if node.kv.applied != snapshot.meta.index {
+        if node.sm.applied() != snapshot.meta.index {
             return Err(format!(
                 "node {id}: snapshot at {} holds state of {}",
-                snapshot.meta.index, node.kv.applied
+                snapshot.meta.index,
+                node.sm.applied()
             ));
         }
         let keep = node.proposals.split_off(&(snapshot.meta.index + 1));
         let lost = std::mem::replace(&mut node.proposals, keep);
-        let digest = node.kv.digest();
+        let digest = node.sm.digest();
         for (_, (_, client, seq)) in lost {
             self.respond(client, seq, Outcome::Retry);
         }
@@ -546,28 +585,41 @@ impl World {
 
     fn apply(&mut self, id: NodeId, entry: &Entry) -> Result<(), String> {
         let node = &mut self.nodes[(id - 1) as usize];
-        if entry.index != node.kv.applied + 1 {
+        if entry.index != node.sm.applied() + 1 {
             return Err(format!(
                 "node {id}: applies {} after {}",
-                entry.index, node.kv.applied
+                entry.index,
+                node.sm.applied()
             ));
         }
-        match &entry.payload {
+        let reply = match &entry.payload {
             EntryPayload::Command(data) => {
-                let put =
-                    Put::decode(data).ok_or_else(|| format!("node {id}: undecodable command"))?;
-                node.kv.apply(entry.index, put);
+                let (reply, _events) = node.sm.apply_bytes(entry.index, data);
+                if let Reply::Invalid(why) = &reply {
+                    return Err(format!(
+                        "node {id}: undecodable command at {}: {why}",
+                        entry.index
+                    ));
+                }
+                Some(reply)
             }
-            EntryPayload::Noop | EntryPayload::Config(_) => node.kv.skip(entry.index),
-        }
-        let digest = node.kv.digest();
+            EntryPayload::Noop | EntryPayload::Config(_) => {
+                node.sm.skip(entry.index);
+                None
+            }
+        };
+        node.sm
+            .locks()
+            .check()
+            .map_err(|e| format!("node {id}: lock table after {}: {e}", entry.index))?;
+        let digest = node.sm.digest();
         let waiting = node.proposals.remove(&entry.index);
         self.invariants.check_applied(id, entry, digest)?;
         if let Some((term, client, seq)) = waiting {
-            let outcome = if term == entry.term {
-                Outcome::Done(None)
-            } else {
-                Outcome::Retry
+            let outcome = match reply {
+                Some(Reply::Register(_)) if term == entry.term => Outcome::Done(Answer::Written),
+                Some(Reply::Lock(r)) if term == entry.term => Outcome::Done(Answer::Lock(r)),
+                _ => Outcome::Retry,
             };
             self.respond(client, seq, outcome);
         }
@@ -576,15 +628,27 @@ impl World {
 
     fn serve_reads(&mut self, id: NodeId) {
         let node = &mut self.nodes[(id - 1) as usize];
-        let applied = node.kv.applied;
+        let applied = node.sm.applied();
         let (ready, waiting): (Vec<_>, Vec<_>) = node.reads.drain(..).partition(|r| r.0 <= applied);
         node.reads = waiting;
         let answers: Vec<_> = ready
             .iter()
-            .map(|&(_, c, s, k)| (c, s, node.kv.read(k)))
+            .map(|&(_, c, s, k)| {
+                let query = Query::Register(RegisterQuery::Get {
+                    key: k.to_le_bytes().to_vec(),
+                });
+                let bytes = postcard::to_stdvec(&query).unwrap_or_default();
+                let value = match node.sm.query_bytes(&bytes) {
+                    QueryReply::Register(RegisterReply::Value(Some(v))) => decode_words(&v)
+                        .and_then(|w| w.first().copied())
+                        .unwrap_or(0),
+                    _ => 0,
+                };
+                (c, s, value)
+            })
             .collect();
         for (client, seq, value) in answers {
-            self.respond(client, seq, Outcome::Done(Some(value)));
+            self.respond(client, seq, Outcome::Done(Answer::Value(value)));
         }
     }
 
@@ -617,30 +681,52 @@ impl World {
     }
 
     fn handle_request(&mut self, id: NodeId, client: u64, seq: u64, op: ClientOp) {
+        let now_ms = self.now;
         let node = &mut self.nodes[(id - 1) as usize];
         let Some(raft) = node.raft.as_mut() else {
             return;
         };
-        let result = match op {
-            ClientOp::Put { key, value } => {
-                let put = Put {
-                    client,
+        let command = match op {
+            ClientOp::Put { key, value } => Some(Command::Register(RegisterCommand::Put {
+                key: key.to_le_bytes().to_vec(),
+                value: value.to_le_bytes().to_vec(),
+            })),
+            ClientOp::Acquire { key, mode } => Some(Command::Lock(LockCommand::Acquire {
+                key: format!("L{key}"),
+                client: format!("c{client}"),
+                mode,
+                ttl_ms: MAX_TTL_MS,
+                wait_ms: 0,
+            })),
+            ClientOp::Release { key } => Some(Command::Lock(LockCommand::Release {
+                key: format!("L{key}"),
+                client: format!("c{client}"),
+            })),
+            ClientOp::Get { .. } => None,
+        };
+        let result = match (command, op) {
+            (Some(command), _) => {
+                // The session makes a retried command apply once (Raft thesis 6.3).
+                let envelope = Envelope {
+                    session: client + 1,
                     seq,
-                    key,
-                    value,
+                    now_ms,
+                    command,
                 };
-                raft.propose(put.encode()).map(|index| {
+                let bytes = postcard::to_stdvec(&envelope).unwrap_or_default();
+                raft.propose(bytes).map(|index| {
                     // A proposal of an older term at the same index was truncated away.
                     node.proposals.insert(index, (raft.term(), client, seq))
                 })
             }
-            ClientOp::Get { key } => {
+            (None, ClientOp::Get { key }) => {
                 let ctx = [client, seq, key]
                     .iter()
                     .flat_map(|w| w.to_le_bytes())
                     .collect();
                 raft.read_index(ctx).map(|()| None)
             }
+            (None, _) => Ok(None),
         };
         match result {
             Ok(Some((_, old_client, old_seq))) => self.respond(old_client, old_seq, Outcome::Retry),
@@ -657,27 +743,57 @@ impl World {
             return;
         }
         let key = self.rng.range(0, self.params.keys - 1);
-        let op = if self.rng.chance(0.5) {
-            self.next_value += 1;
-            ClientOp::Put {
-                key,
-                value: self.next_value,
-            }
-        } else {
-            ClientOp::Get { key }
-        };
         self.clock += 1;
-        let history = self.history.len();
-        let reg = match op {
-            ClientOp::Put { value, .. } => RegisterOp::Write(value),
-            ClientOp::Get { .. } => RegisterOp::Read(None),
+        let (op, history) = if self.params.locks && self.rng.chance(0.5) {
+            let held: Vec<u64> = self.clients[client as usize].held.keys().copied().collect();
+            let (op, call) = if !held.is_empty() && self.rng.chance(0.5) {
+                let key = self.rng.pick(&held);
+                (ClientOp::Release { key }, LockCall::Release)
+            } else if self.rng.chance(0.1) {
+                // Releasing what one may not hold must be answered "not held".
+                (ClientOp::Release { key }, LockCall::Release)
+            } else {
+                let mode = if self.rng.chance(0.5) {
+                    Mode::X
+                } else {
+                    Mode::S
+                };
+                (ClientOp::Acquire { key, mode }, LockCall::Acquire(mode))
+            };
+            let lock_key = match op {
+                ClientOp::Release { key } | ClientOp::Acquire { key, .. } => key,
+                _ => key,
+            };
+            self.lock_history.push(LockOp {
+                key: lock_key,
+                client,
+                call,
+                outcome: None,
+                invoked: self.clock,
+                returned: None,
+            });
+            (op, HistRef::Lock(self.lock_history.len() - 1))
+        } else {
+            let (op, reg) = if self.rng.chance(0.5) {
+                self.next_value += 1;
+                (
+                    ClientOp::Put {
+                        key,
+                        value: self.next_value,
+                    },
+                    RegisterOp::Write(self.next_value),
+                )
+            } else {
+                (ClientOp::Get { key }, RegisterOp::Read(None))
+            };
+            self.history.push(Operation {
+                key,
+                op: reg,
+                call: self.clock,
+                ret: None,
+            });
+            (op, HistRef::Register(self.history.len() - 1))
         };
-        self.history.push(Operation {
-            key,
-            op: reg,
-            call: self.clock,
-            ret: None,
-        });
         let c = &mut self.clients[client as usize];
         c.seq += 1;
         c.current = Some(Current {
@@ -720,14 +836,11 @@ impl World {
         }
         let attempt = cur.attempt;
         match outcome {
-            Outcome::Done(value) => {
+            Outcome::Done(answer) => {
                 self.clock += 1;
-                let op = &mut self.history[cur.history];
-                op.ret = Some(self.clock);
-                if let RegisterOp::Read(_) = op.op {
-                    op.op = RegisterOp::Read(value);
-                }
+                let history = cur.history;
                 c.current = None;
+                self.record(client, history, answer);
                 let think = self.rng.range(0, 20);
                 self.schedule(think, Event::ClientStart(client));
             }
@@ -739,6 +852,47 @@ impl World {
                 c.target = self.rng.range(1, nodes);
                 let backoff = self.rng.range(10, 40);
                 self.schedule(backoff, Event::ClientRetry { client, attempt });
+            }
+        }
+    }
+
+    /// Record a completed operation in the history it belongs to.
+    fn record(&mut self, client: u64, history: HistRef, answer: Answer) {
+        let now = self.clock;
+        match (history, answer) {
+            (HistRef::Register(i), Answer::Value(v)) => {
+                self.history[i].ret = Some(now);
+                self.history[i].op = RegisterOp::Read(Some(v));
+            }
+            (HistRef::Register(i), Answer::Written) => self.history[i].ret = Some(now),
+            (HistRef::Lock(i), Answer::Lock(reply)) => {
+                let key = self.lock_history[i].key;
+                let held = &mut self.clients[client as usize].held;
+                let outcome = match reply {
+                    LockReply::Granted { token, mode, .. } => {
+                        held.insert(key, mode);
+                        LockOutcome::Granted { mode, token }
+                    }
+                    LockReply::Conflict { .. } => LockOutcome::Conflict,
+                    LockReply::Released => {
+                        held.remove(&key);
+                        LockOutcome::Released
+                    }
+                    LockReply::NotHeld { .. } => {
+                        held.remove(&key);
+                        LockOutcome::NotHeld
+                    }
+                    other => {
+                        self.violation =
+                            Some(format!("client {client}: unexpected lock reply {other:?}"));
+                        return;
+                    }
+                };
+                self.lock_history[i].outcome = Some(outcome);
+                self.lock_history[i].returned = Some(now);
+            }
+            (h, a) => {
+                self.violation = Some(format!("client {client}: answer {a:?} to operation {h:?}"))
             }
         }
     }

@@ -123,6 +123,18 @@ impl Services {
         &self.locks
     }
 
+    /// A hash of the services' state (not the session caches), to compare replicas.
+    pub fn digest(&self) -> u64 {
+        let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+        let bytes =
+            postcard::to_stdvec(&(&self.register, &self.locks, self.applied)).unwrap_or_default();
+        for b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01B3);
+        }
+        h
+    }
+
     /// Last applied index.
     pub fn applied(&self) -> LogIndex {
         self.applied

@@ -35,7 +35,7 @@ pub const DEFAULT_TTL_MS: u64 = 30_000;
 pub const MAX_TTL_MS: u64 = 24 * 3600 * 1000;
 
 /// Lock mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Mode {
     /// Shared: any number of S holders together.
     S,
@@ -319,6 +319,32 @@ impl LockTable {
     /// Every key with holders or waiters, up to `limit`.
     pub fn list(&self, limit: usize) -> Vec<KeyView> {
         self.keys.keys().take(limit).map(|k| self.view(k)).collect()
+    }
+
+    /// The table's own invariants: an X holder is alone; no key is kept without holders
+    /// or waiters; a waiter never holds the key it waits for in the mode it asks.
+    pub fn check(&self) -> Result<(), String> {
+        for (key, state) in &self.keys {
+            let x = state.holders.values().filter(|h| h.mode == Mode::X).count();
+            if x > 0 && state.holders.len() > 1 {
+                return Err(format!(
+                    "key {key}: an X holder is not alone ({} holders)",
+                    state.holders.len()
+                ));
+            }
+            if state.holders.is_empty() && state.waiters.is_empty() {
+                return Err(format!("key {key}: kept with neither holders nor waiters"));
+            }
+            if let Some(w) = state.waiters.iter().find(|w| {
+                state
+                    .holders
+                    .get(&w.client)
+                    .is_some_and(|h| h.mode >= w.mode)
+            }) {
+                return Err(format!("key {key}: {} waits for what it holds", w.client));
+            }
+        }
+        Ok(())
     }
 
     /// Counts for metrics: (S holders, X holders, waiters).
