@@ -36,6 +36,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How long the leader may take to answer a prompt call before every node is asked.
+const HEDGE: Duration = Duration::from_millis(300);
+
 /// Default request body limit.
 pub const DEFAULT_MAX_BODY: usize = 1 << 20;
 
@@ -116,12 +119,16 @@ impl AppState {
     }
 
     /// Make a call through the mesh, mapping transport failures to 503.
+    /// Make a call through the mesh, mapping transport failures to 503. Calls that
+    /// answer promptly are hedged across nodes when the leader is slow (it may be dead).
     pub(crate) async fn call(
         &self,
         req: ClientRequest,
         deadline: Duration,
+        prompt: bool,
     ) -> Result<ClientResponse, ApiError> {
-        match self.client.call(&req, deadline).await {
+        let hedge = prompt.then_some(HEDGE);
+        match self.client.call_hedged(&req, deadline, hedge).await {
             Ok(ClientResponse::Error {
                 message,
                 retry: true,

@@ -99,6 +99,8 @@ async fn propose(
     command: LockCommand,
     deadline: Duration,
 ) -> Result<LockReply, ApiError> {
+    // An acquire that may wait in the queue cannot be hedged: it answers late on purpose.
+    let prompt = !matches!(command, LockCommand::Acquire { wait_ms, .. } if wait_ms > 0);
     let (session, seq) = state.next_seq();
     let envelope = Envelope {
         session,
@@ -107,7 +109,10 @@ async fn propose(
         command: Command::Lock(command),
     };
     let bytes = postcard::to_stdvec(&envelope).map_err(|e| ApiError::internal(e.to_string()))?;
-    match state.call(ClientRequest::Propose(bytes), deadline).await? {
+    match state
+        .call(ClientRequest::Propose(bytes), deadline, prompt)
+        .await?
+    {
         ClientResponse::Applied { result, .. } => match postcard::from_bytes::<Reply>(&result) {
             Ok(Reply::Lock(r)) => Ok(r),
             other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
@@ -118,7 +123,10 @@ async fn propose(
 
 async fn query(state: &AppState, q: Query) -> Result<QueryReply, ApiError> {
     let bytes = postcard::to_stdvec(&q).map_err(|e| ApiError::internal(e.to_string()))?;
-    match state.call(ClientRequest::Read(bytes), CALL_SLACK).await? {
+    match state
+        .call(ClientRequest::Read(bytes), CALL_SLACK, true)
+        .await?
+    {
         ClientResponse::Read(bytes) => {
             postcard::from_bytes(&bytes).map_err(|e| ApiError::internal(e.to_string()))
         }

@@ -430,22 +430,23 @@ impl Driver {
             let _ = p.reply.send(applied(index, &reply));
             return;
         };
-        // A retried acquire may answer "queued" from the session cache after the grant
-        // already happened: then it holds the lock now.
-        if let Some(h) = self
-            .sm
-            .locks()
-            .view(&key)
-            .holders
-            .into_iter()
-            .find(|h| h.client == client)
-        {
+        // A retried acquire may answer "queued" from the session cache after its wait
+        // already ended: then the table says whether it holds the lock now or gave up.
+        let view = self.sm.locks().view(&key);
+        if let Some(h) = view.holders.iter().find(|h| h.client == client) {
             let granted = Reply::Lock(LockReply::Granted {
                 token: h.token,
                 mode: h.mode,
                 expires_ms: h.expires_ms,
             });
             let _ = p.reply.send(applied(index, &granted));
+            return;
+        }
+        if !view.waiters.iter().any(|w| w.client == client) {
+            let timed_out = Reply::Lock(LockReply::TimedOut {
+                holders: view.holders,
+            });
+            let _ = p.reply.send(applied(index, &timed_out));
             return;
         }
         self.lock_waits

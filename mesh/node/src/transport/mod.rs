@@ -77,13 +77,23 @@ pub struct TransportConfig {
     pub max_frame_bytes: usize,
 }
 
-fn quic_transport() -> Arc<quinn::TransportConfig> {
+fn quic_transport(idle: Duration, keep_alive: Duration) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    // Raft's own heartbeats detect failures; these only reclaim dead connections. A short
-    // idle timeout lets a link to a crashed peer give up quickly and redial.
-    t.max_idle_timeout(Duration::from_secs(3).try_into().ok());
-    t.keep_alive_interval(Some(Duration::from_millis(500)));
+    t.max_idle_timeout(idle.try_into().ok());
+    t.keep_alive_interval(Some(keep_alive));
     Arc::new(t)
+}
+
+/// Between nodes: Raft's own heartbeats detect failures, and a node that restarts is
+/// redialled at once, so this only reclaims dead connections.
+fn node_transport() -> Arc<quinn::TransportConfig> {
+    quic_transport(Duration::from_secs(3), Duration::from_millis(500))
+}
+
+/// For clients (gateway, CLI): a call in flight to a leader that died must fail fast so it
+/// is retried on the new one; keep-alives keep a quiet call (a queued lock) alive.
+fn client_transport() -> Arc<quinn::TransportConfig> {
+    quic_transport(Duration::from_millis(1000), Duration::from_millis(200))
 }
 
 /// Build a quinn endpoint bound to `listen` that serves and dials with `tls`.
@@ -92,16 +102,21 @@ pub fn endpoint(
     listen: SocketAddr,
     serve: bool,
 ) -> Result<Endpoint, TransportError> {
+    let transport = if serve {
+        node_transport()
+    } else {
+        client_transport()
+    };
     let crypto = |e: &dyn std::fmt::Display| TransportError::Crypto(e.to_string());
     let client_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls.client_config()?)
         .map_err(|e| crypto(&e))?;
     let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
-    client.transport_config(quic_transport());
+    client.transport_config(transport.clone());
     let mut endpoint = if serve {
         let server_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls.server_config()?)
             .map_err(|e| crypto(&e))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
-        server.transport_config(quic_transport());
+        server.transport_config(transport);
         Endpoint::server(server, listen)
     } else {
         Endpoint::client(listen)
@@ -671,14 +686,37 @@ impl MeshClient {
         req: &ClientRequest,
         deadline: Duration,
     ) -> Result<ClientResponse, CallError> {
+        self.call_hedged(req, deadline, None).await
+    }
+
+    /// Like [`MeshClient::call`]; with `hedge`, if the node believed to lead has not
+    /// answered within that time (it may have died, and its QUIC connection only times out
+    /// later), every node is asked too and the first real answer wins. Only for calls that
+    /// answer promptly and are safe to repeat (sessions deduplicate proposals).
+    pub async fn call_hedged(
+        &self,
+        req: &ClientRequest,
+        deadline: Duration,
+        hedge: Option<Duration>,
+    ) -> Result<ClientResponse, CallError> {
         let start = tokio::time::Instant::now();
         let mut last_error = String::from("no attempt");
         while start.elapsed() < deadline {
             let hint = self.inner.leader.load(std::sync::atomic::Ordering::Relaxed);
-            let attempt = if self.inner.nodes.contains_key(&hint) {
-                self.attempt(hint, req).await
-            } else {
+            let attempt = if !self.inner.nodes.contains_key(&hint) {
                 self.attempt_all(req).await
+            } else if let Some(after) = hedge {
+                let primary = self.attempt(hint, req);
+                tokio::pin!(primary);
+                tokio::select! {
+                    a = &mut primary => a,
+                    () = tokio::time::sleep(after) => tokio::select! {
+                        a = &mut primary => a,
+                        a = self.attempt_all(req) => a,
+                    },
+                }
+            } else {
+                self.attempt(hint, req).await
             };
             match attempt {
                 Attempt::Answer(r) => return Ok(r),
