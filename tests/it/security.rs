@@ -168,7 +168,14 @@ fn bad_certificates_are_refused_with_the_reason_logged_and_counted() {
             .await
             .expect("tls ok");
         let mut s = conn.open_uni().await.expect("uni");
-        let hello = wire::encode(&Frame::Hello { node: 1 }, MAX_FRAME_BYTES).expect("encode");
+        let hello = wire::encode(
+            &Frame::Hello {
+                node: 1,
+                incarnation: 1,
+            },
+            MAX_FRAME_BYTES,
+        )
+        .expect("encode");
         s.write_all(&hello).await.expect("write");
         let closed = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
         assert!(closed.is_ok(), "impersonating connection was not closed");
@@ -226,7 +233,14 @@ fn random_bytes_and_oversized_frames_leave_the_node_serving() {
             .await
             .expect("tls");
         let mut s = conn.open_uni().await.expect("uni");
-        let mut bytes = wire::encode(&Frame::Hello { node: 2 }, MAX_FRAME_BYTES).expect("encode");
+        let mut bytes = wire::encode(
+            &Frame::Hello {
+                node: 2,
+                incarnation: 1,
+            },
+            MAX_FRAME_BYTES,
+        )
+        .expect("encode");
         bytes.extend_from_slice(&(1u32 << 30).to_le_bytes());
         bytes.extend_from_slice(&[0u8; 1024]);
         let _ = s.write_all(&bytes).await;

@@ -25,6 +25,9 @@ pub enum Frame {
     Hello {
         /// The claimed node.
         node: NodeId,
+        /// A number fixed for the life of the sending process: a new one means the peer
+        /// restarted, and connections to its old self are dead.
+        incarnation: u64,
     },
     /// A Raft message.
     Raft(Message),
@@ -199,7 +202,10 @@ mod tests {
 
     fn sample() -> Vec<Frame> {
         vec![
-            Frame::Hello { node: 3 },
+            Frame::Hello {
+                node: 3,
+                incarnation: 9,
+            },
             Frame::Raft(Message {
                 from: 1,
                 to: 2,
@@ -264,10 +270,24 @@ mod tests {
 
     #[test]
     fn wrong_version_and_trailing_bytes_are_refused() {
-        let mut bytes = encode(&Frame::Hello { node: 1 }, MAX_FRAME_BYTES).expect("encode");
+        let mut bytes = encode(
+            &Frame::Hello {
+                node: 1,
+                incarnation: 1,
+            },
+            MAX_FRAME_BYTES,
+        )
+        .expect("encode");
         bytes[4] = 9;
         assert_eq!(decode(&bytes, MAX_FRAME_BYTES), Err(WireError::Version(9)));
-        let mut bytes = encode(&Frame::Hello { node: 1 }, MAX_FRAME_BYTES).expect("encode");
+        let mut bytes = encode(
+            &Frame::Hello {
+                node: 1,
+                incarnation: 1,
+            },
+            MAX_FRAME_BYTES,
+        )
+        .expect("encode");
         bytes.push(0);
         let len = (bytes.len() - 4) as u32;
         bytes[..4].copy_from_slice(&len.to_le_bytes());

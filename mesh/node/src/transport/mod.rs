@@ -138,6 +138,8 @@ pub struct Transport {
 
 struct Inbound {
     id: NodeId,
+    /// The incarnation each peer last announced.
+    incarnations: std::sync::Mutex<BTreeMap<NodeId, u64>>,
     raft_tx: mpsc::Sender<Message>,
     client_tx: mpsc::Sender<ClientCall>,
     redial: BTreeMap<NodeId, Arc<Notify>>,
@@ -157,6 +159,7 @@ impl Transport {
         let endpoint = endpoint(tls, cfg.listen, true)?;
         let mut links = BTreeMap::new();
         let mut redial = BTreeMap::new();
+        let incarnation = new_incarnation();
         for (&peer, &addr) in cfg.peers.iter().filter(|(&p, _)| p != cfg.id) {
             let (tx, rx) = mpsc::channel(LINK_QUEUE);
             let notify = Arc::new(Notify::new());
@@ -165,6 +168,7 @@ impl Transport {
             let link = Link {
                 endpoint: endpoint.clone(),
                 me: cfg.id,
+                incarnation,
                 peer,
                 addr,
                 max_frame: cfg.max_frame_bytes,
@@ -173,6 +177,7 @@ impl Transport {
         }
         let inbound = Arc::new(Inbound {
             id: cfg.id,
+            incarnations: std::sync::Mutex::new(BTreeMap::new()),
             raft_tx,
             client_tx,
             redial,
@@ -214,6 +219,7 @@ impl Transport {
 struct Link {
     endpoint: Endpoint,
     me: NodeId,
+    incarnation: u64,
     peer: NodeId,
     addr: SocketAddr,
     max_frame: usize,
@@ -319,7 +325,11 @@ impl Link {
             .open_uni()
             .await
             .map_err(|e| StreamError::Write(e.into()))?;
-        write_frame(&mut stream, &Frame::Hello { node: self.me }, self.max_frame).await?;
+        let hello = Frame::Hello {
+            node: self.me,
+            incarnation: self.incarnation,
+        };
+        write_frame(&mut stream, &hello, self.max_frame).await?;
         Ok(stream)
     }
 }
@@ -408,11 +418,6 @@ async fn handle_connection(incoming: quinn::Incoming, inbound: Arc<Inbound>) {
         PeerKind::Node => parse_node_name(&identity.name),
         PeerKind::Client => None,
     };
-    if let Some(redial) = node.and_then(|n| inbound.redial.get(&n)) {
-        // The peer dialled us afresh, so it may have restarted: our link to it may hold a
-        // dead connection. Redial now rather than after an idle timeout.
-        redial.notify_one();
-    }
     tracing::debug!(%remote, peer = %identity.name, "accepted connection");
     loop {
         tokio::select! {
@@ -436,6 +441,32 @@ async fn handle_connection(incoming: quinn::Incoming, inbound: Arc<Inbound>) {
             },
         }
     }
+}
+
+impl Inbound {
+    /// A peer announced itself. If it is a new incarnation of a peer we knew, it
+    /// restarted and our link to it holds a dead connection: redial now rather than after
+    /// the idle timeout.
+    fn note_incarnation(&self, node: NodeId, incarnation: u64) {
+        let previous = {
+            let mut known = self.incarnations.lock().unwrap_or_else(|p| p.into_inner());
+            known.insert(node, incarnation)
+        };
+        if previous.is_some_and(|p| p != incarnation) {
+            if let Some(redial) = self.redial.get(&node) {
+                tracing::info!(peer = %node_name(node), "peer restarted; redialling it");
+                redial.notify_one();
+            }
+        }
+    }
+}
+
+/// A number that differs between two runs of this process.
+fn new_incarnation() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ u64::from(std::process::id()).rotate_left(32)
 }
 
 fn refuse_identity(conn: &Connection, inbound: &Inbound, cert_node: NodeId, claimed: NodeId) {
@@ -473,11 +504,15 @@ async fn read_raft_stream(
             }
         };
         match frame {
-            Frame::Hello { node: claimed } if !greeted => {
+            Frame::Hello {
+                node: claimed,
+                incarnation,
+            } if !greeted => {
                 if claimed != node {
                     refuse_identity(&conn, &inbound, node, claimed);
                     return;
                 }
+                inbound.note_incarnation(node, incarnation);
                 greeted = true;
             }
             Frame::Raft(m) if greeted => {
