@@ -16,12 +16,10 @@
 
 #[cfg(test)]
 mod tests;
-mod wait_for;
 
 use crate::raft::LogIndex;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use wait_for::WaitForGraph;
 
 /// Longest key, in bytes.
 pub const MAX_KEY_BYTES: usize = 256;
@@ -445,30 +443,82 @@ impl LockTable {
     }
 
     /// If `client` queued on `key` now, would the wait-for graph get a cycle? The cycle.
+    ///
+    /// A waiter at position `i` of a key's queue waits for that key's holders and for the
+    /// waiters at positions before `i`. A search from the clients `client` would wait for
+    /// therefore only needs, per key, how far into its queue it has reached: each queue
+    /// entry and holder is visited once, without building the whole graph.
     fn cycle_if_waiting(&self, key: &str, client: &str) -> Option<Vec<String>> {
-        let mut graph = WaitForGraph::default();
-        for state in self.keys.values() {
-            for (i, w) in state.waiters.iter().enumerate() {
-                for holder in state.holders.keys() {
-                    graph.add(&w.client, holder);
+        let state = self.keys.get(key)?;
+        // Where each client waits: (key, position in that key's queue).
+        let mut waits_on: BTreeMap<&str, Vec<(&str, usize)>> = BTreeMap::new();
+        for (k, st) in &self.keys {
+            for (pos, w) in st.waiters.iter().enumerate() {
+                waits_on
+                    .entry(w.client.as_str())
+                    .or_default()
+                    .push((k.as_str(), pos));
+            }
+        }
+        let mut parent: BTreeMap<&str, &str> = BTreeMap::new();
+        // Per key: how far into its queue the search has enqueued, and whether its holders
+        // have been looked at.
+        let mut reached: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut holders_done: BTreeSet<&str> = BTreeSet::new();
+        let mut queue: VecDeque<&str> = VecDeque::new();
+        let root = client;
+        let targets = state
+            .holders
+            .keys()
+            .chain(state.waiters.iter().map(|w| &w.client));
+        for t in targets.map(String::as_str).filter(|t| *t != root) {
+            if !parent.contains_key(t) {
+                parent.insert(t, root);
+                queue.push_back(t);
+            }
+        }
+        while let Some(node) = queue.pop_front() {
+            for &(k, pos) in waits_on.get(node).map(Vec::as_slice).unwrap_or(&[]) {
+                let Some(st) = self.keys.get(k) else { continue };
+                let from = reached.get(k).copied().unwrap_or(0);
+                let mut next: Vec<&str> = Vec::new();
+                if holders_done.insert(k) {
+                    next.extend(st.holders.keys().map(String::as_str));
                 }
-                for ahead in state.waiters.iter().take(i) {
-                    graph.add(&w.client, &ahead.client);
+                if pos > from {
+                    next.extend(
+                        st.waiters
+                            .iter()
+                            .take(pos)
+                            .skip(from)
+                            .map(|w| w.client.as_str()),
+                    );
+                    reached.insert(k, pos);
+                }
+                for n in next {
+                    if n == root {
+                        let mut cycle = vec![root.to_string(), root.to_string()];
+                        let mut cur = node;
+                        let mut path = vec![cur.to_string()];
+                        while let Some(&p) = parent.get(cur) {
+                            if p == root {
+                                break;
+                            }
+                            path.push(p.to_string());
+                            cur = p;
+                        }
+                        path.reverse();
+                        cycle.splice(1..1, path);
+                        return Some(cycle);
+                    }
+                    if n != node && !parent.contains_key(n) {
+                        parent.insert(n, node);
+                        queue.push_back(n);
+                    }
                 }
             }
         }
-        let state = self.keys.get(key)?;
-        let targets: BTreeSet<String> = state
-            .holders
-            .keys()
-            .chain(state.waiters.iter().map(|w| &w.client))
-            .filter(|c| c.as_str() != client)
-            .cloned()
-            .collect();
-        let path = graph.path_to(&targets, client)?;
-        let mut cycle = vec![client.to_string()];
-        cycle.extend(path);
-        Some(cycle)
+        None
     }
 
     fn release(

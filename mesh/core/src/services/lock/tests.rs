@@ -1,6 +1,7 @@
 //! Model tests of the lock table: one command in, the exact reply and events out.
 
 use super::*;
+use std::collections::{BTreeMap, BTreeSet};
 
 struct Table {
     t: LockTable,
@@ -319,4 +320,98 @@ fn state_survives_a_snapshot() {
         },
     );
     assert_eq!(granted_clients(&events), vec!["c2"]);
+}
+
+/// The naive wait-for search, over the whole graph, from the public view of the table.
+fn naive_deadlock(t: &LockTable, key: &str, client: &str) -> bool {
+    let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for v in t.list(usize::MAX) {
+        for (i, w) in v.waiters.iter().enumerate() {
+            let targets = v
+                .holders
+                .iter()
+                .map(|h| &h.client)
+                .chain(v.waiters[..i].iter().map(|a| &a.client));
+            for target in targets.filter(|c| **c != w.client) {
+                edges
+                    .entry(w.client.clone())
+                    .or_default()
+                    .insert(target.clone());
+            }
+        }
+    }
+    let view = t.view(key);
+    let mut stack: Vec<String> = view
+        .holders
+        .iter()
+        .map(|h| h.client.clone())
+        .chain(view.waiters.iter().map(|w| w.client.clone()))
+        .filter(|c| c != client)
+        .collect();
+    let mut seen: BTreeSet<String> = stack.iter().cloned().collect();
+    while let Some(n) = stack.pop() {
+        if n == client {
+            return true;
+        }
+        for m in edges.get(&n).into_iter().flatten() {
+            if seen.insert(m.clone()) {
+                stack.push(m.clone());
+            }
+        }
+    }
+    false
+}
+
+#[test]
+fn deadlock_search_agrees_with_the_naive_graph_search() {
+    let mut seed = 0x1234_5678_9ABC_DEF1u64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut deadlocks = 0;
+    for _ in 0..200 {
+        let mut t = Table::new();
+        for _ in 0..60 {
+            let key = format!("k{}", next(3));
+            let client = format!("c{}", next(5));
+            if next(4) == 0 {
+                t.release(&key, &client);
+                continue;
+            }
+            let mode = if next(2) == 0 { Mode::X } else { Mode::S };
+            let held =
+                t.t.view(&key)
+                    .holders
+                    .iter()
+                    .any(|h| h.client == client && h.mode >= mode);
+            let would_queue = !held
+                && (!t.t.view(&key).waiters.is_empty()
+                    || !t
+                        .t
+                        .view(&key)
+                        .holders
+                        .iter()
+                        .all(|h| h.client == client || (mode == Mode::S && h.mode == Mode::S)));
+            let queued_already =
+                t.t.view(&key)
+                    .waiters
+                    .iter()
+                    .any(|w| w.client == client && w.mode == mode);
+            let expect = would_queue && !queued_already && naive_deadlock(&t.t, &key, &client);
+            let reply = t.acquire(&key, &client, mode, 60_000);
+            assert_eq!(
+                matches!(reply, LockReply::Deadlock { .. }),
+                expect,
+                "{key} {client} {mode:?}: {reply:?}"
+            );
+            deadlocks += usize::from(expect);
+        }
+    }
+    assert!(
+        deadlocks > 20,
+        "the workload produced deadlocks to compare: {deadlocks}"
+    );
 }
