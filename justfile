@@ -22,6 +22,11 @@ sim seeds="20000" start="0":
 sim-repro seed:
     cargo run -p mesh-sim --release -- --replay {{seed}}
 
+# Lock workload (acquire X + release; 1/16/64 clients, distinct keys and one hot key)
+# through the gateway of a fresh local cluster.
+bench *args:
+    cargo run --release -- bench lock {{args}}
+
 # Storage benchmark: raw fdatasync vs group-committed appends (1, 16, 64 proposers).
 bench-log seconds="3":
     cargo run --release -- bench log --seconds {{seconds}}
