@@ -56,7 +56,8 @@ pub(crate) enum CtlCommand {
     Stats,
 }
 
-fn parse_nodes(specs: &[String]) -> Result<BTreeMap<NodeId, SocketAddr>> {
+/// Parse `NAME=HOST:PORT` node specs (`--nodes` of ctl and gateway).
+pub(crate) fn parse_nodes(specs: &[String]) -> Result<BTreeMap<NodeId, SocketAddr>> {
     let mut nodes = BTreeMap::new();
     for spec in specs {
         let (name, addr) = spec

@@ -1,9 +1,8 @@
 //! `syncmesh gateway`: the HTTP/JSON gateway in front of the cluster.
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use clap::Args;
 use mesh_core::wire::parse_node_name;
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -40,18 +39,7 @@ pub(crate) struct GatewayArgs {
 }
 
 pub(crate) fn run(args: GatewayArgs) -> Result<()> {
-    let mut nodes = BTreeMap::new();
-    for spec in &args.nodes {
-        let (name, addr) = spec
-            .split_once('=')
-            .ok_or_else(|| anyhow!("invalid --nodes entry {spec:?}: expected NAME=HOST:PORT"))?;
-        let id = parse_node_name(name).ok_or_else(|| anyhow!("invalid node name {name:?}"))?;
-        nodes.insert(
-            id,
-            addr.parse()
-                .with_context(|| format!("invalid address {addr:?}"))?,
-        );
-    }
+    let nodes = crate::ctl_cmd::parse_nodes(&args.nodes)?;
     let home = match &args.home {
         Some(name) => parse_node_name(name).ok_or_else(|| anyhow!("invalid --home {name:?}"))?,
         None => *nodes
