@@ -15,6 +15,7 @@
 #![deny(missing_docs)]
 #![warn(clippy::too_many_lines, clippy::cognitive_complexity)]
 
+pub mod node;
 pub mod raft;
 pub mod services;
 pub mod wire;

@@ -1,24 +1,39 @@
-//! `Services`: every replicated service behind one state machine, and the envelope their
-//! commands travel in.
+//! `Services`: every replicated service behind one state machine, the envelope their
+//! commands travel in, the client sessions that make every call apply once, and lock
+//! time.
 //!
-//! An [`Envelope`] carries the leader's clock (`now_ms`, stamped when it proposes; the
-//! services never read a clock) and the caller's session and sequence number. A command
-//! retried after a leader change may end up in the log twice; the second copy answers
-//! with the reply of the first and changes nothing (Raft thesis 6.3). Replies are kept per
-//! session for the latest `SESSION_REPLIES` sequence numbers; sessions idle for
-//! `SESSION_IDLE_MS` of leader time are forgotten.
+//! ```text
+//!  Envelope { session, seq, ack, elapsed_ms, command }
+//!     │ session 0: applied as is (ticks, withdrawals)
+//!     ├ seq below the session's floor ──────────> refused: discarded (never re-executed)
+//!     ├ seq already answered ───────────────────> the kept answer (Raft thesis 6.3)
+//!     └ new: floor := ack (drops the answers the client has seen), apply, keep answer
+//! ```
+//! A call that waits (a queued lock acquire) keeps a *waiting* answer; when a later entry
+//! grants, times out or withdraws it, the kept answer is replaced by the final one and a
+//! [`Completion`] names the call, so the node answers exactly that call and a retry of
+//! it gets the final answer. What is kept is bounded by the calls in flight: a client
+//! acknowledges every answer below `ack`.
+//!
+//! **Lock time** (DESIGN.md section 6) is computed here from committed entries only: the
+//! first entry of a new term fixes the term's base at the lock time reached so far, and
+//! every command of that term carries the leader's monotonic milliseconds since it took
+//! office. Lock time is `max(previous, base + elapsed)`: it never runs backwards, a
+//! failover only lengthens leases, and no node's wall clock enters it.
 
-use super::lock::{KeyView, LockCommand, LockEvent, LockReply, LockTable};
+use super::lock::{KeyView, LockCommand, LockEvent, LockReply, LockStats, LockTable, WaitId};
 use super::register::{Register, RegisterCommand, RegisterQuery, RegisterReply};
 use super::StateMachine;
-use crate::raft::LogIndex;
+use crate::raft::{LogIndex, Term};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-/// Replies remembered per session.
-pub const SESSION_REPLIES: usize = 4096;
-/// A session idle this long (leader time) is forgotten.
+/// A session idle this long (lock time) is forgotten.
 pub const SESSION_IDLE_MS: u64 = 3_600_000;
+/// Sessions kept at most; beyond it the least recently used is forgotten.
+pub const MAX_SESSIONS: usize = 100_000;
+/// Unacknowledged calls one session may have at most.
+pub const MAX_CALLS_PER_SESSION: usize = 1024;
 
 /// A command of some service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +42,17 @@ pub enum Command {
     Register(RegisterCommand),
     /// The lock service.
     Lock(LockCommand),
+    /// The caller of call (`session`, `seq`) went away: withdraw what it waits for, and
+    /// release a grant that raced the withdrawal (by its fencing token). A call that has
+    /// not arrived yet is answered "withdrawn" when it does, and never applied.
+    Withdraw {
+        /// The call's session.
+        session: u64,
+        /// The call's sequence number.
+        seq: u64,
+    },
+    /// Only advance lock time: expire the leases and waits that ran out.
+    Tick,
 }
 
 /// How a command travels in the log.
@@ -34,12 +60,54 @@ pub enum Command {
 pub struct Envelope {
     /// The caller's session (0: no deduplication).
     pub session: u64,
-    /// The caller's sequence number within the session.
+    /// The caller's sequence number within the session (from 1).
     pub seq: u64,
-    /// The leader's clock when it proposed the command.
-    pub now_ms: u64,
+    /// The caller's lowest unanswered sequence number: every answer below it was seen
+    /// and may be discarded.
+    pub ack: u64,
+    /// Stamped by the leader: its monotonic milliseconds since it took office.
+    pub elapsed_ms: u64,
     /// What to do.
     pub command: Command,
+}
+
+impl Envelope {
+    /// A call of `session` (callers leave the leader's stamp at 0).
+    pub fn new(session: u64, seq: u64, ack: u64, command: Command) -> Self {
+        Self {
+            session,
+            seq,
+            ack,
+            elapsed_ms: 0,
+            command,
+        }
+    }
+}
+
+/// Why a session refused a call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum SessionRefusal {
+    /// The call's answer was acknowledged and discarded; it is not executed again.
+    #[error("call {seq} is below the session's acknowledged mark {floor}: its answer was discarded")]
+    Discarded {
+        /// The call.
+        seq: u64,
+        /// The session's floor.
+        floor: u64,
+    },
+    /// The session is unknown (it expired or was never opened) and the call is not its
+    /// first: it may be a retry of a call whose answer is gone.
+    #[error("session {session} is unknown or expired")]
+    Unknown {
+        /// The session.
+        session: u64,
+    },
+    /// Too many calls of the session are unacknowledged.
+    #[error("session has {limit} unacknowledged calls")]
+    TooManyCalls {
+        /// The limit.
+        limit: usize,
+    },
 }
 
 /// The reply to a command.
@@ -49,8 +117,21 @@ pub enum Reply {
     Register(RegisterReply),
     /// From the lock table.
     Lock(LockReply),
+    /// The call was withdrawn (its caller went away), or a withdrawal was applied.
+    Withdrawn,
+    /// Time advanced.
+    Ticked,
+    /// The session refused the call.
+    Session(SessionRefusal),
     /// The entry did not decode.
     Invalid(String),
+}
+
+impl Reply {
+    /// Whether the call that got this reply still waits for its outcome.
+    pub fn is_waiting(&self) -> bool {
+        matches!(self, Self::Lock(r) if r.is_waiting())
+    }
 }
 
 /// A read of some service.
@@ -96,10 +177,71 @@ pub enum QueryReply {
     },
 }
 
+/// A call named by its session and sequence number (session 0: by its log index).
+pub type CallRef = (u64, u64);
+
+/// A call of an earlier entry that an applied entry answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The call.
+    pub call: CallRef,
+    /// Its final reply.
+    pub reply: Reply,
+}
+
+/// What applying one entry produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The call that proposed the entry (`None`: the entry carried no command).
+    pub call: Option<CallRef>,
+    /// Its reply.
+    pub reply: Option<Reply>,
+    /// Calls of earlier entries answered now.
+    pub completions: Vec<Completion>,
+}
+
+/// A gauge for metrics, named as in DESIGN.md section 7.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gauge {
+    /// Metric name.
+    pub name: &'static str,
+    /// Help text.
+    pub help: &'static str,
+    /// One label (name, value), if any.
+    pub label: Option<(&'static str, &'static str)>,
+    /// Value.
+    pub value: f64,
+}
+
+/// What a kept call needs to be withdrawn later.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Handle {
+    Lock { key: String, client: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct KeptCall {
+    reply: Reply,
+    handle: Option<Handle>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Session {
-    replies: BTreeMap<u64, Reply>,
+    /// Calls below this were acknowledged; their answers are gone.
+    floor: u64,
+    calls: BTreeMap<u64, KeptCall>,
     last_ms: u64,
+}
+
+/// Lock time, from committed entries only (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockClock {
+    /// Term of the latest applied entry.
+    pub term: Term,
+    /// Lock time when that term's first entry applied.
+    pub base_ms: u64,
+    /// Lock time now.
+    pub now_ms: u64,
 }
 
 /// Every service, as one state machine.
@@ -108,8 +250,12 @@ pub struct Services {
     register: Register,
     locks: LockTable,
     sessions: BTreeMap<u64, Session>,
+    /// (last use, session): the least recently used session first.
+    sessions_by_use: BTreeSet<(u64, u64)>,
+    /// The calls each queued lock request answers.
+    waits: BTreeMap<WaitId, Vec<CallRef>>,
+    clock: LockClock,
     applied: LogIndex,
-    last_sweep_ms: u64,
 }
 
 /// Snapshot bytes that do not decode.
@@ -117,18 +263,99 @@ pub struct Services {
 #[error("services snapshot does not decode: {0}")]
 pub struct ServicesRestoreError(String);
 
+/// Fold lock events into completions of the calls they answer.
+fn lock_completions(
+    waits: &mut BTreeMap<WaitId, Vec<CallRef>>,
+    sessions: &mut BTreeMap<u64, Session>,
+    events: Vec<LockEvent>,
+    out: &mut Vec<Completion>,
+) {
+    for event in events {
+        let (wait, reply) = match event {
+            LockEvent::Granted {
+                wait,
+                token,
+                mode,
+                expires_ms,
+                expires_in_ms,
+                ..
+            } => (
+                wait,
+                LockReply::Granted {
+                    token,
+                    mode,
+                    expires_ms,
+                    expires_in_ms,
+                },
+            ),
+            LockEvent::TimedOut { wait, holders, .. } => (wait, LockReply::TimedOut { holders }),
+            LockEvent::Expired { .. } => continue,
+        };
+        complete(waits, sessions, wait, &Reply::Lock(reply), out);
+    }
+}
+
+/// Answer every call waiting on `wait` with `reply`, and keep it as their answer.
+fn complete(
+    waits: &mut BTreeMap<WaitId, Vec<CallRef>>,
+    sessions: &mut BTreeMap<u64, Session>,
+    wait: WaitId,
+    reply: &Reply,
+    out: &mut Vec<Completion>,
+) {
+    for call in waits.remove(&wait).unwrap_or_default() {
+        if let Some(kept) = sessions
+            .get_mut(&call.0)
+            .and_then(|s| s.calls.get_mut(&call.1))
+        {
+            kept.reply = reply.clone();
+        }
+        out.push(Completion {
+            call,
+            reply: reply.clone(),
+        });
+    }
+}
+
 impl Services {
-    /// The lock table (for metrics and reads).
+    /// The lock table (for reads).
     pub fn locks(&self) -> &LockTable {
         &self.locks
     }
 
-    /// A hash of the services' state (not the session caches), to compare replicas.
+    /// Lock time as committed entries define it.
+    pub fn clock(&self) -> LockClock {
+        self.clock
+    }
+
+    /// Sessions kept.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Answers kept over every session.
+    pub fn kept_calls(&self) -> usize {
+        self.sessions.values().map(|s| s.calls.len()).sum()
+    }
+
+    /// Lock statistics.
+    pub fn lock_stats(&self) -> &LockStats {
+        self.locks.stats()
+    }
+
+    /// The kept answer of a call, if any.
+    pub fn kept_reply(&self, call: CallRef) -> Option<&Reply> {
+        self.sessions
+            .get(&call.0)
+            .and_then(|s| s.calls.get(&call.1))
+            .map(|c| &c.reply)
+    }
+
+    /// A hash of the whole replicated state (sessions and lock time included), to
+    /// compare replicas.
     pub fn digest(&self) -> u64 {
         let mut h: u64 = 0xCBF2_9CE4_8422_2325;
-        let bytes =
-            postcard::to_stdvec(&(&self.register, &self.locks, self.applied)).unwrap_or_default();
-        for b in bytes {
+        for b in postcard::to_stdvec(self).unwrap_or_default() {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x0100_0000_01B3);
         }
@@ -140,19 +367,53 @@ impl Services {
         self.applied
     }
 
-    /// Note an applied entry that carried no command.
-    pub fn skip(&mut self, index: LogIndex) {
-        self.applied = index;
+    /// The earliest lock time at which some service has something to expire: the leader
+    /// proposes a [`Command::Tick`] once it has passed.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.locks.next_deadline_ms()
     }
 
-    /// Apply encoded envelope bytes: the reply and any lock events.
-    pub fn apply_bytes(&mut self, index: LogIndex, bytes: &[u8]) -> (Reply, Vec<LockEvent>) {
+    /// Gauges for metrics.
+    pub fn gauges(&self) -> Vec<Gauge> {
+        let (shared, exclusive, waiters) = self.locks.counts();
+        let g = |name, help, label, value: usize| Gauge {
+            name,
+            help,
+            label,
+            value: value as f64,
+        };
+        vec![
+            g("lock_held", "Locks held, by mode", Some(("mode", "S")), shared),
+            g("lock_held", "Locks held, by mode", Some(("mode", "X")), exclusive),
+            g("lock_waiters", "Queued lock requests", None, waiters),
+            g(
+                "lock_deadlocks_total",
+                "Lock requests refused for deadlock",
+                None,
+                self.locks.deadlocks() as usize,
+            ),
+            g("sessions", "Client sessions kept", None, self.sessions.len()),
+        ]
+    }
+
+    /// Apply the entry at `index` of `term`; `payload` is its command bytes (`None`: an
+    /// entry that carries no command, a no-op or a membership change).
+    pub fn apply_entry(&mut self, index: LogIndex, term: Term, payload: Option<&[u8]>) -> Applied {
+        self.applied = index;
+        if term > self.clock.term {
+            self.clock.term = term;
+            self.clock.base_ms = self.clock.now_ms;
+        }
+        let Some(bytes) = payload else {
+            return Applied::default();
+        };
         match postcard::from_bytes::<Envelope>(bytes) {
-            Ok(envelope) => self.apply(index, envelope),
-            Err(e) => {
-                self.applied = index;
-                (Reply::Invalid(e.to_string()), Vec::new())
-            }
+            Ok(envelope) => self.apply_envelope(index, envelope),
+            Err(e) => Applied {
+                call: None,
+                reply: Some(Reply::Invalid(e.to_string())),
+                completions: Vec::new(),
+            },
         }
     }
 
@@ -177,52 +438,299 @@ impl Services {
         }
     }
 
-    fn sweep_sessions(&mut self, now_ms: u64) {
-        if now_ms < self.last_sweep_ms + 60_000 {
+    fn apply_envelope(&mut self, index: LogIndex, e: Envelope) -> Applied {
+        let stamped = self.clock.base_ms.saturating_add(e.elapsed_ms);
+        self.clock.now_ms = self.clock.now_ms.max(stamped);
+        let now = self.clock.now_ms;
+        let mut completions = Vec::new();
+        self.expire_sessions(index, now, &mut completions);
+        let events = self.locks.advance(index, now);
+        lock_completions(&mut self.waits, &mut self.sessions, events, &mut completions);
+        let call = if e.session == 0 {
+            (0, index)
+        } else {
+            (e.session, e.seq)
+        };
+        let reply = if e.session == 0 {
+            self.execute(index, call, e.command, &mut completions).0
+        } else {
+            self.apply_in_session(index, now, e, &mut completions)
+        };
+        Applied {
+            call: Some(call),
+            reply: Some(reply),
+            completions,
+        }
+    }
+
+    fn apply_in_session(
+        &mut self,
+        index: LogIndex,
+        now: u64,
+        e: Envelope,
+        completions: &mut Vec<Completion>,
+    ) -> Reply {
+        if !self.sessions.contains_key(&e.session) {
+            if e.seq > 1 {
+                return Reply::Session(SessionRefusal::Unknown { session: e.session });
+            }
+            self.open_session(index, e.session, now, completions);
+        }
+        self.touch_session(e.session, now);
+        let Some(session) = self.sessions.get(&e.session) else {
+            return Reply::Session(SessionRefusal::Unknown { session: e.session });
+        };
+        if e.seq < session.floor {
+            return Reply::Session(SessionRefusal::Discarded {
+                seq: e.seq,
+                floor: session.floor,
+            });
+        }
+        if let Some(kept) = session.calls.get(&e.seq) {
+            return kept.reply.clone();
+        }
+        self.acknowledge(index, e.session, e.ack.min(e.seq), completions);
+        if self
+            .sessions
+            .get(&e.session)
+            .is_some_and(|s| s.calls.len() >= MAX_CALLS_PER_SESSION)
+        {
+            return Reply::Session(SessionRefusal::TooManyCalls {
+                limit: MAX_CALLS_PER_SESSION,
+            });
+        }
+        let call = (e.session, e.seq);
+        let (reply, handle) = self.execute(index, call, e.command, completions);
+        if let Some(session) = self.sessions.get_mut(&e.session) {
+            session.calls.insert(
+                e.seq,
+                KeptCall {
+                    reply: reply.clone(),
+                    handle,
+                },
+            );
+        }
+        reply
+    }
+
+    /// Run one command for `call`: its reply, and what would withdraw it later.
+    fn execute(
+        &mut self,
+        index: LogIndex,
+        call: CallRef,
+        command: Command,
+        completions: &mut Vec<Completion>,
+    ) -> (Reply, Option<Handle>) {
+        let now = self.clock.now_ms;
+        match command {
+            Command::Register(cmd) => (Reply::Register(self.register.apply(index, cmd)), None),
+            Command::Lock(cmd) => {
+                let handle = match &cmd {
+                    LockCommand::Acquire { key, client, .. } => Some(Handle::Lock {
+                        key: key.clone(),
+                        client: client.clone(),
+                    }),
+                    _ => None,
+                };
+                let (reply, events) = self.locks.apply(index, now, cmd);
+                if let LockReply::Queued { wait } = reply {
+                    self.waits.entry(wait).or_default().push(call);
+                }
+                lock_completions(&mut self.waits, &mut self.sessions, events, completions);
+                (Reply::Lock(reply), handle)
+            }
+            Command::Withdraw { session, seq } => {
+                self.withdraw(index, (session, seq), completions);
+                (Reply::Withdrawn, None)
+            }
+            Command::Tick => (Reply::Ticked, None),
+        }
+    }
+
+    /// Withdraw call `target` (see [`Command::Withdraw`]).
+    fn withdraw(&mut self, index: LogIndex, target: CallRef, completions: &mut Vec<Completion>) {
+        let (session_id, seq) = target;
+        if session_id == 0 {
             return;
         }
-        self.last_sweep_ms = now_ms;
-        self.sessions
-            .retain(|_, s| s.last_ms + SESSION_IDLE_MS > now_ms);
+        let now = self.clock.now_ms;
+        if !self.sessions.contains_key(&session_id) {
+            if seq > 1 {
+                return;
+            }
+            self.open_session(index, session_id, now, completions);
+        }
+        let Some(session) = self.sessions.get_mut(&session_id) else {
+            return;
+        };
+        if seq < session.floor {
+            return;
+        }
+        let Some(kept) = session.calls.get_mut(&seq) else {
+            // Not arrived yet: when it does, it is answered "withdrawn" and not applied.
+            session.calls.insert(
+                seq,
+                KeptCall {
+                    reply: Reply::Withdrawn,
+                    handle: None,
+                },
+            );
+            return;
+        };
+        let previous = std::mem::replace(&mut kept.reply, Reply::Withdrawn);
+        let handle = kept.handle.take();
+        let Some(Handle::Lock { key, client }) = handle else {
+            kept.reply = previous;
+            return;
+        };
+        let events = match previous {
+            Reply::Lock(LockReply::Queued { wait }) => {
+                complete(
+                    &mut self.waits,
+                    &mut self.sessions,
+                    wait,
+                    &Reply::Withdrawn,
+                    completions,
+                );
+                self.locks.withdraw_wait(index, &key, wait)
+            }
+            Reply::Lock(LockReply::Granted { token, .. }) => {
+                self.locks.withdraw_grant(index, &key, &client, token)
+            }
+            other => {
+                if let Some(kept) = self
+                    .sessions
+                    .get_mut(&session_id)
+                    .and_then(|s| s.calls.get_mut(&seq))
+                {
+                    kept.reply = other;
+                }
+                None
+            }
+        };
+        lock_completions(
+            &mut self.waits,
+            &mut self.sessions,
+            events.unwrap_or_default(),
+            completions,
+        );
+    }
+
+    /// The client saw every answer below `ack`: drop them. A call dropped while it still
+    /// waits was given up by its client: its wait is withdrawn.
+    fn acknowledge(
+        &mut self,
+        index: LogIndex,
+        session_id: u64,
+        ack: u64,
+        completions: &mut Vec<Completion>,
+    ) {
+        let Some(session) = self.sessions.get_mut(&session_id) else {
+            return;
+        };
+        if ack <= session.floor {
+            return;
+        }
+        session.floor = ack;
+        let kept = session.calls.split_off(&ack);
+        let dropped = std::mem::replace(&mut session.calls, kept);
+        for (seq, call) in dropped {
+            self.abandon(index, (session_id, seq), call, completions);
+        }
+    }
+
+    /// A kept call is forgotten; if it still waits, nobody will hear its outcome.
+    fn abandon(
+        &mut self,
+        index: LogIndex,
+        call: CallRef,
+        kept: KeptCall,
+        completions: &mut Vec<Completion>,
+    ) {
+        let (Reply::Lock(LockReply::Queued { wait }), Some(Handle::Lock { key, .. })) =
+            (kept.reply, kept.handle)
+        else {
+            return;
+        };
+        let Some(calls) = self.waits.get_mut(&wait) else {
+            return;
+        };
+        calls.retain(|c| *c != call);
+        if calls.is_empty() {
+            self.waits.remove(&wait);
+            let events = self.locks.withdraw_wait(index, &key, wait);
+            lock_completions(
+                &mut self.waits,
+                &mut self.sessions,
+                events.unwrap_or_default(),
+                completions,
+            );
+        }
+    }
+
+    fn open_session(
+        &mut self,
+        index: LogIndex,
+        session: u64,
+        now: u64,
+        completions: &mut Vec<Completion>,
+    ) {
+        while self.sessions.len() >= MAX_SESSIONS {
+            let Some((_, oldest)) = self.sessions_by_use.first().copied() else {
+                break;
+            };
+            self.close_session(index, oldest, completions);
+        }
+        self.sessions.insert(
+            session,
+            Session {
+                floor: 1,
+                calls: BTreeMap::new(),
+                last_ms: now,
+            },
+        );
+        self.sessions_by_use.insert((now, session));
+    }
+
+    fn touch_session(&mut self, session: u64, now: u64) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            self.sessions_by_use.remove(&(s.last_ms, session));
+            s.last_ms = now;
+            self.sessions_by_use.insert((now, session));
+        }
+    }
+
+    fn close_session(&mut self, index: LogIndex, session: u64, completions: &mut Vec<Completion>) {
+        let Some(s) = self.sessions.remove(&session) else {
+            return;
+        };
+        self.sessions_by_use.remove(&(s.last_ms, session));
+        for (seq, call) in s.calls {
+            self.abandon(index, (session, seq), call, completions);
+        }
+    }
+
+    /// Forget sessions idle for [`SESSION_IDLE_MS`] of lock time.
+    fn expire_sessions(&mut self, index: LogIndex, now: u64, completions: &mut Vec<Completion>) {
+        while let Some(&(last, session)) = self.sessions_by_use.first() {
+            if last.saturating_add(SESSION_IDLE_MS) > now {
+                break;
+            }
+            self.close_session(index, session, completions);
+        }
     }
 }
 
 impl StateMachine for Services {
     type Command = Envelope;
-    type Reply = (Reply, Vec<LockEvent>);
+    type Reply = Applied;
     type RestoreError = ServicesRestoreError;
 
-    fn apply(&mut self, index: LogIndex, e: Envelope) -> (Reply, Vec<LockEvent>) {
+    /// Apply a command as an entry of the current term (tests and tools; the node calls
+    /// [`Services::apply_entry`] with the entry's own term).
+    fn apply(&mut self, index: LogIndex, e: Envelope) -> Applied {
         self.applied = index;
-        let now = e.now_ms.max(self.locks.now_ms());
-        self.sweep_sessions(now);
-        if e.session != 0 {
-            if let Some(reply) = self
-                .sessions
-                .get(&e.session)
-                .and_then(|s| s.replies.get(&e.seq))
-            {
-                return (reply.clone(), Vec::new());
-            }
-        }
-        let (reply, events) = match e.command {
-            Command::Register(cmd) => {
-                (Reply::Register(self.register.apply(index, cmd)), Vec::new())
-            }
-            Command::Lock(cmd) => {
-                let (r, events) = self.locks.apply(index, now, cmd);
-                (Reply::Lock(r), events)
-            }
-        };
-        if e.session != 0 {
-            let session = self.sessions.entry(e.session).or_default();
-            session.last_ms = now;
-            session.replies.insert(e.seq, reply.clone());
-            while session.replies.len() > SESSION_REPLIES {
-                session.replies.pop_first();
-            }
-        }
-        (reply, events)
+        self.apply_envelope(index, e)
     }
 
     fn snapshot(&self) -> Vec<u8> {
@@ -237,61 +745,4 @@ impl StateMachine for Services {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::services::lock::Mode;
-
-    fn acquire(session: u64, seq: u64, client: &str) -> Envelope {
-        Envelope {
-            session,
-            seq,
-            now_ms: 1_000,
-            command: Command::Lock(LockCommand::Acquire {
-                key: "A".into(),
-                client: client.into(),
-                mode: Mode::X,
-                ttl_ms: 0,
-                wait_ms: 0,
-            }),
-        }
-    }
-
-    #[test]
-    fn a_retried_command_is_applied_once() {
-        let mut s = Services::default();
-        let (first, _) = s.apply(1, acquire(7, 1, "c1"));
-        let release = Envelope {
-            session: 7,
-            seq: 2,
-            now_ms: 1_001,
-            command: Command::Lock(LockCommand::Release {
-                key: "A".into(),
-                client: "c1".into(),
-            }),
-        };
-        assert_eq!(
-            s.apply(2, release.clone()).0,
-            Reply::Lock(LockReply::Released)
-        );
-        // The same release again (a retry after a leader change) answers the same and
-        // does not count as a second release.
-        assert_eq!(s.apply(3, release).0, Reply::Lock(LockReply::Released));
-        // And a retried acquire answers its original grant, not a new one.
-        assert_eq!(s.apply(4, acquire(7, 1, "c1")).0, first);
-        assert!(s.locks().view("A").holders.is_empty());
-    }
-
-    #[test]
-    fn snapshot_round_trip_and_bad_bytes() {
-        let mut s = Services::default();
-        s.apply(1, acquire(1, 1, "c1"));
-        let mut copy = Services::default();
-        copy.restore(&s.snapshot()).expect("restore");
-        assert_eq!(copy, s);
-        assert!(matches!(
-            s.apply_bytes(2, &[0xFF, 0x01]).0,
-            Reply::Invalid(_)
-        ));
-        assert!(matches!(s.query_bytes(&[0xFF]), QueryReply::Invalid(_)));
-    }
-}
+mod tests;

@@ -68,12 +68,16 @@ pub struct NodeStatus {
 /// A node's answer to a client.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientResponse {
-    /// The command was committed at `index` and applied; `result` is its reply.
+    /// The command was committed at `index` and applied (or, for a call that waited,
+    /// the entry at `index` completed it); `result` is its reply.
     Applied {
         /// Where it landed in the log.
         index: LogIndex,
         /// The state machine's reply.
         result: Vec<u8>,
+        /// The answering node's wall clock when it answered: only for estimates a person
+        /// reads (a lease's wall-clock end), never for a decision.
+        wall_ms: u64,
     },
     /// The result of a read.
     Read(Vec<u8>),
@@ -91,6 +95,13 @@ pub enum ClientResponse {
     },
     /// The node's status.
     Status(NodeStatus),
+    /// The call may or may not have been carried out (its entry was proposed, then the
+    /// leader changed or the answer did not come in time). Retrying the same session
+    /// and sequence number is safe: it is answered, never applied twice.
+    Unknown {
+        /// What happened.
+        message: String,
+    },
 }
 
 /// Why bytes are not a frame.

@@ -6,13 +6,18 @@
 //!      │ wait_ms = 0 ─────────────────────> conflict (holders named)
 //!      │ would close a wait-for cycle ────> deadlock (cycle named)
 //!      └──> queued FIFO ──release/expiry──> granted ──lease ends──> released
-//!                     └──deadline passes──> timed out
+//!                     ├──deadline passes──> timed out
+//!                     └──withdrawn───────> cancelled (a grant that raced it is released)
 //! ```
-//! Time comes only from the commands (the leader's clock, never this node's), and it
-//! never runs backwards here: the table keeps the largest time it has seen. A release
-//! hands the lock to the next waiters in the same apply, so a hot key moves from holder
-//! to holder in one commit each. Fencing tokens are Raft indexes, so they increase
-//! strictly per key (and globally).
+//! Time is *lock time* (DESIGN.md section 6), handed in by the caller with every command
+//! and computed from committed entries only, never a clock of this node; the table
+//! keeps the largest it has seen. A release hands the lock to the next waiters in the
+//! same apply, so a hot key moves from holder to holder in one commit each. Fencing
+//! tokens are Raft indexes, so they increase strictly per key (and globally).
+//!
+//! Every queued request has a [`WaitId`] (the index of the acquire that queued it): its
+//! grant, time-out or withdrawal names that id, so the node answers exactly the call
+//! that waited, never another call of the same client on the same key.
 
 #[cfg(test)]
 mod tests;
@@ -31,6 +36,9 @@ pub const MAX_WAITERS_PER_KEY: usize = 4096;
 pub const DEFAULT_TTL_MS: u64 = 30_000;
 /// Longest lease and longest wait.
 pub const MAX_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// Names one queued request: the log index of the acquire that queued it.
+pub type WaitId = LogIndex;
 
 /// Lock mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -69,8 +77,6 @@ pub enum LockCommand {
         /// Client.
         client: String,
     },
-    /// Only advance time: expire leases and waits that ran out.
-    Tick,
 }
 
 /// Who holds a key.
@@ -95,11 +101,17 @@ pub enum LockReply {
         token: u64,
         /// Mode held (X if an X holder asked for S).
         mode: Mode,
-        /// Leader time at which the lease ends.
+        /// Lock time at which the lease ends.
         expires_ms: u64,
+        /// Lease left when it was granted (the holder counts it from its own request).
+        expires_in_ms: u64,
     },
-    /// Queued; a [`LockEvent::Granted`] or [`LockEvent::TimedOut`] follows.
-    Queued,
+    /// Queued; a [`LockEvent::Granted`] or [`LockEvent::TimedOut`] naming `wait`
+    /// follows, unless the request is withdrawn first.
+    Queued {
+        /// The queued request.
+        wait: WaitId,
+    },
     /// Not grantable and the caller would not wait.
     Conflict {
         /// Current holders.
@@ -122,18 +134,22 @@ pub enum LockReply {
         /// Locks renewed.
         locks: usize,
     },
-    /// Time advanced.
-    Ticked,
     /// The command is invalid.
     Invalid(String),
     /// Too many waiters on the key.
     Busy,
-    /// A queued request gave up waiting (answered by the node from a
-    /// [`LockEvent::TimedOut`]).
+    /// A queued request gave up waiting (the final answer of a [`LockEvent::TimedOut`]).
     TimedOut {
         /// Holders at the time.
         holders: Vec<Holder>,
     },
+}
+
+impl LockReply {
+    /// Whether the call that got this reply still waits for its outcome.
+    pub fn is_waiting(&self) -> bool {
+        matches!(self, Self::Queued { .. })
+    }
 }
 
 /// Something that happened to a waiter or holder as a side effect of a command.
@@ -141,6 +157,8 @@ pub enum LockReply {
 pub enum LockEvent {
     /// A queued request was granted.
     Granted {
+        /// The request.
+        wait: WaitId,
         /// Key.
         key: String,
         /// Client.
@@ -149,11 +167,15 @@ pub enum LockEvent {
         token: u64,
         /// Mode.
         mode: Mode,
-        /// Lease end.
+        /// Lease end (lock time).
         expires_ms: u64,
+        /// Lease left at the grant.
+        expires_in_ms: u64,
     },
     /// A queued request gave up waiting.
     TimedOut {
+        /// The request.
+        wait: WaitId,
         /// Key.
         key: String,
         /// Client.
@@ -183,6 +205,8 @@ struct Hold {
 /// A queued request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Waiter {
+    /// Which request it is.
+    pub id: WaitId,
     /// Client.
     pub client: String,
     /// Mode wanted.
@@ -239,6 +263,26 @@ pub struct KeyView {
     pub waiters: Vec<Waiter>,
 }
 
+/// Counts of what happened, kept in the replicated state (for metrics, the console and
+/// the simulator's coverage report).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockStats {
+    /// Requests refused for deadlock.
+    pub deadlocks: u64,
+    /// Queued requests that were granted.
+    pub waits_granted: u64,
+    /// Queued requests whose wait ran out.
+    pub waits_timed_out: u64,
+    /// Leases that ran out.
+    pub leases_expired: u64,
+    /// Upgrades (an S holder asking X) that had to wait.
+    pub upgrades_waited: u64,
+    /// Queued requests withdrawn before their grant.
+    pub waits_withdrawn: u64,
+    /// Grants released because the call they answered had been withdrawn.
+    pub grants_withdrawn: u64,
+}
+
 /// The lock table.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockTable {
@@ -247,7 +291,7 @@ pub struct LockTable {
     /// times passes (entries left behind by releases and renewals are harmless).
     deadlines: BTreeSet<(u64, String)>,
     now_ms: u64,
-    deadlocks: u64,
+    stats: LockStats,
 }
 
 fn validate(key: &str, client: &str) -> Result<(), String> {
@@ -260,16 +304,20 @@ fn validate(key: &str, client: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether a request in mode `want` must wait for someone holding (or queued for) `other`.
+fn blocks(want: Mode, other: Mode) -> bool {
+    want == Mode::X || other == Mode::X
+}
+
 impl LockTable {
-    /// Apply one command at Raft `index` with the leader's time `now_ms`.
+    /// Apply one command at Raft `index` at lock time `now_ms`.
     pub fn apply(
         &mut self,
         index: LogIndex,
         now_ms: u64,
         cmd: LockCommand,
     ) -> (LockReply, Vec<LockEvent>) {
-        self.now_ms = self.now_ms.max(now_ms);
-        let mut events = self.expire(index);
+        let mut events = self.advance(index, now_ms);
         let reply = match cmd {
             LockCommand::Acquire {
                 key,
@@ -280,19 +328,29 @@ impl LockTable {
             } => self.acquire(index, key, client, mode, ttl_ms, wait_ms),
             LockCommand::Release { key, client } => self.release(index, &key, &client, &mut events),
             LockCommand::Renew { client } => self.renew(&client),
-            LockCommand::Tick => LockReply::Ticked,
         };
         (reply, events)
     }
 
-    /// Leader time as this table knows it.
+    /// Move lock time to `now_ms` (never back): expire the leases and waits that ended.
+    pub fn advance(&mut self, index: LogIndex, now_ms: u64) -> Vec<LockEvent> {
+        self.now_ms = self.now_ms.max(now_ms);
+        self.expire(index)
+    }
+
+    /// Lock time as this table knows it.
     pub fn now_ms(&self) -> u64 {
         self.now_ms
     }
 
     /// Deadlocks refused so far.
     pub fn deadlocks(&self) -> u64 {
-        self.deadlocks
+        self.stats.deadlocks
+    }
+
+    /// What happened so far.
+    pub fn stats(&self) -> &LockStats {
+        &self.stats
     }
 
     /// The earliest lease end or wait deadline still pending: when it passes, the leader
@@ -320,7 +378,8 @@ impl LockTable {
     }
 
     /// The table's own invariants: an X holder is alone; no key is kept without holders
-    /// or waiters; a waiter never holds the key it waits for in the mode it asks.
+    /// or waiters; a waiter never holds the key it waits for in the mode it asks; the
+    /// head of a queue is never grantable (it would have been granted).
     pub fn check(&self) -> Result<(), String> {
         for (key, state) in &self.keys {
             let x = state.holders.values().filter(|h| h.mode == Mode::X).count();
@@ -340,6 +399,14 @@ impl LockTable {
                     .is_some_and(|h| h.mode >= w.mode)
             }) {
                 return Err(format!("key {key}: {} waits for what it holds", w.client));
+            }
+            if let Some(head) = state.waiters.front() {
+                if state.compatible(&head.client, head.mode) {
+                    return Err(format!(
+                        "key {key}: {} waits at the head although it is grantable",
+                        head.client
+                    ));
+                }
             }
         }
         Ok(())
@@ -362,6 +429,45 @@ impl LockTable {
         (s, x, w)
     }
 
+    /// Withdraw queued request `wait` on `key` (its caller went away). Its removal may let
+    /// the requests behind it go: their grants are among the events. `None`: it was no
+    /// longer queued.
+    pub fn withdraw_wait(
+        &mut self,
+        index: LogIndex,
+        key: &str,
+        wait: WaitId,
+    ) -> Option<Vec<LockEvent>> {
+        let state = self.keys.get_mut(key)?;
+        let pos = state.waiters.iter().position(|w| w.id == wait)?;
+        state.waiters.remove(pos);
+        self.stats.waits_withdrawn += 1;
+        let mut events = Vec::new();
+        self.promote(index, key, &mut events);
+        Some(events)
+    }
+
+    /// Release `client`'s hold of `key` if it is still the grant with fencing `token` (a
+    /// grant that raced the withdrawal of the call it answered). A later grant to the
+    /// same client has another token and is left alone. `None`: no such grant.
+    pub fn withdraw_grant(
+        &mut self,
+        index: LogIndex,
+        key: &str,
+        client: &str,
+        token: u64,
+    ) -> Option<Vec<LockEvent>> {
+        let state = self.keys.get_mut(key)?;
+        if state.holders.get(client).map(|h| h.token) != Some(token) {
+            return None;
+        }
+        state.holders.remove(client);
+        self.stats.grants_withdrawn += 1;
+        let mut events = Vec::new();
+        self.promote(index, key, &mut events);
+        Some(events)
+    }
+
     fn acquire(
         &mut self,
         index: LogIndex,
@@ -380,25 +486,11 @@ impl LockTable {
             ttl_ms.min(MAX_TTL_MS)
         };
         let now = self.now_ms;
+        if let Some(reply) = self.already(&key, &client, mode) {
+            return reply;
+        }
         let state = self.keys.entry(key.clone()).or_default();
-        if let Some(hold) = state.holders.get(&client) {
-            if hold.mode >= mode {
-                // Idempotent re-acquire (or S asked by an X holder): same grant.
-                return LockReply::Granted {
-                    token: hold.token,
-                    mode: hold.mode,
-                    expires_ms: hold.expires_ms,
-                };
-            }
-        }
-        if state
-            .waiters
-            .iter()
-            .any(|w| w.client == client && w.mode == mode)
-        {
-            // A retried request that is already waiting.
-            return LockReply::Queued;
-        }
+        let held = state.holders.get(&client).map(|h| h.mode);
         let queued_ahead = !state.waiters.is_empty();
         if !queued_ahead && state.compatible(&client, mode) {
             // Grant (or upgrade S to X for the only holder) with a fresh token.
@@ -412,6 +504,7 @@ impl LockTable {
                 token: index,
                 mode,
                 expires_ms: hold.expires_ms,
+                expires_in_ms: ttl_ms,
             };
             state.holders.insert(client, hold.clone());
             self.deadlines.insert((hold.expires_ms, key));
@@ -425,95 +518,87 @@ impl LockTable {
         if state.waiters.len() >= MAX_WAITERS_PER_KEY {
             return LockReply::Busy;
         }
-        if let Some(cycle) = self.cycle_if_waiting(&key, &client) {
-            self.deadlocks += 1;
+        if let Some(cycle) = self.cycle_if_waiting(&key, &client, mode) {
+            self.stats.deadlocks += 1;
             self.drop_if_idle(&key);
             return LockReply::Deadlock { cycle };
+        }
+        if held.is_some() {
+            self.stats.upgrades_waited += 1;
         }
         let deadline_ms = now.saturating_add(wait_ms.min(MAX_TTL_MS));
         let state = self.keys.entry(key.clone()).or_default();
         state.waiters.push_back(Waiter {
+            id: index,
             client,
             mode,
             ttl_ms,
             deadline_ms,
         });
         self.deadlines.insert((deadline_ms, key));
-        LockReply::Queued
+        LockReply::Queued { wait: index }
     }
 
-    /// If `client` queued on `key` now, would the wait-for graph get a cycle? The cycle.
-    ///
-    /// A waiter at position `i` of a key's queue waits for that key's holders and for the
-    /// waiters at positions before `i`. A search from the clients `client` would wait for
-    /// therefore only needs, per key, how far into its queue it has reached: each queue
-    /// entry and holder is visited once, without building the whole graph.
-    fn cycle_if_waiting(&self, key: &str, client: &str) -> Option<Vec<String>> {
+    /// The answer to an acquire that `client` already holds (an idempotent re-acquire,
+    /// or S asked by an X holder: the same grant) or already waits for (another call of
+    /// the same request).
+    fn already(&self, key: &str, client: &str, mode: Mode) -> Option<LockReply> {
         let state = self.keys.get(key)?;
-        // Where each client waits: (key, position in that key's queue).
-        let mut waits_on: BTreeMap<&str, Vec<(&str, usize)>> = BTreeMap::new();
+        if let Some(hold) = state.holders.get(client).filter(|h| h.mode >= mode) {
+            return Some(LockReply::Granted {
+                token: hold.token,
+                mode: hold.mode,
+                expires_ms: hold.expires_ms,
+                expires_in_ms: hold.expires_ms.saturating_sub(self.now_ms),
+            });
+        }
+        state
+            .waiters
+            .iter()
+            .find(|w| w.client == client && w.mode == mode)
+            .map(|w| LockReply::Queued { wait: w.id })
+    }
+
+    /// If `client` queued on `key` in `mode` now, would the wait-for graph get a cycle?
+    /// The cycle.
+    ///
+    /// The graph is exact (no false cycles): a request waits for the holders whose mode
+    /// it cannot share (never itself: an S holder asking X waits only for the others),
+    /// and for the requests queued ahead of it that it cannot be granted together with
+    /// (an S request behind another S request does not wait for it: compatible waiters
+    /// are granted in one run). A search from the requester therefore needs, per key, how
+    /// far into its queue it has looked for each mode: every queue entry and holder is
+    /// visited at most twice, without building the whole graph.
+    fn cycle_if_waiting(&self, key: &str, client: &str, mode: Mode) -> Option<Vec<String>> {
+        let state = self.keys.get(key)?;
+        // Where each client waits: (key, position in that key's queue, mode).
+        let mut waits_on: BTreeMap<&str, Vec<(&str, usize, Mode)>> = BTreeMap::new();
         for (k, st) in &self.keys {
             for (pos, w) in st.waiters.iter().enumerate() {
                 waits_on
                     .entry(w.client.as_str())
                     .or_default()
-                    .push((k.as_str(), pos));
+                    .push((k.as_str(), pos, w.mode));
             }
         }
-        let mut parent: BTreeMap<&str, &str> = BTreeMap::new();
-        // Per key: how far into its queue the search has enqueued, and whether its holders
-        // have been looked at.
-        let mut reached: BTreeMap<&str, usize> = BTreeMap::new();
-        let mut holders_done: BTreeSet<&str> = BTreeSet::new();
-        let mut queue: VecDeque<&str> = VecDeque::new();
         let root = client;
-        let targets = state
-            .holders
-            .keys()
-            .chain(state.waiters.iter().map(|w| &w.client));
-        for t in targets.map(String::as_str).filter(|t| *t != root) {
-            if !parent.contains_key(t) {
-                parent.insert(t, root);
-                queue.push_back(t);
-            }
+        // The requester's own blockers are found with a memo of their own: the root is
+        // among a key's holders when it upgrades, and the search must still find it
+        // there when it reaches that key again from a waiter.
+        let first = Search::default().blockers(key, state, state.waiters.len(), mode);
+        let mut search = Search::default();
+        for t in first.into_iter().filter(|t| *t != root) {
+            search.reach(t, root);
         }
-        while let Some(node) = queue.pop_front() {
-            for &(k, pos) in waits_on.get(node).map(Vec::as_slice).unwrap_or(&[]) {
+        while let Some(node) = search.queue.pop_front() {
+            for &(k, pos, m) in waits_on.get(node).map(Vec::as_slice).unwrap_or(&[]) {
                 let Some(st) = self.keys.get(k) else { continue };
-                let from = reached.get(k).copied().unwrap_or(0);
-                let mut next: Vec<&str> = Vec::new();
-                if holders_done.insert(k) {
-                    next.extend(st.holders.keys().map(String::as_str));
-                }
-                if pos > from {
-                    next.extend(
-                        st.waiters
-                            .iter()
-                            .take(pos)
-                            .skip(from)
-                            .map(|w| w.client.as_str()),
-                    );
-                    reached.insert(k, pos);
-                }
-                for n in next {
+                for n in search.blockers(k, st, pos, m) {
                     if n == root {
-                        let mut cycle = vec![root.to_string(), root.to_string()];
-                        let mut cur = node;
-                        let mut path = vec![cur.to_string()];
-                        while let Some(&p) = parent.get(cur) {
-                            if p == root {
-                                break;
-                            }
-                            path.push(p.to_string());
-                            cur = p;
-                        }
-                        path.reverse();
-                        cycle.splice(1..1, path);
-                        return Some(cycle);
+                        return Some(search.cycle(root, node));
                     }
-                    if n != node && !parent.contains_key(n) {
-                        parent.insert(n, node);
-                        queue.push_back(n);
+                    if n != node {
+                        search.reach(n, node);
                     }
                 }
             }
@@ -582,12 +667,15 @@ impl LockTable {
                 expires_ms,
             };
             events.push(LockEvent::Granted {
+                wait: w.id,
                 key: key.to_string(),
                 client: w.client.clone(),
                 token: index,
                 mode: w.mode,
                 expires_ms,
+                expires_in_ms: w.ttl_ms,
             });
+            self.stats.waits_granted += 1;
             state.holders.insert(w.client, hold);
             self.deadlines.insert((expires_ms, key.to_string()));
         }
@@ -629,6 +717,7 @@ impl LockTable {
                 .collect();
             for client in expired {
                 if let Some(h) = state.holders.remove(&client) {
+                    self.stats.leases_expired += 1;
                     events.push(LockEvent::Expired {
                         key: key.clone(),
                         client,
@@ -637,20 +726,102 @@ impl LockTable {
                 }
             }
             let holders = state.holders();
+            let stats = &mut self.stats;
             state.waiters.retain(|w| {
                 let late = w.deadline_ms <= now;
                 if late {
-                    let timed_out = LockEvent::TimedOut {
+                    stats.waits_timed_out += 1;
+                    events.push(LockEvent::TimedOut {
+                        wait: w.id,
                         key: key.clone(),
                         client: w.client.clone(),
                         holders: holders.clone(),
-                    };
-                    events.push(timed_out);
+                    });
                 }
                 !late
             });
             self.promote(index, &key, &mut events);
         }
         events
+    }
+}
+
+/// The state of one deadlock search: who was reached from whom, and how much of each
+/// key has been looked at already.
+#[derive(Default)]
+struct Search<'a> {
+    parent: BTreeMap<&'a str, &'a str>,
+    queue: VecDeque<&'a str>,
+    /// Per key: waiters before this position looked at by an X request (all of them)...
+    reached_all: BTreeMap<&'a str, usize>,
+    /// ... and by an S request (only the X waiters among them).
+    reached_x: BTreeMap<&'a str, usize>,
+    /// Keys whose holders were looked at by an X request (all) or an S request (X ones).
+    holders_all: BTreeSet<&'a str>,
+    holders_x: BTreeSet<&'a str>,
+}
+
+impl<'a> Search<'a> {
+    /// Those not yet looked at whom a request in `mode` at `pos` of `key`'s queue waits for.
+    fn blockers(&mut self, key: &'a str, st: &'a KeyState, pos: usize, mode: Mode) -> Vec<&'a str> {
+        let mut out: Vec<&'a str> = Vec::new();
+        let all = mode == Mode::X;
+        let (holders_seen, reached) = if all {
+            (&mut self.holders_all, &mut self.reached_all)
+        } else {
+            (&mut self.holders_x, &mut self.reached_x)
+        };
+        if holders_seen.insert(key) {
+            out.extend(
+                st.holders
+                    .iter()
+                    .filter(|(_, h)| blocks(mode, h.mode))
+                    .map(|(c, _)| c.as_str()),
+            );
+        }
+        let from = reached.get(key).copied().unwrap_or(0);
+        if pos > from {
+            out.extend(
+                st.waiters
+                    .iter()
+                    .take(pos)
+                    .skip(from)
+                    .filter(|w| blocks(mode, w.mode))
+                    .map(|w| w.client.as_str()),
+            );
+            reached.insert(key, pos);
+        }
+        if all {
+            // What an X request saw covers what an S request would see.
+            self.holders_x.insert(key);
+            let x = self.reached_x.entry(key).or_insert(0);
+            *x = (*x).max(pos);
+        }
+        out
+    }
+
+    fn reach(&mut self, node: &'a str, from: &'a str) {
+        if !self.parent.contains_key(node) {
+            self.parent.insert(node, from);
+            self.queue.push_back(node);
+        }
+    }
+
+    /// The cycle root -> ... -> last -> root, through the parents.
+    fn cycle(&self, root: &str, last: &'a str) -> Vec<String> {
+        let mut path = vec![last.to_string()];
+        let mut cur = last;
+        while let Some(&p) = self.parent.get(cur) {
+            if p == root {
+                break;
+            }
+            path.push(p.to_string());
+            cur = p;
+        }
+        path.reverse();
+        let mut cycle = vec![root.to_string()];
+        cycle.extend(path);
+        cycle.push(root.to_string());
+        cycle
     }
 }

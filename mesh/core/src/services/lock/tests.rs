@@ -43,7 +43,8 @@ impl Table {
 
     fn tick(&mut self, advance_ms: u64) -> Vec<LockEvent> {
         self.now += advance_ms;
-        self.apply(LockCommand::Tick).1
+        self.index += 1;
+        self.t.advance(self.index, self.now)
     }
 }
 
@@ -114,10 +115,10 @@ fn sole_shared_holder_upgrades_others_must_wait() {
 fn waiters_are_served_fifo_without_barging() {
     let mut t = Table::new();
     t.acquire("A", "holder", Mode::S, 0);
-    assert_eq!(t.acquire("A", "w1", Mode::X, 5_000), LockReply::Queued);
+    assert!(matches!(t.acquire("A", "w1", Mode::X, 5_000), LockReply::Queued { .. }));
     // A later S request is compatible with the S holder but must not pass the waiting X.
-    assert_eq!(t.acquire("A", "w2", Mode::S, 5_000), LockReply::Queued);
-    assert_eq!(t.acquire("A", "w3", Mode::S, 5_000), LockReply::Queued);
+    assert!(matches!(t.acquire("A", "w2", Mode::S, 5_000), LockReply::Queued { .. }));
+    assert!(matches!(t.acquire("A", "w3", Mode::S, 5_000), LockReply::Queued { .. }));
     let (_, events) = t.release("A", "holder");
     assert_eq!(granted_clients(&events), vec!["w1"]);
     let (_, events) = t.release("A", "w1");
@@ -161,7 +162,7 @@ fn fencing_tokens_increase_strictly_per_key() {
 fn waits_time_out_by_leader_time() {
     let mut t = Table::new();
     t.acquire("A", "c1", Mode::X, 0);
-    assert_eq!(t.acquire("A", "c2", Mode::X, 500), LockReply::Queued);
+    assert!(matches!(t.acquire("A", "c2", Mode::X, 500), LockReply::Queued { .. }));
     assert!(t.tick(499).is_empty());
     let events = t.tick(1);
     assert!(
@@ -221,11 +222,10 @@ fn time_never_runs_backwards() {
         ttl_ms: 1_000,
         wait_ms: 0,
     });
-    t.now += 5_000;
-    t.apply(LockCommand::Tick);
-    // A new leader whose clock is behind must not resurrect anything.
+    t.tick(5_000);
+    // An older time handed in must not resurrect anything.
     t.now -= 4_000;
-    t.apply(LockCommand::Tick);
+    t.tick(0);
     assert_eq!(t.t.now_ms(), 6_000);
     assert!(t.t.view("A").holders.is_empty());
 }
@@ -235,7 +235,7 @@ fn two_client_deadlock_is_refused_naming_the_cycle() {
     let mut t = Table::new();
     t.acquire("A", "c1", Mode::X, 0);
     t.acquire("B", "c2", Mode::X, 0);
-    assert_eq!(t.acquire("B", "c1", Mode::X, 5_000), LockReply::Queued);
+    assert!(matches!(t.acquire("B", "c1", Mode::X, 5_000), LockReply::Queued { .. }));
     match t.acquire("A", "c2", Mode::X, 5_000) {
         LockReply::Deadlock { cycle } => assert_eq!(cycle, vec!["c2", "c1", "c2"]),
         other => panic!("expected deadlock, got {other:?}"),
@@ -253,8 +253,8 @@ fn three_client_deadlock_is_refused_naming_the_cycle() {
     for (key, client) in [("A", "c1"), ("B", "c2"), ("C", "c3")] {
         t.acquire(key, client, Mode::X, 0);
     }
-    assert_eq!(t.acquire("B", "c1", Mode::X, 5_000), LockReply::Queued);
-    assert_eq!(t.acquire("C", "c2", Mode::X, 5_000), LockReply::Queued);
+    assert!(matches!(t.acquire("B", "c1", Mode::X, 5_000), LockReply::Queued { .. }));
+    assert!(matches!(t.acquire("C", "c2", Mode::X, 5_000), LockReply::Queued { .. }));
     match t.acquire("A", "c3", Mode::X, 5_000) {
         LockReply::Deadlock { cycle } => assert_eq!(cycle, vec!["c3", "c1", "c2", "c3"]),
         other => panic!("expected deadlock, got {other:?}"),
@@ -266,7 +266,7 @@ fn shared_upgrades_by_two_holders_deadlock() {
     let mut t = Table::new();
     t.acquire("A", "c1", Mode::S, 0);
     t.acquire("A", "c2", Mode::S, 0);
-    assert_eq!(t.acquire("A", "c1", Mode::X, 5_000), LockReply::Queued);
+    assert!(matches!(t.acquire("A", "c1", Mode::X, 5_000), LockReply::Queued { .. }));
     assert!(matches!(
         t.acquire("A", "c2", Mode::X, 5_000),
         LockReply::Deadlock { .. }
@@ -322,17 +322,24 @@ fn state_survives_a_snapshot() {
     assert_eq!(granted_clients(&events), vec!["c2"]);
 }
 
-/// The naive wait-for search, over the whole graph, from the public view of the table.
-fn naive_deadlock(t: &LockTable, key: &str, client: &str) -> bool {
+/// The naive wait-for search, over the whole graph, from the public view of the table:
+/// a waiter waits for the holders whose mode it cannot share and for the waiters ahead of
+/// it that it cannot be granted together with (never for a compatible waiter ahead).
+fn naive_deadlock(t: &LockTable, key: &str, client: &str, mode: Mode) -> bool {
+    let conflicts = |want: Mode, other: Mode| want == Mode::X || other == Mode::X;
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for v in t.list(usize::MAX) {
         for (i, w) in v.waiters.iter().enumerate() {
-            let targets = v
+            let holders = v
                 .holders
                 .iter()
-                .map(|h| &h.client)
-                .chain(v.waiters[..i].iter().map(|a| &a.client));
-            for target in targets.filter(|c| **c != w.client) {
+                .filter(|h| conflicts(w.mode, h.mode))
+                .map(|h| &h.client);
+            let ahead = v.waiters[..i]
+                .iter()
+                .filter(|a| conflicts(w.mode, a.mode))
+                .map(|a| &a.client);
+            for target in holders.chain(ahead).filter(|c| **c != w.client) {
                 edges
                     .entry(w.client.clone())
                     .or_default()
@@ -344,8 +351,14 @@ fn naive_deadlock(t: &LockTable, key: &str, client: &str) -> bool {
     let mut stack: Vec<String> = view
         .holders
         .iter()
+        .filter(|h| conflicts(mode, h.mode))
         .map(|h| h.client.clone())
-        .chain(view.waiters.iter().map(|w| w.client.clone()))
+        .chain(
+            view.waiters
+                .iter()
+                .filter(|w| conflicts(mode, w.mode))
+                .map(|w| w.client.clone()),
+        )
         .filter(|c| c != client)
         .collect();
     let mut seen: BTreeSet<String> = stack.iter().cloned().collect();
@@ -360,6 +373,59 @@ fn naive_deadlock(t: &LockTable, key: &str, client: &str) -> bool {
         }
     }
     false
+}
+
+/// Regression: H holds K(X); A waits for K(S); B holds M(X) and waits for K(S) behind A.
+/// A asking M(X) is no deadlock: when H releases K, A and B get S together, and B then
+/// releases M. (The old search gave every waiter an edge to every waiter ahead of it and
+/// refused A with the cycle A -> B -> A.)
+#[test]
+fn compatible_waiters_do_not_wait_for_each_other() {
+    let mut t = Table::new();
+    t.acquire("K", "H", Mode::X, 0);
+    assert!(matches!(t.acquire("K", "A", Mode::S, 5_000), LockReply::Queued { .. }));
+    t.acquire("M", "B", Mode::X, 0);
+    assert!(matches!(t.acquire("K", "B", Mode::S, 5_000), LockReply::Queued { .. }));
+    assert!(!naive_deadlock(&t.t, "M", "A", Mode::X));
+    let r = t.acquire("M", "A", Mode::X, 5_000);
+    assert!(matches!(r, LockReply::Queued { .. }), "{r:?}");
+    let (_, events) = t.release("K", "H");
+    assert_eq!(granted_clients(&events), vec!["A", "B"]);
+    let (_, events) = t.release("M", "B");
+    assert_eq!(granted_clients(&events), vec!["A"]);
+    // An X request does wait for the S waiter ahead of it: that cycle is real.
+    let mut t = Table::new();
+    t.acquire("K", "H", Mode::X, 0);
+    t.acquire("M", "B", Mode::X, 0);
+    t.acquire("K", "A", Mode::S, 5_000);
+    t.acquire("K", "B", Mode::X, 5_000);
+    assert!(matches!(t.acquire("M", "A", Mode::X, 5_000), LockReply::Deadlock { .. }));
+}
+
+#[test]
+fn a_withdrawn_wait_lets_the_next_go_and_a_raced_grant_is_released_by_token() {
+    let mut t = Table::new();
+    t.acquire("A", "h", Mode::S, 0);
+    let LockReply::Queued { wait } = t.acquire("A", "x", Mode::X, 5_000) else {
+        panic!("X waits behind S");
+    };
+    assert!(matches!(t.acquire("A", "s", Mode::S, 5_000), LockReply::Queued { .. }));
+    t.index += 1;
+    let events = t.t.withdraw_wait(t.index, "A", wait).expect("was queued");
+    assert_eq!(granted_clients(&events), vec!["s"], "S behind the withdrawn X goes");
+    assert!(t.t.withdraw_wait(t.index, "A", wait).is_none());
+    // A grant that raced its withdrawal is released; a later hold of the same client
+    // under another token is not touched.
+    let token = granted(&t.acquire("B", "c", Mode::X, 0)).expect("free");
+    t.release("B", "c");
+    let later = granted(&t.acquire("B", "c", Mode::X, 0)).expect("free");
+    t.index += 1;
+    assert!(t.t.withdraw_grant(t.index, "B", "c", token).is_none());
+    assert_eq!(t.t.view("B").holders[0].token, later);
+    assert!(t.t.withdraw_grant(t.index, "B", "c", later).is_some());
+    assert!(t.t.view("B").holders.is_empty());
+    assert_eq!(t.t.stats().grants_withdrawn, 1);
+    assert_eq!(t.t.stats().waits_withdrawn, 1);
 }
 
 #[test]
@@ -400,7 +466,7 @@ fn deadlock_search_agrees_with_the_naive_graph_search() {
                     .waiters
                     .iter()
                     .any(|w| w.client == client && w.mode == mode);
-            let expect = would_queue && !queued_already && naive_deadlock(&t.t, &key, &client);
+            let expect = would_queue && !queued_already && naive_deadlock(&t.t, &key, &client, mode);
             let reply = t.acquire(&key, &client, mode, 60_000);
             assert_eq!(
                 matches!(reply, LockReply::Deadlock { .. }),

@@ -1,0 +1,789 @@
+//! The node core: one syncmesh node as a sans-IO state machine (DESIGN.md section 8).
+//!
+//! ```text
+//!   inputs, each with Time { mono_ms, wall_ms }          outputs: Vec<Action>, in order
+//!   step(peer message) ─┐                              ┌─> Persist (then call persisted(token))
+//!   tick()             ─┤                              ├─> Send (a leader's appends go out
+//!   call(id, request)  ─┼──> Node { Raft, Services,    │   before its own fsync; votes and
+//!   cancel(id)         ─┤        calls, waits,         │   follower answers only after it)
+//!   persisted(token)   ─┤        leader time }         ├─> Reply(call id, answer)
+//!   snapshot_encoded() ─┘                              ├─> Snapshot(view) / Compact(snapshot)
+//!                                                      ├─> WakeAt(mono ms)
+//!                                                      └─> Event (metrics, the console)
+//! ```
+//! Everything a node decides lives here: which call waits for which commit or which
+//! service completion, when a waiting call times out or is withdrawn, the leader's
+//! office time that lock time is built from, when a service deadline needs a `Tick`, when
+//! to snapshot. The shell (the tokio driver, or the simulator) only executes actions:
+//! it writes what `Persist` says and reports back, sends what `Send` says, hands each
+//! `Reply` to its caller, and calls [`Node::tick`] at `WakeAt`. It never names a service.
+//!
+//! One persist is in flight at a time. While it is, inputs keep feeding Raft, and the
+//! next persist takes everything that arrived (group commit). Messages that promise
+//! durability (votes, append answers) are held until the persist that they depend on
+//! has completed; the leader's own appends are sent at once (Raft thesis 10.2.1: the
+//! leader counts itself towards a quorum only once its entry is durable).
+
+mod calls;
+#[cfg(test)]
+mod tests;
+
+use crate::raft::{
+    ConfChange, Config, Entry, EntryPayload, HardState, InitError, InitialState, LogIndex,
+    Message, MessageBody, NodeId, ProposeError, Raft, Ready, Role, Snapshot, Status, Term,
+};
+use crate::services::envelope::{Command, Envelope, Gauge, Reply, Services};
+use crate::services::StateMachine;
+use crate::wire::{ClientRequest, ClientResponse, NodeStatus};
+use calls::{CallState, CallTable};
+
+/// Names a call for the life of one node process (the shell picks it).
+pub type CallId = u64;
+
+/// The time an input happens at.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Time {
+    /// Monotonic milliseconds: what every decision uses.
+    pub mono_ms: u64,
+    /// Wall-clock milliseconds since the epoch: only for estimates a person reads.
+    pub wall_ms: u64,
+}
+
+/// Settings of the node core.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The Raft core's.
+    pub raft: Config,
+    /// Milliseconds per Raft tick.
+    pub tick_ms: u64,
+    /// Applied entries between snapshots (0: never).
+    pub snapshot_every: u64,
+    /// A proposal or read not answered within this is answered `Unknown` (or retryable).
+    pub call_timeout_ms: u64,
+    /// A call waiting for a service completion (a queued lock) is answered `Unknown`
+    /// after this; services end their own waits well before.
+    pub wait_limit_ms: u64,
+    /// Calls in flight at most; beyond it calls are refused (retryable).
+    pub max_calls: usize,
+    /// Emit [`NodeEvent::Applied`] with a state digest after every entry (the simulator
+    /// compares replicas with it; costly, off in production).
+    pub trace_applies: bool,
+}
+
+impl NodeConfig {
+    /// Defaults for node `id`.
+    pub fn new(id: NodeId) -> Self {
+        Self {
+            raft: Config::new(id),
+            tick_ms: 10,
+            snapshot_every: 10_000,
+            call_timeout_ms: 10_000,
+            wait_limit_ms: 120_000,
+            max_calls: 100_000,
+            trace_applies: false,
+        }
+    }
+}
+
+/// What to write before reporting [`Node::persisted`] with `token`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Persist {
+    /// Pass back to [`Node::persisted`] once durable.
+    pub token: u64,
+    /// A snapshot received from the leader (the log restarts after it).
+    pub snapshot: Option<Snapshot>,
+    /// Entries to append; the first may overwrite the stored log from its index.
+    pub entries: Vec<Entry>,
+    /// Hard state to store, if changed.
+    pub hard_state: Option<HardState>,
+    /// Whether an fsync is needed before reporting (term, vote, entries or snapshot).
+    pub sync: bool,
+}
+
+/// An immutable view of the services at `index`, for the shell to encode off the loop.
+#[derive(Clone, Debug)]
+pub struct SnapshotView {
+    /// The index the view is of.
+    pub index: LogIndex,
+    services: Box<Services>,
+}
+
+impl SnapshotView {
+    /// The snapshot bytes; pass them to [`Node::snapshot_encoded`].
+    pub fn encode(&self) -> Vec<u8> {
+        self.services.snapshot()
+    }
+}
+
+/// Something that happened, for metrics, logs and the console.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// The known leader changed.
+    LeaderChanged {
+        /// Term.
+        term: Term,
+        /// The new leader, if known.
+        leader: Option<NodeId>,
+    },
+    /// A snapshot from the leader replaced the services' state.
+    SnapshotInstalled {
+        /// Its index.
+        index: LogIndex,
+        /// Its size.
+        bytes: usize,
+    },
+    /// A local snapshot was taken and the log compacted up to it.
+    SnapshotTaken {
+        /// Its index.
+        index: LogIndex,
+        /// Its size.
+        bytes: usize,
+    },
+    /// A proposal was answered after this long.
+    Committed {
+        /// Milliseconds from the call to its answer.
+        latency_ms: u64,
+    },
+    /// An entry was applied (only with [`NodeConfig::trace_applies`]).
+    Applied {
+        /// Index.
+        index: LogIndex,
+        /// Term.
+        term: Term,
+        /// [`Services::digest`] after it.
+        digest: u64,
+    },
+}
+
+/// One thing for the shell to do. Execute the actions of one input in order.
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// Write and (if `sync`) fsync, then call [`Node::persisted`]. At most one is
+    /// outstanding: the next comes only after it was reported.
+    Persist(Persist),
+    /// Send to a peer now (anything that needed a persist first comes after it).
+    Send(Message),
+    /// Answer a call.
+    Reply {
+        /// The call.
+        call: CallId,
+        /// The answer.
+        response: ClientResponse,
+    },
+    /// Encode the view (off the loop), then call [`Node::snapshot_encoded`].
+    Snapshot(SnapshotView),
+    /// Store this snapshot and drop the log before it. Order it after earlier persists.
+    Compact(Snapshot),
+    /// Call [`Node::tick`] at this monotonic time (the latest `WakeAt` replaces earlier
+    /// ones).
+    WakeAt(u64),
+    /// For metrics and logs.
+    Event(NodeEvent),
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeInitError {
+    /// The stored Raft state or the config.
+    #[error(transparent)]
+    Raft(#[from] InitError),
+    /// The stored snapshot does not decode.
+    #[error("stored snapshot does not decode: {0}")]
+    Snapshot(String),
+}
+
+/// A persist in flight: what waits for it.
+#[derive(Debug)]
+struct InFlight {
+    token: u64,
+    marker: Option<(LogIndex, Term)>,
+    held: Vec<Message>,
+}
+
+/// The leader's term of office, in its own monotonic time.
+#[derive(Clone, Copy, Debug)]
+struct Office {
+    term: Term,
+    since_ms: u64,
+}
+
+/// One node. See the module docs.
+#[derive(Debug)]
+pub struct Node {
+    cfg: NodeConfig,
+    raft: Raft,
+    services: Services,
+    now: Time,
+    last_tick_ms: u64,
+    office: Option<Office>,
+    calls: CallTable,
+    persisting: Option<InFlight>,
+    next_token: u64,
+    snapshotting: bool,
+    /// The index of this leader's outstanding `Tick` proposal.
+    tick_proposed: Option<LogIndex>,
+    last_leader: Option<NodeId>,
+    last_wake: Option<u64>,
+    actions: Vec<Action>,
+}
+
+/// Messages that may leave before this node's own persist completes: a leader's
+/// appends, heartbeats and snapshot chunks. Everything else (votes, append and
+/// heartbeat answers) may promise what the persist makes durable.
+fn may_send_before_persist(m: &Message) -> bool {
+    matches!(
+        m.body,
+        MessageBody::AppendEntries { .. }
+            | MessageBody::Heartbeat { .. }
+            | MessageBody::InstallSnapshot { .. }
+            | MessageBody::TimeoutNow
+    )
+}
+
+fn encode_reply(reply: &Reply) -> Vec<u8> {
+    // Encoding plain data into a Vec cannot fail.
+    postcard::to_stdvec(reply).unwrap_or_default()
+}
+
+fn refusal(e: ProposeError) -> ClientResponse {
+    match e {
+        ProposeError::NotLeader { leader } => ClientResponse::NotLeader { leader },
+        ProposeError::Busy | ProposeError::TransferInProgress => ClientResponse::Error {
+            message: e.to_string(),
+            retry: true,
+        },
+        other => ClientResponse::Error {
+            message: other.to_string(),
+            retry: false,
+        },
+    }
+}
+
+fn unknown(message: &str) -> ClientResponse {
+    ClientResponse::Unknown {
+        message: message.into(),
+    }
+}
+
+impl Node {
+    /// A node restored from stored state at time `now`.
+    pub fn new(cfg: NodeConfig, state: InitialState, now: Time) -> Result<Self, NodeInitError> {
+        let mut services = Services::default();
+        if let Some(s) = &state.snapshot {
+            services
+                .restore(&s.data)
+                .map_err(|e| NodeInitError::Snapshot(e.to_string()))?;
+        }
+        let raft = Raft::new(cfg.raft.clone(), state)?;
+        Ok(Self {
+            raft,
+            services,
+            now,
+            last_tick_ms: now.mono_ms,
+            office: None,
+            calls: CallTable::default(),
+            persisting: None,
+            next_token: 0,
+            snapshotting: false,
+            tick_proposed: None,
+            last_leader: None,
+            last_wake: None,
+            actions: Vec::new(),
+            cfg,
+        })
+    }
+
+    /// The actions produced so far, in order; the shell executes them all.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    /// The Raft core (read only).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The services' state (read only).
+    pub fn services(&self) -> &Services {
+        &self.services
+    }
+
+    /// Where Raft stands.
+    pub fn status(&self) -> Status {
+        self.raft.status()
+    }
+
+    /// Gauges of the services, for metrics.
+    pub fn gauges(&self) -> Vec<Gauge> {
+        self.services.gauges()
+    }
+
+    /// Calls in flight.
+    pub fn calls_in_flight(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// A message from a peer.
+    pub fn step(&mut self, now: Time, m: Message) {
+        self.now = now;
+        self.raft.step(m);
+        self.drive();
+    }
+
+    /// Time passed: run the Raft ticks that are due, time out calls, propose a service
+    /// `Tick` when a deadline passed.
+    pub fn tick(&mut self, now: Time) {
+        self.now = now;
+        let due = now.mono_ms.saturating_sub(self.last_tick_ms) / self.cfg.tick_ms.max(1);
+        // After a long stall, catch up a few ticks only: the rest is lost, as a process
+        // that was paused would lose it.
+        for _ in 0..due.min(3) {
+            self.raft.tick();
+        }
+        if due > 0 {
+            self.last_tick_ms = if due > 3 {
+                now.mono_ms
+            } else {
+                self.last_tick_ms + due * self.cfg.tick_ms
+            };
+        }
+        for (id, state) in self.calls.expire(now.mono_ms) {
+            let response = match state {
+                CallState::Reading { .. } => ClientResponse::Error {
+                    message: "read not confirmed in time".into(),
+                    retry: true,
+                },
+                _ => unknown("no outcome in time; retry the same call to learn it"),
+            };
+            self.reply(id, response);
+        }
+        self.drive();
+    }
+
+    /// A client's call.
+    pub fn call(&mut self, now: Time, id: CallId, request: ClientRequest) {
+        self.now = now;
+        if self.calls.len() >= self.cfg.max_calls {
+            self.reply(
+                id,
+                ClientResponse::Error {
+                    message: format!("{} calls in flight; try again", self.cfg.max_calls),
+                    retry: true,
+                },
+            );
+            return;
+        }
+        match request {
+            ClientRequest::Propose(bytes) => self.propose_call(id, &bytes),
+            ClientRequest::Read(query) => self.read_call(id, query),
+            ClientRequest::Status => {
+                let st = self.raft.status();
+                let status = NodeStatus {
+                    id: st.id,
+                    role: st.role.code(),
+                    term: st.term,
+                    leader: st.leader,
+                    commit: st.commit,
+                    applied: st.applied,
+                };
+                self.reply(id, ClientResponse::Status(status));
+            }
+        }
+        self.drive();
+    }
+
+    /// The caller of `id` went away. A call that waits for a service completion is
+    /// withdrawn through the log (so a grant nobody will hear of is released); a call
+    /// still waiting for its commit is withdrawn if it turns out to wait.
+    pub fn cancel(&mut self, now: Time, id: CallId) {
+        self.now = now;
+        if let Some(call) = self.calls.cancel(id) {
+            self.withdraw(call);
+        }
+        self.drive();
+    }
+
+    /// The persist with `token` is durable.
+    pub fn persisted(&mut self, now: Time, token: u64) {
+        self.now = now;
+        if self.persisting.as_ref().is_some_and(|p| p.token == token) {
+            if let Some(done) = self.persisting.take() {
+                for m in done.held {
+                    self.actions.push(Action::Send(m));
+                }
+                self.raft.advance(done.marker);
+            }
+        }
+        self.drive();
+    }
+
+    /// The view of [`Action::Snapshot`] at `index` was encoded into `data`.
+    pub fn snapshot_encoded(&mut self, now: Time, index: LogIndex, data: Vec<u8>) {
+        self.now = now;
+        self.snapshotting = false;
+        let bytes = data.len();
+        if self.raft.compact(index, data).is_ok() {
+            if let Some(s) = self.raft.snapshot() {
+                self.actions.push(Action::Compact(s.clone()));
+                self.actions
+                    .push(Action::Event(NodeEvent::SnapshotTaken { index, bytes }));
+            }
+        }
+        self.drive();
+    }
+
+    /// Hand leadership to the most up-to-date follower (before a shutdown). Whether a
+    /// transfer started.
+    pub fn handover(&mut self, now: Time) -> bool {
+        self.now = now;
+        let started = self
+            .raft
+            .transfer_candidate()
+            .is_some_and(|to| self.raft.transfer_leader(to).is_ok());
+        self.drive();
+        started
+    }
+
+    /// Ask the leader to hand over to `to`.
+    pub fn transfer_leader(&mut self, now: Time, to: NodeId) -> Result<(), ProposeError> {
+        self.now = now;
+        let r = self.raft.transfer_leader(to);
+        self.drive();
+        r
+    }
+
+    /// Propose a membership change.
+    pub fn propose_conf_change(
+        &mut self,
+        now: Time,
+        change: ConfChange,
+    ) -> Result<LogIndex, ProposeError> {
+        self.now = now;
+        let r = self.raft.propose_conf_change(change);
+        self.drive();
+        r
+    }
+
+    fn reply(&mut self, call: CallId, response: ClientResponse) {
+        self.actions.push(Action::Reply { call, response });
+    }
+
+    fn applied_response(&self, index: LogIndex, reply: &Reply) -> ClientResponse {
+        ClientResponse::Applied {
+            index,
+            result: encode_reply(reply),
+            wall_ms: self.now.wall_ms,
+        }
+    }
+
+    /// The leader's monotonic milliseconds in office, if it leads.
+    fn office_elapsed(&self) -> Option<u64> {
+        let office = self.office?;
+        (office.term == self.raft.term()).then(|| self.now.mono_ms.saturating_sub(office.since_ms))
+    }
+
+    /// Stamp and propose an envelope. The index it occupies.
+    fn propose_envelope(&mut self, mut envelope: Envelope) -> Result<LogIndex, ProposeError> {
+        let Some(elapsed) = self.office_elapsed() else {
+            return Err(ProposeError::NotLeader {
+                leader: self.raft.leader(),
+            });
+        };
+        envelope.elapsed_ms = elapsed;
+        // Encoding plain data into a Vec cannot fail.
+        let bytes = postcard::to_stdvec(&envelope).unwrap_or_default();
+        self.raft.propose(bytes)
+    }
+
+    fn propose_call(&mut self, id: CallId, bytes: &[u8]) {
+        let Ok(envelope) = postcard::from_bytes::<Envelope>(bytes) else {
+            self.reply(
+                id,
+                ClientResponse::Error {
+                    message: "malformed command".into(),
+                    retry: false,
+                },
+            );
+            return;
+        };
+        match self.propose_envelope(envelope) {
+            Ok(index) => {
+                let term = self.raft.term();
+                let deadline = self.now.mono_ms + self.cfg.call_timeout_ms;
+                if let Some(old) =
+                    self.calls
+                        .propose(id, index, term, self.now.mono_ms, deadline)
+                {
+                    self.reply(old, unknown("its log entry was replaced"));
+                }
+            }
+            Err(e) => self.reply(id, refusal(e)),
+        }
+    }
+
+    fn read_call(&mut self, id: CallId, query: Vec<u8>) {
+        match self.raft.read_index(id.to_le_bytes().to_vec()) {
+            Ok(()) => {
+                let deadline = self.now.mono_ms + self.cfg.call_timeout_ms;
+                self.calls.read(id, query, self.now.mono_ms, deadline);
+            }
+            Err(e) => self.reply(id, refusal(e)),
+        }
+    }
+
+    /// Withdraw a session call whose caller went away, through the log. Only the leader
+    /// can; elsewhere the caller's client withdraws it itself.
+    fn withdraw(&mut self, call: (u64, u64)) {
+        let envelope = Envelope::new(
+            0,
+            0,
+            0,
+            Command::Withdraw {
+                session: call.0,
+                seq: call.1,
+            },
+        );
+        let _ = self.propose_envelope(envelope);
+    }
+
+    /// Take and execute Readies until Raft has nothing more or waits on a persist; then
+    /// do the leader's duties and say when to wake.
+    fn drive(&mut self) {
+        loop {
+            self.note_leadership();
+            self.leader_duties();
+            if self.persisting.is_some() || !self.raft.has_ready() {
+                break;
+            }
+            let rd = self.raft.ready();
+            self.execute(rd);
+        }
+        self.maybe_snapshot();
+        self.schedule_wake();
+    }
+
+    fn execute(&mut self, rd: Ready) {
+        let marker = rd.persisted_marker();
+        let needs_persist = rd.snapshot.is_some() || !rd.entries.is_empty() || rd.must_sync;
+        let (now, held): (Vec<Message>, Vec<Message>) =
+            rd.messages.into_iter().partition(may_send_before_persist);
+        if let Some(s) = &rd.snapshot {
+            self.install_snapshot(s);
+        }
+        if needs_persist {
+            self.next_token += 1;
+            self.actions.push(Action::Persist(Persist {
+                token: self.next_token,
+                snapshot: rd.snapshot,
+                entries: rd.entries,
+                hard_state: rd.hard_state,
+                sync: rd.must_sync,
+            }));
+        }
+        for m in now {
+            self.actions.push(Action::Send(m));
+        }
+        for entry in &rd.committed_entries {
+            self.apply(entry);
+        }
+        for rs in rd.read_states {
+            if let Ok(bytes) = <[u8; 8]>::try_from(rs.ctx.as_slice()) {
+                self.calls.read_ready(u64::from_le_bytes(bytes), rs.index);
+            }
+        }
+        self.serve_reads();
+        if needs_persist {
+            self.persisting = Some(InFlight {
+                token: self.next_token,
+                marker,
+                held,
+            });
+        } else {
+            for m in held {
+                self.actions.push(Action::Send(m));
+            }
+            self.raft.advance(marker);
+        }
+    }
+
+    fn install_snapshot(&mut self, s: &Snapshot) {
+        let mut restored = Services::default();
+        if let Err(e) = restored.restore(&s.data) {
+            // The leader's snapshot is produced by the same code; bytes that do not
+            // decode mean a corrupted transfer or a bug, and a node must not run on.
+            panic!("snapshot from the leader at {} does not decode: {e}", s.meta.index);
+        }
+        self.services = restored;
+        self.actions.push(Action::Event(NodeEvent::SnapshotInstalled {
+            index: s.meta.index,
+            bytes: s.data.len(),
+        }));
+        for id in self.calls.proposed_up_to(s.meta.index) {
+            self.reply(id, unknown("a snapshot replaced the log before the answer"));
+        }
+        // Waiting calls learn their outcome from the sessions the snapshot carries.
+        for (call, ids) in self.calls.waiting_refs() {
+            match self.services.kept_reply(call).cloned() {
+                Some(r) if r.is_waiting() => {}
+                Some(r) => {
+                    let response = self.applied_response(s.meta.index, &r);
+                    for id in self.calls.complete(call) {
+                        self.reply(id, response.clone());
+                    }
+                }
+                None => {
+                    for id in ids {
+                        self.calls.remove(id);
+                        self.reply(id, unknown("a snapshot replaced the call's answer"));
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, entry: &Entry) {
+        let payload = match &entry.payload {
+            EntryPayload::Command(data) => Some(data.as_slice()),
+            EntryPayload::Noop | EntryPayload::Config(_) => None,
+        };
+        let applied = self.services.apply_entry(entry.index, entry.term, payload);
+        if self.cfg.trace_applies {
+            self.actions.push(Action::Event(NodeEvent::Applied {
+                index: entry.index,
+                term: entry.term,
+                digest: self.services.digest(),
+            }));
+        }
+        if self.tick_proposed.is_some_and(|i| i <= entry.index) {
+            self.tick_proposed = None;
+        }
+        if let Some((id, call)) = self.calls.take_proposal(entry.index) {
+            match (&applied.reply, applied.call) {
+                (Some(reply), Some(call_ref)) if call.term == entry.term => {
+                    if reply.is_waiting() {
+                        let deadline = self.now.mono_ms + self.cfg.wait_limit_ms;
+                        if self.calls.wait(id, call, call_ref, deadline) {
+                            self.withdraw(call_ref);
+                        }
+                    } else {
+                        let latency_ms = self.now.mono_ms.saturating_sub(call.started_ms);
+                        self.actions
+                            .push(Action::Event(NodeEvent::Committed { latency_ms }));
+                        if !call.cancelled {
+                            let response = self.applied_response(entry.index, reply);
+                            self.reply(id, response);
+                        }
+                    }
+                }
+                _ => self.reply(id, unknown("another entry took its place in the log")),
+            }
+        }
+        for c in applied.completions {
+            let response = self.applied_response(entry.index, &c.reply);
+            for id in self.calls.complete(c.call) {
+                self.reply(id, response.clone());
+            }
+        }
+    }
+
+    fn serve_reads(&mut self) {
+        for (id, query) in self.calls.reads_ready(self.services.applied()) {
+            let reply = self.services.query_bytes(&query);
+            let bytes = postcard::to_stdvec(&reply).unwrap_or_default();
+            self.reply(id, ClientResponse::Read(bytes));
+        }
+    }
+
+    /// Follow role changes: a new leader starts its office; one that lost leadership
+    /// tells its proposers at once, so they retry at the new leader.
+    fn note_leadership(&mut self) {
+        let leader = self.raft.leader();
+        if leader != self.last_leader {
+            self.last_leader = leader;
+            self.actions.push(Action::Event(NodeEvent::LeaderChanged {
+                term: self.raft.term(),
+                leader,
+            }));
+        }
+        let leads = self.raft.role() == Role::Leader;
+        match self.office {
+            Some(o) if leads && o.term == self.raft.term() => {}
+            _ if leads => {
+                self.office = Some(Office {
+                    term: self.raft.term(),
+                    since_ms: self.now.mono_ms,
+                });
+                self.tick_proposed = None;
+            }
+            Some(_) => {
+                self.office = None;
+                self.tick_proposed = None;
+                let commit = self.raft.status().commit;
+                for id in self.calls.proposed_after(commit) {
+                    self.reply(id, unknown("leadership changed before the entry committed"));
+                }
+                for id in self.calls.reads() {
+                    self.reply(id, refusal(ProposeError::NotLeader { leader }));
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Current lock time as this leader counts it, once it has applied an entry of its
+    /// own term (before that it does not know the term's base).
+    fn lock_now(&self) -> Option<u64> {
+        let clock = self.services.clock();
+        let elapsed = self.office_elapsed()?;
+        (clock.term == self.raft.term()).then(|| clock.base_ms.saturating_add(elapsed))
+    }
+
+    /// Propose a `Tick` once the services' next deadline has passed in lock time.
+    fn leader_duties(&mut self) {
+        if self.tick_proposed.is_some() {
+            return;
+        }
+        let (Some(now), Some(deadline)) = (self.lock_now(), self.services.next_deadline_ms())
+        else {
+            return;
+        };
+        if deadline > now {
+            return;
+        }
+        if let Ok(index) = self.propose_envelope(Envelope::new(0, 0, 0, Command::Tick)) {
+            self.tick_proposed = Some(index);
+        }
+    }
+
+    fn maybe_snapshot(&mut self) {
+        let every = self.cfg.snapshot_every;
+        let applied = self.services.applied();
+        if every == 0 || self.snapshotting || applied < self.raft.status().snapshot_index + every {
+            return;
+        }
+        self.snapshotting = true;
+        self.actions.push(Action::Snapshot(SnapshotView {
+            index: applied,
+            services: Box::new(self.services.clone()),
+        }));
+    }
+
+    fn schedule_wake(&mut self) {
+        let mut wake = self.last_tick_ms + self.cfg.tick_ms.max(1);
+        if let Some(d) = self.calls.next_deadline() {
+            wake = wake.min(d);
+        }
+        // Lock time runs with this leader's monotonic clock while it is in office.
+        if let (Some(now), Some(deadline), None) = (
+            self.lock_now(),
+            self.services.next_deadline_ms(),
+            self.tick_proposed,
+        ) {
+            wake = wake.min(self.now.mono_ms + deadline.saturating_sub(now));
+        }
+        if self.last_wake != Some(wake) {
+            self.last_wake = Some(wake);
+            self.actions.push(Action::WakeAt(wake));
+        }
+    }
+}

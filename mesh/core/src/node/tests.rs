@@ -1,0 +1,258 @@
+//! The node core driven by hand: exact actions for one input at a time.
+
+use super::*;
+use crate::raft::Membership;
+use crate::services::envelope::Envelope;
+use crate::services::lock::{LockCommand, LockReply, Mode};
+
+fn t(ms: u64) -> Time {
+    Time {
+        mono_ms: ms,
+        wall_ms: 1_700_000_000_000 + ms,
+    }
+}
+
+/// A few nodes wired by hand: messages are delivered and persists completed only when
+/// the test says so.
+struct Cluster {
+    nodes: Vec<Node>,
+    now: u64,
+    /// Undelivered messages.
+    wire: Vec<Message>,
+    /// Outstanding persist tokens, per node.
+    persists: Vec<Option<u64>>,
+    replies: Vec<(NodeId, CallId, ClientResponse)>,
+}
+
+impl Cluster {
+    fn new(n: u64) -> Self {
+        let voters = Membership::with_voters(1..=n);
+        let nodes = (1..=n)
+            .map(|id| {
+                let mut cfg = NodeConfig::new(id);
+                cfg.raft.seed = id;
+                let state = InitialState {
+                    hard_state: HardState::default(),
+                    snapshot: None,
+                    entries: Vec::new(),
+                    membership: voters.clone(),
+                };
+                Node::new(cfg, state, t(0)).expect("valid")
+            })
+            .collect();
+        Self {
+            nodes,
+            now: 0,
+            wire: Vec::new(),
+            persists: vec![None; n as usize],
+            replies: Vec::new(),
+        }
+    }
+
+    fn node(&mut self, id: NodeId) -> &mut Node {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    /// Collect a node's actions; returns them too.
+    fn collect(&mut self, id: NodeId) -> Vec<Action> {
+        let actions = self.node(id).take_actions();
+        for a in &actions {
+            match a {
+                Action::Send(m) => self.wire.push(m.clone()),
+                Action::Persist(p) => self.persists[(id - 1) as usize] = Some(p.token),
+                Action::Reply { call, response } => {
+                    self.replies.push((id, *call, response.clone()))
+                }
+                _ => {}
+            }
+        }
+        actions
+    }
+
+    /// Deliver everything and complete every persist until quiet.
+    fn settle(&mut self) {
+        for _ in 0..1000 {
+            let mut busy = false;
+            for id in 1..=self.nodes.len() as u64 {
+                self.collect(id);
+                if let Some(token) = self.persists[(id - 1) as usize].take() {
+                    let now = t(self.now);
+                    self.node(id).persisted(now, token);
+                    busy = true;
+                }
+            }
+            for m in std::mem::take(&mut self.wire) {
+                let now = t(self.now);
+                self.node(m.to).step(now, m);
+                busy = true;
+            }
+            if !busy {
+                return;
+            }
+        }
+        panic!("cluster did not settle");
+    }
+
+    fn elect(&mut self) -> NodeId {
+        for _ in 0..200 {
+            self.now += 10;
+            for id in 1..=self.nodes.len() as u64 {
+                let now = t(self.now);
+                self.node(id).tick(now);
+            }
+            self.settle();
+            if let Some(n) = self.nodes.iter().find(|n| n.raft().role() == Role::Leader) {
+                let id = n.raft().id();
+                // Let the leader apply its own no-op, so it knows its term's base.
+                self.settle();
+                return id;
+            }
+        }
+        panic!("no leader");
+    }
+
+    fn call(&mut self, node: NodeId, id: CallId, session: u64, seq: u64, command: Command) {
+        let e = Envelope::new(session, seq, seq, command);
+        let bytes = postcard::to_stdvec(&e).expect("encode");
+        let now = t(self.now);
+        self.node(node).call(now, id, ClientRequest::Propose(bytes));
+    }
+
+    fn reply_to(&self, call: CallId) -> Option<Reply> {
+        self.replies.iter().find(|r| r.1 == call).map(|r| match &r.2 {
+            ClientResponse::Applied { result, .. } => postcard::from_bytes(result).expect("reply"),
+            other => panic!("call {call}: {other:?}"),
+        })
+    }
+}
+
+fn acquire(key: &str, client: &str, mode: Mode, wait_ms: u64) -> Command {
+    Command::Lock(LockCommand::Acquire {
+        key: key.into(),
+        client: client.into(),
+        mode,
+        ttl_ms: 60_000,
+        wait_ms,
+    })
+}
+
+/// Regression (an upgrade answered as granted): c1 and c2 hold S; c1 asks X with a
+/// wait. Nothing is answered while c2 holds S; c2's release answers that very call with
+/// X.
+#[test]
+fn an_upgrade_is_answered_only_once_it_holds_x() {
+    let mut c = Cluster::new(3);
+    let l = c.elect();
+    c.call(l, 1, 1, 1, acquire("U", "c1", Mode::S, 0));
+    c.call(l, 2, 2, 1, acquire("U", "c2", Mode::S, 0));
+    c.settle();
+    c.call(l, 3, 1, 2, acquire("U", "c1", Mode::X, 1_500));
+    c.settle();
+    assert_eq!(c.reply_to(3), None, "no answer while c2 still holds S");
+    c.call(
+        l,
+        4,
+        2,
+        2,
+        Command::Lock(LockCommand::Release {
+            key: "U".into(),
+            client: "c2".into(),
+        }),
+    );
+    c.settle();
+    assert!(matches!(
+        c.reply_to(3),
+        Some(Reply::Lock(LockReply::Granted { mode: Mode::X, .. }))
+    ));
+}
+
+#[test]
+fn a_cancelled_waiting_call_is_withdrawn_through_the_log() {
+    let mut c = Cluster::new(3);
+    let l = c.elect();
+    c.call(l, 1, 1, 1, acquire("A", "h", Mode::X, 0));
+    c.call(l, 2, 2, 1, acquire("A", "w", Mode::X, 10_000));
+    c.settle();
+    assert_eq!(c.nodes[0].services().locks().view("A").waiters.len(), 1);
+    let now = t(c.now);
+    c.node(l).cancel(now, 2);
+    c.settle();
+    for n in &c.nodes {
+        assert!(n.services().locks().view("A").waiters.is_empty(), "withdrawn everywhere");
+    }
+    assert_eq!(c.reply_to(2), None, "nobody to answer");
+}
+
+/// Raft thesis 10.2.1: the leader sends its appends before its own fsync; a follower
+/// answers an append only after the entries are durable.
+#[test]
+fn leader_appends_leave_before_its_fsync_follower_answers_after() {
+    let mut c = Cluster::new(3);
+    let l = c.elect();
+    c.call(l, 1, 1, 1, Command::Tick);
+    let actions = c.collect(l);
+    let persist = actions.iter().position(|a| matches!(a, Action::Persist(_)));
+    let append = actions.iter().position(
+        |a| matches!(a, Action::Send(m) if matches!(m.body, MessageBody::AppendEntries { .. })),
+    );
+    assert!(persist.is_some() && append.is_some(), "{actions:?}");
+    let f = if l == 1 { 2 } else { 1 };
+    let to_f: Vec<Message> = c.wire.iter().filter(|m| m.to == f).cloned().collect();
+    c.wire.retain(|m| m.to != f);
+    for m in to_f {
+        let now = t(c.now);
+        c.node(f).step(now, m);
+    }
+    let actions = c.collect(f);
+    assert!(actions.iter().any(|a| matches!(a, Action::Persist(_))));
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Send(_))),
+        "no answer before the follower's persist: {actions:?}"
+    );
+    let token = c.persists[(f - 1) as usize].take().expect("persist");
+    let now = t(c.now);
+    c.node(f).persisted(now, token);
+    let actions = c.collect(f);
+    assert!(actions.iter().any(
+        |a| matches!(a, Action::Send(m) if matches!(m.body, MessageBody::AppendEntriesResp { .. }))
+    ));
+}
+
+/// Lock leases run on the leader's monotonic time: a wall clock that jumps an hour
+/// forward (or back) changes nothing; the lease ends after its ttl of monotonic time.
+#[test]
+fn wall_clock_steps_change_no_lease() {
+    let mut c = Cluster::new(1);
+    let l = c.elect();
+    c.call(
+        l,
+        1,
+        1,
+        1,
+        Command::Lock(LockCommand::Acquire {
+            key: "A".into(),
+            client: "c1".into(),
+            mode: Mode::X,
+            ttl_ms: 1_000,
+            wait_ms: 0,
+        }),
+    );
+    c.settle();
+    let start = c.now;
+    for step in 1..=9 {
+        c.now = start + step * 100;
+        let wall = if step % 2 == 0 { 3_600_000 } else { 0 };
+        let now = Time {
+            mono_ms: c.now,
+            wall_ms: 1_700_000_000_000 + c.now + wall,
+        };
+        c.node(l).tick(now);
+        c.settle();
+        assert_eq!(c.nodes[0].services().locks().view("A").holders.len(), 1, "{step}");
+    }
+    c.now = start + 1_050;
+    let now = t(c.now);
+    c.node(l).tick(now);
+    c.settle();
+    assert!(c.nodes[0].services().locks().view("A").holders.is_empty(), "expired by its ttl");
+}
