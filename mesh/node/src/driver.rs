@@ -1,37 +1,34 @@
-//! The node driver: one tokio task that feeds the Raft core and executes its Readies.
+//! The node driver: one tokio task that feeds the node core and executes its actions.
 //!
 //! ```text
-//!  select! { tick | raft inbox | client inbox | shutdown }
-//!    └─> while has_ready: persist (one fdatasync, on a blocking thread)
-//!                         -> send -> restore/apply -> serve reads -> advance -> compact
+//!  select! { wake-up | raft inbox | client inbox | persist done | snapshot encoded | shutdown }
+//!    └─> node core (mesh-core `node`) ──actions──> Persist  -> storage thread (write + fdatasync)
+//!                                                  Send     -> transport
+//!                                                  Reply    -> the caller's oneshot
+//!                                                  Snapshot -> encode on a blocking thread
+//!                                                  Compact  -> storage thread
+//!                                                  WakeAt   -> the next sleep
 //! ```
-//! Everything that arrives while a Ready is being persisted waits in the bounded inboxes
-//! and goes into the next Ready together: that is the node's group commit.
+//! Everything a node decides happens in the node core; this loop only moves bytes and
+//! names no service. While the storage thread writes one persist, inputs keep flowing
+//! into the core, and the next persist takes all of them: that is the group commit.
 
 use crate::admin::Health;
 use crate::metrics::NodeMetrics;
 use crate::storage::{FileLog, LogStore, StorageError};
 use crate::transport::{ClientCall, Transport};
-use mesh_core::raft::{
-    EntryPayload, LogIndex, Message, MessageBody, NodeId, ProposeError, Raft, Role, Term,
-};
-use mesh_core::services::envelope::{Command, Envelope, Reply, Services};
-use mesh_core::services::lock::{LockCommand, LockEvent, LockReply};
-use mesh_core::services::StateMachine;
-use mesh_core::wire::{node_name, ClientRequest, ClientResponse, NodeStatus};
+use mesh_core::node::{Action, CallId, Node, NodeEvent, Persist, SnapshotView, Time};
+use mesh_core::raft::{Message, MessageBody, NodeId, Role, Snapshot};
+use mesh_core::wire::{node_name, ClientResponse};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Calls waiting for commit or for a read, at most; beyond it calls are refused.
-const MAX_PENDING: usize = 100_000;
-/// A call still unanswered after this is answered with a retryable error.
-const PENDING_TIMEOUT: Duration = Duration::from_secs(10);
-/// A queued lock acquire is abandoned after this (the gateway caps waits well below it).
-const LOCK_WAIT_LIMIT: Duration = Duration::from_secs(120);
-/// Inputs handled per wake-up before executing a Ready.
+/// Inputs handled per wake-up before executing actions.
 const INPUT_BATCH: usize = 1024;
+/// How often calls whose caller went away are looked for.
+const CANCEL_SWEEP: Duration = Duration::from_millis(50);
 
 /// A failure that stops the node.
 #[derive(Debug, thiserror::Error)]
@@ -39,81 +36,74 @@ pub enum DriverError {
     /// Storage failed (fatal: the node must restart and recover from disk).
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
-    /// A snapshot from the leader does not decode.
-    #[error("snapshot restore: {0}")]
-    Restore(String),
-    /// A blocking task died.
-    #[error("storage thread: {0}")]
-    Join(String),
-}
-
-/// The driver's state.
-pub struct Driver {
-    raft: Raft,
-    log: Option<FileLog>,
-    sm: Services,
-    transport: Transport,
-    metrics: NodeMetrics,
-    health: watch::Sender<Health>,
-    tick: Duration,
-    snapshot_every: u64,
-    proposals: BTreeMap<LogIndex, Proposal>,
-    /// Lock acquires that were queued, by (client, key), until granted or timed out.
-    lock_waits: BTreeMap<(String, String), Vec<Waiting>>,
-    /// The last leader time stamped into a proposal (stamps never go backwards).
-    last_stamp_ms: u64,
-    /// When this node last proposed a lock Tick.
-    last_tick_proposal: Option<Instant>,
-    reads: BTreeMap<u64, (Vec<u8>, oneshot::Sender<ClientResponse>, Instant)>,
-    read_ready: Vec<(LogIndex, u64)>,
-    next_read: u64,
-    rpc_sent: BTreeMap<(NodeId, &'static str), Instant>,
-    last_leader: Option<NodeId>,
+    /// The storage thread is gone.
+    #[error("storage thread stopped")]
+    StorageGone,
 }
 
 /// Driver construction parameters.
 pub struct DriverParts {
-    /// The core, restored from storage.
-    pub raft: Raft,
+    /// The node core, restored from storage.
+    pub node: Node,
     /// The log it was restored from.
     pub log: FileLog,
-    /// The services, restored from the snapshot.
-    pub sm: Services,
     /// The started transport.
     pub transport: Transport,
     /// Metrics.
     pub metrics: NodeMetrics,
     /// Where `/health` reads from.
     pub health: watch::Sender<Health>,
-    /// Tick interval.
-    pub tick: Duration,
-    /// Applied entries between snapshots.
-    pub snapshot_every: u64,
 }
 
-/// A queued lock acquire's caller and when it asked.
-type Waiting = (oneshot::Sender<ClientResponse>, Instant);
-
-/// A client's proposal waiting for its entry to apply.
-struct Proposal {
-    term: Term,
-    reply: oneshot::Sender<ClientResponse>,
-    started: Instant,
-    /// For a lock acquire that may queue: (client, key).
-    waits_for: Option<(String, String)>,
+/// What the storage thread is asked to do, in order.
+enum StorageOp {
+    Persist(Persist),
+    Compact(Snapshot),
 }
 
-fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// What the storage thread reports.
+enum StorageDone {
+    Persisted(u64),
+    Failed(StorageError),
 }
 
-fn applied(index: LogIndex, reply: &Reply) -> ClientResponse {
-    ClientResponse::Applied {
-        index,
-        result: postcard::to_stdvec(reply).unwrap_or_default(),
+/// Monotonic and wall time for the core.
+#[derive(Clone, Copy)]
+struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    fn now(&self) -> Time {
+        let wall_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Time {
+            mono_ms: self.start.elapsed().as_millis() as u64,
+            wall_ms,
+        }
     }
+
+    fn instant(&self, mono_ms: u64) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.start + Duration::from_millis(mono_ms))
+    }
+}
+
+/// The driver's state.
+pub struct Driver {
+    node: Node,
+    storage_tx: std::sync::mpsc::Sender<StorageOp>,
+    storage_rx: mpsc::UnboundedReceiver<StorageDone>,
+    snapshot_tx: mpsc::UnboundedSender<(u64, Vec<u8>)>,
+    snapshot_rx: mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
+    transport: Transport,
+    metrics: NodeMetrics,
+    health: watch::Sender<Health>,
+    clock: Clock,
+    wake: tokio::time::Instant,
+    calls: BTreeMap<CallId, oneshot::Sender<ClientResponse>>,
+    next_call: CallId,
+    rpc_sent: BTreeMap<(NodeId, &'static str), Instant>,
 }
 
 fn rpc_op(body: &MessageBody) -> Option<(&'static str, bool)> {
@@ -132,27 +122,65 @@ fn rpc_op(body: &MessageBody) -> Option<(&'static str, bool)> {
     }
 }
 
+/// The storage thread: executes persists and compactions strictly in order.
+fn storage_thread(
+    mut log: FileLog,
+    ops: std::sync::mpsc::Receiver<StorageOp>,
+    done: mpsc::UnboundedSender<StorageDone>,
+    metrics: NodeMetrics,
+) {
+    while let Ok(op) = ops.recv() {
+        let result = match op {
+            StorageOp::Persist(p) => {
+                let started = Instant::now();
+                let r = log.persist(p.snapshot.as_ref(), &p.entries, p.hard_state);
+                metrics
+                    .storage_fsync
+                    .observe(started.elapsed().as_secs_f64());
+                r.map(|()| Some(p.token))
+            }
+            StorageOp::Compact(s) => log.compact(&s).map(|()| None),
+        };
+        let report = match result {
+            Ok(Some(token)) => StorageDone::Persisted(token),
+            Ok(None) => continue,
+            Err(e) => StorageDone::Failed(e),
+        };
+        let failed = matches!(report, StorageDone::Failed(_));
+        if done.send(report).is_err() || failed {
+            return;
+        }
+    }
+}
+
 impl Driver {
-    /// A driver over restored parts.
-    pub fn new(p: DriverParts) -> Self {
+    /// A driver over restored parts; starts the storage thread.
+    pub fn new(p: DriverParts, clock_start: Instant) -> Self {
+        let (storage_tx, ops) = std::sync::mpsc::channel();
+        let (done_tx, storage_rx) = mpsc::unbounded_channel();
+        let metrics = p.metrics.clone();
+        let log = p.log;
+        std::thread::Builder::new()
+            .name("storage".into())
+            .spawn(move || storage_thread(log, ops, done_tx, metrics))
+            .map_err(|e| tracing::error!("cannot start the storage thread: {e}"))
+            .ok();
+        let (snapshot_tx, snapshot_rx) = mpsc::unbounded_channel();
+        let clock = Clock { start: clock_start };
         Self {
-            raft: p.raft,
-            log: Some(p.log),
-            sm: p.sm,
+            node: p.node,
+            storage_tx,
+            storage_rx,
+            snapshot_tx,
+            snapshot_rx,
             transport: p.transport,
             metrics: p.metrics,
             health: p.health,
-            tick: p.tick,
-            snapshot_every: p.snapshot_every,
-            proposals: BTreeMap::new(),
-            lock_waits: BTreeMap::new(),
-            last_stamp_ms: 0,
-            last_tick_proposal: None,
-            reads: BTreeMap::new(),
-            read_ready: Vec::new(),
-            next_read: 0,
+            wake: clock.instant(0),
+            clock,
+            calls: BTreeMap::new(),
+            next_call: 0,
             rpc_sent: BTreeMap::new(),
-            last_leader: None,
         }
     }
 
@@ -163,22 +191,30 @@ impl Driver {
         mut client_rx: mpsc::Receiver<ClientCall>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), DriverError> {
-        let mut ticker = tokio::time::interval(self.tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         let mut stopping: Option<Instant> = None;
+        let mut sweep = tokio::time::interval(CANCEL_SWEEP);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let now = self.clock.now();
+        self.node.tick(now);
+        self.execute()?;
         loop {
             tokio::select! {
                 () = &mut shutdown, if stopping.is_none() => {
                     stopping = Some(Instant::now());
-                    if !self.begin_handover() {
+                    let now = self.clock.now();
+                    if !self.node.handover(now) {
                         break;
                     }
+                    tracing::info!("shutting down: transferring leadership");
                 }
-                _ = ticker.tick() => {
-                    self.raft.tick();
-                    self.expire_pending();
-                    self.maybe_tick_locks();
+                () = tokio::time::sleep_until(self.wake) => {
+                    let now = self.clock.now();
+                    self.node.tick(now);
+                }
+                _ = sweep.tick() => {
+                    self.sweep_cancelled();
+                    self.metrics.set_services(&self.node.gauges());
                 }
                 Some(m) = raft_rx.recv() => {
                     self.on_message(m);
@@ -194,37 +230,30 @@ impl Driver {
                         self.on_call(call);
                     }
                 }
+                Some(done) = self.storage_rx.recv() => match done {
+                    StorageDone::Persisted(token) => {
+                        let now = self.clock.now();
+                        self.node.persisted(now, token);
+                    }
+                    StorageDone::Failed(e) => return Err(e.into()),
+                },
+                Some((index, data)) = self.snapshot_rx.recv() => {
+                    let now = self.clock.now();
+                    self.node.snapshot_encoded(now, index, data);
+                }
             }
-            self.process_ready().await?;
+            self.execute()?;
             self.publish();
             if let Some(since) = stopping {
-                if self.raft.role() != Role::Leader || since.elapsed() > Duration::from_secs(1) {
+                let leads = self.node.raft().role() == Role::Leader;
+                if !leads || since.elapsed() > Duration::from_secs(1) {
                     break;
                 }
             }
         }
-        tracing::info!(node = %node_name(self.raft.id()), "stopping");
+        tracing::info!(node = %node_name(self.node.raft().id()), "stopping");
         self.transport.close().await;
         Ok(())
-    }
-
-    /// A leader that is asked to stop first hands leadership to its most up-to-date
-    /// follower, so the cluster does not wait out an election timeout.
-    /// Returns whether a transfer started (and is worth waiting for).
-    fn begin_handover(&mut self) -> bool {
-        let Some(target) = self.raft.transfer_candidate() else {
-            return false;
-        };
-        match self.raft.transfer_leader(target) {
-            Ok(()) => {
-                tracing::info!(to = %node_name(target), "shutting down: transferring leadership");
-                true
-            }
-            Err(e) => {
-                tracing::warn!("shutting down: leadership transfer refused: {e}");
-                false
-            }
-        }
     }
 
     fn on_message(&mut self, m: Message) {
@@ -233,364 +262,113 @@ impl Driver {
                 self.metrics.observe_rpc(op, sent.elapsed().as_secs_f64());
             }
         }
-        self.raft.step(m);
+        let now = self.clock.now();
+        self.node.step(now, m);
     }
 
     fn on_call(&mut self, (request, reply): ClientCall) {
-        if self.proposals.len() + self.reads.len() >= MAX_PENDING {
-            let _ = reply.send(ClientResponse::Error {
-                message: "too many calls in flight".into(),
-                retry: true,
-            });
-            return;
+        self.next_call += 1;
+        let id = self.next_call;
+        self.calls.insert(id, reply);
+        let now = self.clock.now();
+        self.node.call(now, id, request);
+    }
+
+    /// Calls whose caller went away (the stream closed) are cancelled in the core.
+    fn sweep_cancelled(&mut self) {
+        let gone: Vec<CallId> = self
+            .calls
+            .iter()
+            .filter(|(_, tx)| tx.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.calls.remove(&id);
+            let now = self.clock.now();
+            self.node.cancel(now, id);
         }
-        match request {
-            ClientRequest::Propose(data) => self.propose_envelope(&data, reply),
-            ClientRequest::Read(query) => {
-                self.next_read += 1;
-                let id = self.next_read;
-                match self.raft.read_index(id.to_le_bytes().to_vec()) {
-                    Ok(()) => {
-                        self.reads.insert(id, (query, reply, Instant::now()));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(refusal(e));
-                    }
-                }
+        self.rpc_sent
+            .retain(|_, t| t.elapsed() < Duration::from_secs(10));
+    }
+
+    /// Execute the core's actions in order until it has none.
+    fn execute(&mut self) -> Result<(), DriverError> {
+        loop {
+            let actions = self.node.take_actions();
+            if actions.is_empty() {
+                return Ok(());
             }
-            ClientRequest::Status => {
-                let st = self.raft.status();
-                let _ = reply.send(ClientResponse::Status(NodeStatus {
-                    id: st.id,
-                    role: st.role.code(),
-                    term: st.term,
-                    leader: st.leader,
-                    commit: st.commit,
-                    applied: st.applied,
-                }));
+            for action in actions {
+                self.execute_one(action)?;
             }
         }
     }
 
-    /// The leader's clock for a new proposal: wall time, never behind the last stamp.
-    fn stamp(&mut self) -> u64 {
-        self.last_stamp_ms = self.last_stamp_ms.max(wall_clock_ms());
-        self.last_stamp_ms
-    }
-
-    /// Stamp the leader's time into a client's envelope and propose it.
-    fn propose_envelope(&mut self, data: &[u8], reply: oneshot::Sender<ClientResponse>) {
-        let Ok(mut envelope) = postcard::from_bytes::<Envelope>(data) else {
-            let _ = reply.send(ClientResponse::Error {
-                message: "malformed command".into(),
-                retry: false,
-            });
-            return;
-        };
-        envelope.now_ms = self.stamp();
-        let waits_for = match &envelope.command {
-            Command::Lock(LockCommand::Acquire {
-                key,
-                client,
-                wait_ms,
-                ..
-            }) if *wait_ms > 0 => Some((client.clone(), key.clone())),
-            _ => None,
-        };
-        let bytes = postcard::to_stdvec(&envelope).unwrap_or_default();
-        match self.raft.propose(bytes) {
-            Ok(index) => {
-                let term = self.raft.term();
-                let proposal = Proposal {
-                    term,
-                    reply,
-                    started: Instant::now(),
-                    waits_for,
-                };
-                if let Some(old) = self.proposals.insert(index, proposal) {
-                    let _ = old.reply.send(lost());
-                }
-            }
-            Err(e) => {
-                let _ = reply.send(refusal(e));
-            }
-        }
-    }
-
-    /// When a lease or wait deadline has passed, the leader proposes a Tick so the lock
-    /// table expires it even without other traffic (at most every 10 ms).
-    fn maybe_tick_locks(&mut self) {
-        if self.raft.role() != Role::Leader {
-            return;
-        }
-        let Some(deadline) = self.sm.locks().next_deadline_ms() else {
-            return;
-        };
-        if self
-            .last_tick_proposal
-            .is_some_and(|t| t.elapsed() < Duration::from_millis(10))
-        {
-            return;
-        }
-        if wall_clock_ms() < deadline {
-            return;
-        }
-        let envelope = Envelope {
-            session: 0,
-            seq: 0,
-            now_ms: self.stamp(),
-            command: Command::Lock(LockCommand::Tick),
-        };
-        if self
-            .raft
-            .propose(postcard::to_stdvec(&envelope).unwrap_or_default())
-            .is_ok()
-        {
-            self.last_tick_proposal = Some(Instant::now());
-        }
-    }
-
-    async fn process_ready(&mut self) -> Result<(), DriverError> {
-        while self.raft.has_ready() {
-            let mut rd = self.raft.ready();
-            let marker = rd.persisted_marker();
-            if rd.snapshot.is_some() || !rd.entries.is_empty() || rd.must_sync {
-                let snapshot = rd.snapshot.clone();
-                let entries = std::mem::take(&mut rd.entries);
-                let hard_state = rd.hard_state;
-                self.persist(move |log| log.persist(snapshot.as_ref(), &entries, hard_state))
-                    .await?;
-            }
-            for m in rd.messages {
+    fn execute_one(&mut self, action: Action) -> Result<(), DriverError> {
+        match action {
+            Action::Persist(p) => self
+                .storage_tx
+                .send(StorageOp::Persist(p))
+                .map_err(|_| DriverError::StorageGone)?,
+            Action::Compact(s) => self
+                .storage_tx
+                .send(StorageOp::Compact(s))
+                .map_err(|_| DriverError::StorageGone)?,
+            Action::Send(m) => {
                 if let Some((op, true)) = rpc_op(&m.body) {
                     self.rpc_sent.entry((m.to, op)).or_insert_with(Instant::now);
                 }
                 self.transport.send(m);
             }
-            if let Some(s) = &rd.snapshot {
-                self.sm
-                    .restore(&s.data)
-                    .map_err(|e| DriverError::Restore(e.to_string()))?;
-                tracing::info!(
-                    index = s.meta.index,
-                    bytes = s.data.len(),
-                    "installed snapshot from the leader"
-                );
-                let later = self.proposals.split_off(&(s.meta.index + 1));
-                for (_, p) in std::mem::replace(&mut self.proposals, later) {
-                    let _ = p.reply.send(lost());
+            Action::Reply { call, response } => {
+                if let Some(tx) = self.calls.remove(&call) {
+                    let _ = tx.send(response);
                 }
             }
-            for e in rd.committed_entries {
-                self.apply_entry(&e);
-            }
-            for rs in rd.read_states {
-                if let Ok(bytes) = <[u8; 8]>::try_from(rs.ctx.as_slice()) {
-                    self.read_ready.push((rs.index, u64::from_le_bytes(bytes)));
-                }
-            }
-            self.serve_reads();
-            self.raft.advance(marker);
-            self.maybe_compact().await?;
+            Action::Snapshot(view) => self.encode_snapshot(view),
+            Action::WakeAt(mono) => self.wake = self.clock.instant(mono),
+            Action::Event(e) => self.on_event(e),
         }
         Ok(())
     }
 
-    fn apply_entry(&mut self, e: &mesh_core::raft::Entry) {
-        let (reply, events) = match &e.payload {
-            EntryPayload::Command(data) => {
-                let (reply, events) = self.sm.apply_bytes(e.index, data);
-                (Some(reply), events)
-            }
-            EntryPayload::Noop | EntryPayload::Config(_) => {
-                self.sm.skip(e.index);
-                (None, Vec::new())
-            }
-        };
-        if let Some(p) = self.proposals.remove(&e.index) {
-            match reply {
-                Some(r) if p.term == e.term => {
-                    self.metrics
-                        .observe_rpc("propose", p.started.elapsed().as_secs_f64());
-                    self.answer(e.index, r, p);
-                }
-                _ => {
-                    let _ = p.reply.send(lost());
-                }
-            }
-        }
-        for event in events {
-            self.on_lock_event(e.index, event);
-        }
-    }
-
-    /// Answer a proposal; a queued lock acquire waits for its grant instead.
-    fn answer(&mut self, index: LogIndex, reply: Reply, p: Proposal) {
-        let (Reply::Lock(LockReply::Queued), Some((client, key))) = (&reply, p.waits_for) else {
-            let _ = p.reply.send(applied(index, &reply));
-            return;
-        };
-        // A retried acquire may answer "queued" from the session cache after its wait
-        // already ended: then the table says whether it holds the lock now or gave up.
-        let view = self.sm.locks().view(&key);
-        if let Some(h) = view.holders.iter().find(|h| h.client == client) {
-            let granted = Reply::Lock(LockReply::Granted {
-                token: h.token,
-                mode: h.mode,
-                expires_ms: h.expires_ms,
-            });
-            let _ = p.reply.send(applied(index, &granted));
-            return;
-        }
-        if !view.waiters.iter().any(|w| w.client == client) {
-            let timed_out = Reply::Lock(LockReply::TimedOut {
-                holders: view.holders,
-            });
-            let _ = p.reply.send(applied(index, &timed_out));
-            return;
-        }
-        self.lock_waits
-            .entry((client, key))
-            .or_default()
-            .push((p.reply, p.started));
-    }
-
-    fn on_lock_event(&mut self, index: LogIndex, event: LockEvent) {
-        let (client, key, reply) = match event {
-            LockEvent::Granted {
-                key,
-                client,
-                token,
-                mode,
-                expires_ms,
-            } => (
-                client,
-                key,
-                LockReply::Granted {
-                    token,
-                    mode,
-                    expires_ms,
-                },
-            ),
-            LockEvent::TimedOut {
-                key,
-                client,
-                holders,
-            } => (client, key, LockReply::TimedOut { holders }),
-            LockEvent::Expired { .. } => return,
-        };
-        for (tx, _) in self.lock_waits.remove(&(client, key)).unwrap_or_default() {
-            let _ = tx.send(applied(index, &Reply::Lock(reply.clone())));
-        }
-    }
-
-    async fn persist(
-        &mut self,
-        write: impl FnOnce(&mut FileLog) -> Result<(), StorageError> + Send + 'static,
-    ) -> Result<(), DriverError> {
-        let Some(mut log) = self.log.take() else {
-            return Err(DriverError::Join("log already failed".into()));
-        };
-        let started = Instant::now();
-        let (log, result) = tokio::task::spawn_blocking(move || {
-            let r = write(&mut log);
-            (log, r)
-        })
-        .await
-        .map_err(|e| DriverError::Join(e.to_string()))?;
-        self.log = Some(log);
-        self.metrics
-            .storage_fsync
-            .observe(started.elapsed().as_secs_f64());
-        result.map_err(DriverError::from)
-    }
-
-    fn serve_reads(&mut self) {
-        let applied = self.raft.status().applied;
-        let (now, later): (Vec<_>, Vec<_>) =
-            self.read_ready.drain(..).partition(|(i, _)| *i <= applied);
-        self.read_ready = later;
-        for (_, id) in now {
-            if let Some((query, tx, _)) = self.reads.remove(&id) {
-                let reply = self.sm.query_bytes(&query);
-                let _ = tx.send(ClientResponse::Read(
-                    postcard::to_stdvec(&reply).unwrap_or_default(),
-                ));
-            }
-        }
-    }
-
-    async fn maybe_compact(&mut self) -> Result<(), DriverError> {
-        let st = self.raft.status();
-        if self.snapshot_every == 0 || st.applied < st.snapshot_index + self.snapshot_every {
-            return Ok(());
-        }
-        if self.raft.compact(st.applied, self.sm.snapshot()).is_err() {
-            return Ok(());
-        }
-        let Some(snapshot) = self.raft.snapshot().cloned() else {
-            return Ok(());
-        };
-        tracing::info!(
-            index = snapshot.meta.index,
-            bytes = snapshot.data.len(),
-            "snapshot taken"
-        );
-        self.persist(move |log| log.compact(&snapshot)).await
-    }
-
-    fn expire_pending(&mut self) {
-        let expired = |t: &Instant| t.elapsed() > PENDING_TIMEOUT;
-        let stale: Vec<LogIndex> = self
-            .proposals
-            .iter()
-            .filter(|(_, p)| expired(&p.started))
-            .map(|(i, _)| *i)
-            .collect();
-        for i in stale {
-            if let Some(p) = self.proposals.remove(&i) {
-                let _ = p.reply.send(lost());
-            }
-        }
-        // Lock waits end by their own deadline in the table; this only drops waits whose
-        // caller went away or that outlived any deadline the gateway allows.
-        self.lock_waits.retain(|_, waits| {
-            waits.retain(|(tx, started)| !tx.is_closed() && started.elapsed() < LOCK_WAIT_LIMIT);
-            !waits.is_empty()
+    /// Encode a snapshot view off the loop; the core compacts once it is back.
+    fn encode_snapshot(&self, view: SnapshotView) {
+        let tx = self.snapshot_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let data = view.encode();
+            let _ = tx.send((view.index, data));
         });
-        let stale: Vec<u64> = self
-            .reads
-            .iter()
-            .filter(|(_, r)| expired(&r.2))
-            .map(|(i, _)| *i)
-            .collect();
-        for i in stale {
-            if let Some((_, tx, _)) = self.reads.remove(&i) {
-                let _ = tx.send(ClientResponse::Error {
-                    message: "read not confirmed in time".into(),
-                    retry: true,
-                });
+    }
+
+    fn on_event(&self, e: NodeEvent) {
+        match e {
+            NodeEvent::LeaderChanged { term, leader } => {
+                if leader.is_some() {
+                    self.metrics.raft_leader_changes.inc();
+                }
+                tracing::info!(term, leader = ?leader.map(node_name), "leader changed");
             }
+            NodeEvent::SnapshotInstalled { index, bytes } => {
+                tracing::info!(index, bytes, "installed snapshot from the leader");
+            }
+            NodeEvent::SnapshotTaken { index, bytes } => {
+                tracing::info!(index, bytes, "snapshot taken");
+            }
+            NodeEvent::Committed { latency_ms } => {
+                self.metrics
+                    .observe_rpc("propose", latency_ms as f64 / 1000.0);
+            }
+            NodeEvent::Applied { .. } => {}
         }
-        self.rpc_sent.retain(|_, t| t.elapsed() < PENDING_TIMEOUT);
     }
 
     fn publish(&mut self) {
-        let st = self.raft.status();
-        if st.leader != self.last_leader {
-            if st.leader.is_some() {
-                self.metrics.raft_leader_changes.inc();
-                tracing::info!(term = st.term, leader = ?st.leader.map(node_name), "leader changed");
-            }
-            self.last_leader = st.leader;
-        }
+        let st = self.node.status();
         self.metrics.raft_term.set(st.term as i64);
         self.metrics.raft_role.set(i64::from(st.role.code()));
         self.metrics.raft_commit_index.set(st.commit as i64);
         self.metrics.raft_applied_index.set(st.applied as i64);
-        let (shared, exclusive, waiters) = self.sm.locks().counts();
-        self.metrics
-            .set_locks(shared, exclusive, waiters, self.sm.locks().deadlocks());
         let health = Health {
             ok: true,
             id: node_name(st.id),
@@ -608,29 +386,5 @@ impl Driver {
             *h = health;
             changed
         });
-    }
-}
-
-/// The answer to a call the core refused.
-fn refusal(e: ProposeError) -> ClientResponse {
-    match e {
-        ProposeError::NotLeader { leader } => ClientResponse::NotLeader { leader },
-        ProposeError::Busy | ProposeError::TransferInProgress => ClientResponse::Error {
-            message: e.to_string(),
-            retry: true,
-        },
-        other => ClientResponse::Error {
-            message: other.to_string(),
-            retry: false,
-        },
-    }
-}
-
-/// The answer to a call whose entry was overwritten or whose leader stepped down: it may
-/// or may not have been applied, so the client must retry (sessions make that safe).
-fn lost() -> ClientResponse {
-    ClientResponse::Error {
-        message: "leadership changed before the entry committed; retry".into(),
-        retry: true,
     }
 }

@@ -1,10 +1,13 @@
 //! Prometheus metrics of one node (DESIGN.md section 7), in a registry of its own so that
 //! several nodes can live in one test process.
 
+use mesh_core::node::Gauge;
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 /// Every series a node exports.
 #[derive(Clone)]
@@ -31,12 +34,15 @@ pub struct NodeMetrics {
     pub connections_refused: IntCounterVec,
     /// Raft messages dropped because a peer's queue was full or it was unreachable.
     pub messages_dropped: IntCounter,
-    /// Locks held, by mode, in this node's applied state.
-    pub lock_held: IntGaugeVec,
-    /// Queued lock requests.
-    pub lock_waiters: IntGauge,
-    /// Lock requests refused for deadlock.
-    pub lock_deadlocks: IntCounter,
+    /// The services' own series (locks held, waiters, ...), registered when first
+    /// reported.
+    services: Arc<Mutex<BTreeMap<&'static str, ServiceMetric>>>,
+}
+
+#[derive(Clone)]
+enum ServiceMetric {
+    Gauge(GaugeVec),
+    Counter(IntCounterVec),
 }
 
 impl NodeMetrics {
@@ -81,12 +87,7 @@ impl NodeMetrics {
                 "mesh_messages_dropped_total",
                 "Raft messages dropped (peer queue full or unreachable)",
             )?,
-            lock_held: IntGaugeVec::new(Opts::new("lock_held", "Locks held, by mode"), &["mode"])?,
-            lock_waiters: IntGauge::new("lock_waiters", "Queued lock requests")?,
-            lock_deadlocks: IntCounter::new(
-                "lock_deadlocks_total",
-                "Lock requests refused for deadlock",
-            )?,
+            services: Arc::new(Mutex::new(BTreeMap::new())),
             registry,
         };
         m.registry.register(Box::new(m.rpc_latency.clone()))?;
@@ -102,28 +103,55 @@ impl NodeMetrics {
         m.registry
             .register(Box::new(m.connections_refused.clone()))?;
         m.registry.register(Box::new(m.messages_dropped.clone()))?;
-        m.registry.register(Box::new(m.lock_held.clone()))?;
-        m.registry.register(Box::new(m.lock_waiters.clone()))?;
-        m.registry.register(Box::new(m.lock_deadlocks.clone()))?;
         Ok(m)
     }
 
-    /// Publish the lock table's counts.
-    pub fn set_locks(&self, shared: usize, exclusive: usize, waiters: usize, deadlocks: u64) {
-        if let Ok(g) = self.lock_held.get_metric_with_label_values(&["S"]) {
-            g.set(shared as i64);
-        }
-        if let Ok(g) = self.lock_held.get_metric_with_label_values(&["X"]) {
-            g.set(exclusive as i64);
-        }
-        self.lock_waiters.set(waiters as i64);
-        let seen = self.lock_deadlocks.get();
-        if deadlocks > seen {
-            self.lock_deadlocks.inc_by(deadlocks - seen);
+    /// Report the services' gauges and counters (whatever services there are: the
+    /// node core lists them, the shell does not know them).
+    pub fn set_services(&self, samples: &[Gauge]) {
+        let mut known = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        for g in samples {
+            let metric = match known.get(g.name) {
+                Some(m) => m.clone(),
+                None => {
+                    let labels: Vec<&str> = g.label.iter().map(|(k, _)| *k).collect();
+                    let opts = Opts::new(g.name, g.help);
+                    let m = if g.counter {
+                        IntCounterVec::new(opts, &labels).map(ServiceMetric::Counter)
+                    } else {
+                        GaugeVec::new(opts, &labels).map(ServiceMetric::Gauge)
+                    };
+                    let Ok(m) = m else { continue };
+                    let registered = match &m {
+                        ServiceMetric::Gauge(v) => self.registry.register(Box::new(v.clone())),
+                        ServiceMetric::Counter(v) => self.registry.register(Box::new(v.clone())),
+                    };
+                    if registered.is_err() {
+                        continue;
+                    }
+                    known.insert(g.name, m.clone());
+                    m
+                }
+            };
+            let values: Vec<&str> = g.label.iter().map(|(_, v)| *v).collect();
+            match metric {
+                ServiceMetric::Gauge(v) => {
+                    if let Ok(x) = v.get_metric_with_label_values(&values) {
+                        x.set(g.value);
+                    }
+                }
+                ServiceMetric::Counter(v) => {
+                    if let Ok(x) = v.get_metric_with_label_values(&values) {
+                        let target = g.value as u64;
+                        if target > x.get() {
+                            x.inc_by(target - x.get());
+                        }
+                    }
+                }
+            }
         }
     }
 
-    /// Count a refused frame.
     pub fn reject_frame(&self, reason: &str) {
         if let Ok(c) = self.frames_rejected.get_metric_with_label_values(&[reason]) {
             c.inc();

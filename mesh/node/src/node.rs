@@ -6,9 +6,8 @@ use crate::metrics::NodeMetrics;
 use crate::storage::{FileLog, WalOptions};
 use crate::transport::{Transport, TransportConfig, TransportError};
 use certs::TlsMaterial;
-use mesh_core::raft::{Config, Membership, NodeId, Raft};
-use mesh_core::services::envelope::Services;
-use mesh_core::services::StateMachine;
+use mesh_core::node::{Node, NodeConfig as CoreConfig, Time};
+use mesh_core::raft::{Membership, NodeId};
 use mesh_core::wire::{node_name, MAX_FRAME_BYTES};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -48,11 +47,8 @@ pub enum NodeError {
     #[error("storage: {0}")]
     Storage(#[from] crate::storage::StorageError),
     /// The stored state or config is unusable.
-    #[error("raft: {0}")]
-    Init(#[from] mesh_core::raft::InitError),
-    /// The stored snapshot does not decode.
-    #[error("snapshot: {0}")]
-    Snapshot(String),
+    #[error("stored state: {0}")]
+    Init(#[from] mesh_core::node::NodeInitError),
     /// Transport.
     #[error("transport: {0}")]
     Transport(#[from] TransportError),
@@ -86,15 +82,19 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         snapshot = recovered.snapshot.as_ref().map_or(0, |s| s.meta.index),
         "recovered storage"
     );
-    let mut sm = Services::default();
-    if let Some(s) = &recovered.snapshot {
-        sm.restore(&s.data)
-            .map_err(|e| NodeError::Snapshot(e.to_string()))?;
-    }
     let founders = Membership::with_voters(cfg.peers.keys().copied().chain([cfg.id]));
-    let mut raft_cfg = Config::new(cfg.id);
-    raft_cfg.seed = u64::from(std::process::id()) ^ cfg.id.rotate_left(32);
-    let raft = Raft::new(raft_cfg, recovered.into_initial_state(founders))?;
+    let mut core_cfg = CoreConfig::new(cfg.id);
+    core_cfg.raft.seed = u64::from(std::process::id()) ^ cfg.id.rotate_left(32);
+    core_cfg.tick_ms = cfg.tick.as_millis().max(1) as u64;
+    core_cfg.snapshot_every = cfg.snapshot_every;
+    let clock_start = std::time::Instant::now();
+    let start = Time {
+        mono_ms: 0,
+        wall_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    };
+    let core = Node::new(core_cfg, recovered.into_initial_state(founders), start)?;
 
     let (raft_tx, raft_rx) = mpsc::channel(8192);
     let (client_tx, client_rx) = mpsc::channel(8192);
@@ -122,16 +122,16 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         },
     ));
     tracing::info!(node = %name, quic = %cfg.listen, admin = %cfg.admin, "node started");
-    let driver = Driver::new(DriverParts {
-        raft,
-        log,
-        sm,
-        transport,
-        metrics,
-        health: health_tx,
-        tick: cfg.tick,
-        snapshot_every: cfg.snapshot_every,
-    });
+    let driver = Driver::new(
+        DriverParts {
+            node: core,
+            log,
+            transport,
+            metrics,
+            health: health_tx,
+        },
+        clock_start,
+    );
     let result = driver.run(raft_rx, client_rx, shutdown).await;
     let _ = stop_admin.send(());
     let _ = admin_task.await;

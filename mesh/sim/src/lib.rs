@@ -7,6 +7,7 @@
 //! cluster must converge within a bounded virtual time, and the clients' history must be
 //! linearizable. A failure names the seed; `--replay SEED` runs it again, step for step.
 
+mod client;
 pub mod invariants;
 pub mod kv;
 pub mod linearizability;
@@ -17,7 +18,7 @@ pub mod world;
 
 use params::SimParams;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use world::{RunReport, World};
+use world::{Coverage, RunReport, World};
 
 /// A seed that failed, and why.
 #[derive(Clone, Debug)]
@@ -71,6 +72,11 @@ pub struct Totals {
     pub steps: u64,
     /// Completed client operations over all seeds.
     pub ops: u64,
+    /// What the seeds exercised, summed.
+    pub coverage: Coverage,
+    /// Seeds that saw each kind of event: waits granted, leases expired, cancels that
+    /// raced a grant, deadlocks, upgrades that waited, wall-clock steps.
+    pub seeds_seeing: [u64; 6],
     /// Failures, in seed order.
     pub failures: Vec<SeedFailure>,
 }
@@ -95,6 +101,19 @@ pub fn run_seeds(start: u64, count: u64, threads: usize) -> Totals {
                     Ok(r) => {
                         t.steps += r.steps;
                         t.ops += r.ops_completed as u64;
+                        t.coverage.add(&r.coverage);
+                        let c = &r.coverage;
+                        let seen = [
+                            c.waits_granted,
+                            c.leases_expired,
+                            c.cancels_raced_grant,
+                            c.deadlocks,
+                            c.upgrades_waited,
+                            c.clocks_stepped,
+                        ];
+                        for (n, v) in t.seeds_seeing.iter_mut().zip(seen) {
+                            *n += u64::from(v > 0);
+                        }
                     }
                     Err(f) => t.failures.push(f),
                 }
@@ -104,6 +123,34 @@ pub fn run_seeds(start: u64, count: u64, threads: usize) -> Totals {
     let mut t = totals.into_inner().unwrap_or_else(|p| p.into_inner());
     t.failures.sort_by_key(|f| f.seed);
     t
+}
+
+impl Totals {
+    /// The coverage line printed after a run.
+    pub fn coverage_line(&self) -> String {
+        let c = &self.coverage;
+        let s = &self.seeds_seeing;
+        format!(
+            "waits granted {} ({} seeds), leases expired {} ({}), cancels raced a grant {} ({}), \
+             deadlocks refused {} ({}), upgrades waited {} ({}), clocks stepped {} ({}); \
+             waits withdrawn {}, answers lost {}, hedged calls {}",
+            c.waits_granted,
+            s[0],
+            c.leases_expired,
+            s[1],
+            c.cancels_raced_grant,
+            s[2],
+            c.deadlocks,
+            s[3],
+            c.upgrades_waited,
+            s[4],
+            c.clocks_stepped,
+            s[5],
+            c.waits_withdrawn,
+            c.answers_lost,
+            c.hedges
+        )
+    }
 }
 
 /// Seeds per `cargo test` run: `SYNCMESH_SIM_SEEDS`, default 300.
@@ -130,6 +177,7 @@ mod tests {
             "simulated {} seeds, {} steps, {} client ops",
             t.seeds, t.steps, t.ops
         );
+        eprintln!("{}", t.coverage_line());
         assert!(
             t.failures.is_empty(),
             "{} of {} seeds failed",
@@ -142,6 +190,21 @@ mod tests {
             "each seed runs at least 2000 steps"
         );
         assert!(t.ops > count * 10, "clients made progress: {} ops", t.ops);
+        // The workload does what users do: every kind of event happens somewhere, and
+        // most of them in most seeds.
+        for (name, seen) in [
+            "waits granted",
+            "leases expired",
+            "cancels raced a grant",
+            "deadlocks refused",
+            "upgrades waited",
+            "clocks stepped",
+        ]
+        .iter()
+        .zip(t.seeds_seeing)
+        {
+            assert!(seen > 0, "no seed saw {name}: {}", t.coverage_line());
+        }
     }
 
     #[test]

@@ -1,145 +1,65 @@
-//! Checks of the lock history recorded by the simulator's clients.
+//! Checks of the locks as the simulator's clients saw them (DESIGN.md section 6).
 //!
-//! With leases far longer than a run and no waiting, a key's lock is a plain sequential
-//! object: an acquire is granted exactly when the mode is compatible with the other
-//! holders (re-acquiring what one holds is granted again, an S holder alone upgrades), and
-//! a release succeeds exactly when the client holds the key. Every key's history must be
-//! linearizable against that object, and a fencing token names one grant only.
+//! A client holds a lock from the moment it hears the grant until it sends the release,
+//! or until its lease ends *by its own clock*, counted from when it sent the acquire (or
+//! the renew that extended it) and shortened by the clock-rate bound the cluster is run
+//! with. Over every key:
+//! - no two clients hold incompatible modes at the same instant (X with anything);
+//! - fencing tokens increase in grant order: of two holds that exclude each other, the
+//!   one that ended before the other began has the smaller token, so a storage server that refuses smaller tokens refuses a
+//!   holder whose lease is over.
 
-use crate::linearizability::{check_calls, Call, Model};
 use mesh_core::services::lock::Mode;
 use std::collections::BTreeMap;
 
-/// What a client asked of a lock.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LockCall {
-    /// Acquire in a mode.
-    Acquire(Mode),
-    /// Release.
-    Release,
-}
-
-/// What the cluster answered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LockOutcome {
-    /// Granted, holding `mode`, with a fencing token.
-    Granted {
-        /// Mode held.
-        mode: Mode,
-        /// Fencing token.
-        token: u64,
-    },
-    /// Refused: incompatible holders.
-    Conflict,
-    /// Released.
-    Released,
-    /// The client did not hold it.
-    NotHeld,
-}
-
-/// One recorded lock operation.
-#[derive(Clone, Debug)]
-pub struct LockOp {
+/// One hold as its client saw it, in virtual milliseconds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HoldInterval {
     /// Lock key.
     pub key: u64,
     /// Client.
     pub client: u64,
-    /// What was asked.
-    pub call: LockCall,
-    /// The answer (`None`: never answered).
-    pub outcome: Option<LockOutcome>,
-    /// Invocation time.
-    pub invoked: u64,
-    /// Return time.
-    pub returned: Option<u64>,
+    /// Mode held.
+    pub mode: Mode,
+    /// Fencing token of the grant.
+    pub token: u64,
+    /// When the client heard the grant.
+    pub start: u64,
+    /// When it sent the release, or its lease ended by its clock.
+    pub end: u64,
 }
 
-struct LockModel;
-
-type Holders = BTreeMap<u64, Mode>;
-
-impl Model for LockModel {
-    type State = Holders;
-    type Op = (u64, LockCall, Option<LockOutcome>);
-
-    fn init(&self) -> Holders {
-        Holders::new()
+/// Check every key's holds.
+pub fn check(holds: &[HoldInterval]) -> Result<(), String> {
+    let mut by_key: BTreeMap<u64, Vec<&HoldInterval>> = BTreeMap::new();
+    for h in holds.iter().filter(|h| h.start < h.end) {
+        by_key.entry(h.key).or_default().push(h);
     }
-
-    fn step(&self, holders: &Holders, &(client, call, outcome): &Self::Op) -> Option<Holders> {
-        let mut next = holders.clone();
-        let expected = match call {
-            LockCall::Acquire(mode) => match holders.get(&client) {
-                Some(&held) if held >= mode => LockOutcome::Granted {
-                    mode: held,
-                    token: 0,
-                },
-                _ => {
-                    let others = holders.iter().filter(|(c, _)| **c != client);
-                    let compatible = match mode {
-                        Mode::X => others.count() == 0,
-                        Mode::S => others.into_iter().all(|(_, m)| *m == Mode::S),
-                    };
-                    if compatible {
-                        next.insert(client, mode);
-                        LockOutcome::Granted { mode, token: 0 }
-                    } else {
-                        LockOutcome::Conflict
-                    }
+    for (key, hs) in by_key {
+        for (i, a) in hs.iter().enumerate() {
+            for b in &hs[i + 1..] {
+                if a.client == b.client {
+                    continue;
                 }
-            },
-            LockCall::Release => {
-                if next.remove(&client).is_some() {
-                    LockOutcome::Released
-                } else {
-                    LockOutcome::NotHeld
+                if a.mode == Mode::S && b.mode == Mode::S {
+                    // Shared holds may overlap, and their tokens fence nothing between them.
+                    continue;
+                }
+                let overlap = a.start < b.end && b.start < a.end;
+                if overlap {
+                    return Err(format!(
+                        "lock {key}: client {} held {:?} over [{}, {}) while client {} held {:?} over [{}, {})",
+                        a.client, a.mode, a.start, a.end, b.client, b.mode, b.start, b.end
+                    ));
+                }
+                let (first, second) = if a.end <= b.start { (a, b) } else { (b, a) };
+                if first.end <= second.start && first.token >= second.token {
+                    return Err(format!(
+                        "lock {key}: fencing token {} of client {} ({:?}, held until {}) is not below token {} of client {} ({:?}, held from {})",
+                        first.token, first.client, first.mode, first.end, second.token, second.client, second.mode, second.start
+                    ));
                 }
             }
-        };
-        let matches = match (outcome, expected) {
-            (None, _) => true,
-            (Some(LockOutcome::Granted { mode, .. }), LockOutcome::Granted { mode: m, .. }) => {
-                mode == m
-            }
-            (Some(got), want) => got == want,
-        };
-        matches.then_some(next)
-    }
-}
-
-/// Check every key's history, and that each fencing token belongs to one grant.
-pub fn check(history: &[LockOp]) -> Result<(), String> {
-    let mut by_key: BTreeMap<u64, Vec<&LockOp>> = BTreeMap::new();
-    for op in history {
-        by_key.entry(op.key).or_default().push(op);
-    }
-    for (key, ops) in by_key {
-        let mut owners: BTreeMap<u64, u64> = BTreeMap::new();
-        for op in &ops {
-            if let Some(LockOutcome::Granted { token, .. }) = op.outcome {
-                if let Some(other) = owners.insert(token, op.client) {
-                    if other != op.client {
-                        return Err(format!(
-                            "lock {key}: fencing token {token} granted to clients {other} and {}",
-                            op.client
-                        ));
-                    }
-                }
-            }
-        }
-        let calls: Vec<Call<(u64, LockCall, Option<LockOutcome>)>> = ops
-            .iter()
-            .map(|o| Call {
-                op: (o.client, o.call, o.outcome),
-                call: o.invoked,
-                ret: o.returned,
-            })
-            .collect();
-        if !check_calls(&LockModel, &calls) {
-            return Err(format!(
-                "lock {key}: history of {} operations is not linearizable",
-                calls.len()
-            ));
         }
     }
     Ok(())
@@ -149,100 +69,37 @@ pub fn check(history: &[LockOp]) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn op(client: u64, call: LockCall, outcome: LockOutcome, t: u64) -> LockOp {
-        LockOp {
+    fn hold(client: u64, mode: Mode, token: u64, start: u64, end: u64) -> HoldInterval {
+        HoldInterval {
             key: 0,
             client,
-            call,
-            outcome: Some(outcome),
-            invoked: t,
-            returned: Some(t + 1),
+            mode,
+            token,
+            start,
+            end,
         }
     }
 
     #[test]
-    fn a_correct_history_passes() {
+    fn sequential_and_shared_holds_pass() {
         let h = [
-            op(
-                1,
-                LockCall::Acquire(Mode::X),
-                LockOutcome::Granted {
-                    mode: Mode::X,
-                    token: 5,
-                },
-                0,
-            ),
-            op(2, LockCall::Acquire(Mode::S), LockOutcome::Conflict, 10),
-            op(1, LockCall::Release, LockOutcome::Released, 20),
-            op(
-                2,
-                LockCall::Acquire(Mode::S),
-                LockOutcome::Granted {
-                    mode: Mode::S,
-                    token: 9,
-                },
-                30,
-            ),
-            op(
-                3,
-                LockCall::Acquire(Mode::S),
-                LockOutcome::Granted {
-                    mode: Mode::S,
-                    token: 10,
-                },
-                40,
-            ),
+            hold(1, Mode::X, 5, 0, 10),
+            hold(2, Mode::S, 9, 10, 30),
+            hold(3, Mode::S, 10, 12, 40),
+            hold(1, Mode::X, 20, 41, 50),
         ];
         assert_eq!(check(&h), Ok(()));
     }
 
     #[test]
-    fn two_exclusive_holders_fail() {
-        let h = [
-            op(
-                1,
-                LockCall::Acquire(Mode::X),
-                LockOutcome::Granted {
-                    mode: Mode::X,
-                    token: 5,
-                },
-                0,
-            ),
-            op(
-                2,
-                LockCall::Acquire(Mode::X),
-                LockOutcome::Granted {
-                    mode: Mode::X,
-                    token: 6,
-                },
-                10,
-            ),
-        ];
-        assert!(check(&h).is_err());
+    fn overlapping_exclusive_holds_fail() {
+        let h = [hold(1, Mode::X, 5, 0, 10), hold(2, Mode::S, 6, 9, 20)];
+        assert!(check(&h).unwrap_err().contains("held"));
     }
 
     #[test]
-    fn a_token_names_one_grant() {
-        let h = [
-            op(
-                1,
-                LockCall::Acquire(Mode::S),
-                LockOutcome::Granted {
-                    mode: Mode::S,
-                    token: 5,
-                },
-                0,
-            ),
-            op(
-                2,
-                LockCall::Acquire(Mode::S),
-                LockOutcome::Granted {
-                    mode: Mode::S,
-                    token: 5,
-                },
-                10,
-            ),
-        ];
+    fn a_later_hold_with_a_smaller_token_fails() {
+        let h = [hold(1, Mode::X, 7, 0, 10), hold(2, Mode::X, 6, 11, 20)];
         assert!(check(&h).unwrap_err().contains("fencing token"));
     }
 }

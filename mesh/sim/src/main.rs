@@ -54,6 +54,7 @@ fn main() -> ExitCode {
         t.ops,
         started.elapsed().as_secs_f64()
     );
+    println!("{}", t.coverage_line());
     if t.failures.is_empty() {
         ExitCode::SUCCESS
     } else {

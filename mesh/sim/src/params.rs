@@ -45,6 +45,16 @@ pub struct SimParams {
     pub keys: u64,
     /// Half the client operations are lock acquires and releases.
     pub locks: bool,
+    /// Bound on how far a node's monotonic clock runs fast or slow, in parts per million.
+    pub drift_ppm: u64,
+    /// The nemesis may step nodes' wall clocks forward and back.
+    pub wall_steps: bool,
+    /// Probability that an answer to a client is lost on its way.
+    pub answer_loss: f64,
+    /// Probability that a prompt call is sent to two nodes at once (a hedge).
+    pub hedge: f64,
+    /// Probability that a waiting acquire's caller gives up before its wait ends.
+    pub give_up: f64,
 }
 
 impl SimParams {
@@ -82,7 +92,12 @@ impl SimParams {
             snapshot_chunk_bytes: rng.pick(&[7, 64, 4096]),
             clients: rng.range(2, 6),
             keys: rng.range(1, 4),
-            locks: rng.chance(0.6),
+            locks: rng.chance(0.7),
+            drift_ppm: rng.pick(&[0, 1_000, 10_000]),
+            wall_steps: rng.chance(0.6),
+            answer_loss: rng.pick(&[0.0, 0.02, 0.1]),
+            hedge: rng.pick(&[0.0, 0.1, 0.3]),
+            give_up: rng.pick(&[0.0, 0.1, 0.3]),
         }
     }
 }

@@ -1,117 +1,139 @@
-//! The simulated world: nodes running the real core over simulated disks, a network
-//! that loses, duplicates, delays and partitions, clients with a recorded history, and a
-//! nemesis that crashes, restarts, partitions, reconfigures and transfers leadership.
+//! The simulated world: N copies of the real node core (mesh-core `node`) over simulated
+//! disks, a network that loses, duplicates, delays and partitions, clocks that drift
+//! and step, clients with a recorded history, and a nemesis that crashes, restarts,
+//! partitions, reconfigures, transfers leadership and steps wall clocks.
 //!
 //! Everything happens on one thread in virtual time; the only randomness is the run's
-//! seed. One step is one event taken from the queue, and the invariants are checked
-//! after each.
+//! seed. One step is one event taken from the queue; the node core's actions are
+//! executed the way the tokio driver executes them (persist then report, send, reply,
+//! wake at), and the invariants are checked after each step.
 
+use crate::client::{Client, ClientEvent};
 use crate::invariants::{Invariants, NodeMarks};
-use crate::kv::{decode_words, Fnv};
-use crate::linearizability::{self, Operation, RegisterOp};
-use crate::lockcheck::{LockCall, LockOp, LockOutcome};
+use crate::kv::Fnv;
+use crate::linearizability::{self, Operation};
+use crate::lockcheck::HoldInterval;
 use crate::params::SimParams;
 use crate::rng::SimRng;
-use mesh_core::raft::{
-    ConfChange, Config, Entry, EntryPayload, LogIndex, Membership, Message, NodeId, ProposeError,
-    Raft, Ready, Role, Snapshot, Term,
-};
-use mesh_core::services::envelope::{Command, Envelope, Query, QueryReply, Reply, Services};
-use mesh_core::services::lock::{LockCommand, LockReply, Mode, MAX_TTL_MS};
-use mesh_core::services::register::{RegisterCommand, RegisterQuery, RegisterReply};
-use mesh_core::services::StateMachine;
+use mesh_core::node::{Action, CallId, Node, NodeConfig, NodeEvent, Persist, Time};
+use mesh_core::raft::{ConfChange, Membership, Message, NodeId, Role};
+use mesh_core::wire::{ClientRequest, ClientResponse};
 use mesh_node::storage::{LogStore, MemLog};
 use std::collections::{BTreeMap, BTreeSet};
 
-const TICK_MS: u64 = 10;
-const CLIENT_TIMEOUT_MS: u64 = 400;
+pub(crate) const TICK_MS: u64 = 10;
 const LIVENESS_BUDGET_MS: u64 = 30_000;
-
-#[derive(Clone, Copy, Debug)]
-enum ClientOp {
-    Put { key: u64, value: u64 },
-    Get { key: u64 },
-    Acquire { key: u64, mode: Mode },
-    Release { key: u64 },
-}
-
-/// What a completed operation returned.
-#[derive(Clone, Debug)]
-enum Answer {
-    Written,
-    Value(u64),
-    Lock(LockReply),
-}
-
-#[derive(Clone, Debug)]
-enum Outcome {
-    Done(Answer),
-    Redirect(Option<NodeId>),
-    Retry,
-}
-
-/// Where a client's current operation is recorded.
-#[derive(Clone, Copy, Debug)]
-enum HistRef {
-    Register(usize),
-    Lock(usize),
-}
+/// Wall clocks start here (2023-11-14), so that steps back stay positive.
+const EPOCH_MS: u64 = 1_700_000_000_000;
 
 #[derive(Debug)]
-enum Event {
-    Tick(NodeId),
+pub(crate) enum Event {
+    Wake {
+        node: NodeId,
+        incarnation: u64,
+        generation: u64,
+    },
     Deliver(Message),
     PersistDone {
         node: NodeId,
         incarnation: u64,
+        token: u64,
     },
-    Request {
+    /// A client's call reaches a node.
+    Call {
         node: NodeId,
-        client: u64,
-        seq: u64,
-        op: ClientOp,
+        call: CallId,
+        request: ClientRequest,
     },
-    Response {
-        client: u64,
-        seq: u64,
-        outcome: Outcome,
+    /// A client gives up on a call at a node (its connection closed).
+    Cancel {
+        node: NodeId,
+        call: CallId,
     },
-    ClientRetry {
-        client: u64,
-        attempt: u64,
-    },
-    ClientStart(u64),
+    Client(ClientEvent),
     Nemesis,
+}
+
+/// A node's clocks: monotonic time runs at `1 + drift_ppm / 1e6` of virtual time, and
+/// the wall clock is monotonic time plus an offset the nemesis steps.
+#[derive(Clone, Copy, Debug)]
+struct SimClock {
+    drift_ppm: i64,
+    wall_offset_ms: i64,
+}
+
+impl SimClock {
+    fn mono(&self, now: u64) -> u64 {
+        let scaled = i128::from(now) * (1_000_000 + i128::from(self.drift_ppm)) / 1_000_000;
+        scaled.max(0) as u64
+    }
+
+    /// The first virtual time at which the monotonic clock reads `mono` or more.
+    fn virtual_at(&self, mono: u64) -> u64 {
+        let rate = 1_000_000 + i128::from(self.drift_ppm);
+        let v = (i128::from(mono) * 1_000_000 + rate - 1) / rate;
+        v.max(0) as u64
+    }
+
+    fn time(&self, now: u64) -> Time {
+        let mono_ms = self.mono(now);
+        Time {
+            mono_ms,
+            wall_ms: (EPOCH_MS as i64 + mono_ms as i64 + self.wall_offset_ms).max(0) as u64,
+        }
+    }
 }
 
 struct SimNode {
     id: NodeId,
     bootstrap: Membership,
-    raft: Option<Raft>,
+    node: Option<Node>,
     /// The node's disk: the same LogStore twin that the storage conformance suite holds
     /// to FileLog's behaviour. Only completed persists reach it.
     disk: MemLog,
-    sm: Services,
     incarnation: u64,
-    persisting: Option<Ready>,
-    proposals: BTreeMap<LogIndex, (Term, u64, u64)>,
-    reads: Vec<(LogIndex, u64, u64, u64)>,
+    pending: Option<Persist>,
+    clock: SimClock,
+    wake_generation: u64,
     marks: NodeMarks,
 }
 
-struct Current {
-    seq: u64,
-    op: ClientOp,
-    history: HistRef,
-    attempt: u64,
+/// Counts of what a run exercised.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Coverage {
+    /// Queued lock requests that were granted.
+    pub waits_granted: u64,
+    /// Leases that ran out.
+    pub leases_expired: u64,
+    /// Withdrawals that released a grant which had raced them.
+    pub cancels_raced_grant: u64,
+    /// Queued requests withdrawn before their grant.
+    pub waits_withdrawn: u64,
+    /// Requests refused for deadlock.
+    pub deadlocks: u64,
+    /// Upgrades (S holder asking X) that waited.
+    pub upgrades_waited: u64,
+    /// Wall-clock steps.
+    pub clocks_stepped: u64,
+    /// Answers lost on their way to a client.
+    pub answers_lost: u64,
+    /// Prompt calls sent to two nodes at once.
+    pub hedges: u64,
 }
 
-struct Client {
-    target: NodeId,
-    seq: u64,
-    current: Option<Current>,
-    /// Locks this client holds, as the cluster told it.
-    held: BTreeMap<u64, Mode>,
+impl Coverage {
+    /// Add another run's counts.
+    pub fn add(&mut self, o: &Self) {
+        self.waits_granted += o.waits_granted;
+        self.leases_expired += o.leases_expired;
+        self.cancels_raced_grant += o.cancels_raced_grant;
+        self.waits_withdrawn += o.waits_withdrawn;
+        self.deadlocks += o.deadlocks;
+        self.upgrades_waited += o.upgrades_waited;
+        self.clocks_stepped += o.clocks_stepped;
+        self.answers_lost += o.answers_lost;
+        self.hedges += o.hedges;
+    }
 }
 
 /// Summary of a finished run.
@@ -127,35 +149,46 @@ pub struct RunReport {
     pub committed: usize,
     /// Terms that had a leader.
     pub leader_terms: usize,
+    /// What the run exercised.
+    pub coverage: Coverage,
     /// Hash of every event processed, for the determinism check.
     pub trace: u64,
 }
 
 /// A simulated cluster under test.
 pub struct World {
-    params: SimParams,
-    rng: SimRng,
-    now: u64,
-    clock: u64,
+    pub(crate) params: SimParams,
+    pub(crate) rng: SimRng,
+    pub(crate) now: u64,
+    order: u64,
     queue: BTreeMap<(u64, u64), Event>,
     nodes: Vec<SimNode>,
     blocked: BTreeSet<(NodeId, NodeId)>,
-    clients: Vec<Client>,
-    history: Vec<Operation>,
-    lock_history: Vec<LockOp>,
+    pub(crate) clients: Vec<Client>,
+    /// Which client a call at a node belongs to.
+    pub(crate) routes: BTreeMap<(NodeId, CallId), u64>,
+    pub(crate) next_call: CallId,
+    /// Logical clock for the register history.
+    pub(crate) clock: u64,
+    pub(crate) history: Vec<Operation>,
+    pub(crate) holds: Vec<HoldInterval>,
     /// A client saw an answer no correct cluster gives; reported at the next step.
-    violation: Option<String>,
+    pub(crate) violation: Option<String>,
     invariants: Invariants,
     trace: Fnv,
-    faults: bool,
-    next_value: u64,
+    pub(crate) faults: bool,
+    pub(crate) next_value: u64,
+    pub(crate) coverage: Coverage,
+    pub(crate) lock_ops: usize,
     verbose: bool,
 }
 
 impl World {
     /// A world for one seed.
     pub fn new(seed: u64, params: SimParams, verbose: bool) -> Self {
+        let mut rng = SimRng::new(seed);
         let founders = Membership::with_voters(1..=params.initial_voters);
+        let drift = params.drift_ppm;
         let nodes = (1..=params.nodes)
             .map(|id| SimNode {
                 id,
@@ -164,117 +197,123 @@ impl World {
                 } else {
                     Membership::default()
                 },
-                raft: None,
+                node: None,
                 disk: MemLog::new(),
-                sm: Services::default(),
                 incarnation: 0,
-                persisting: None,
-                proposals: BTreeMap::new(),
-                reads: Vec::new(),
+                pending: None,
+                clock: SimClock {
+                    drift_ppm: rng.range(0, 2 * drift) as i64 - drift as i64,
+                    wall_offset_ms: 0,
+                },
+                wake_generation: 0,
                 marks: NodeMarks::default(),
             })
             .collect();
         let clients = (0..params.clients)
-            .map(|c| Client {
-                target: 1 + c % params.nodes,
-                seq: 0,
-                current: None,
-                held: BTreeMap::new(),
-            })
+            .map(|c| Client::new(c, 1 + c % params.nodes))
             .collect();
         let mut world = Self {
-            rng: SimRng::new(seed),
+            rng,
             params,
             now: 0,
-            clock: 0,
+            order: 0,
             queue: BTreeMap::new(),
             nodes,
             blocked: BTreeSet::new(),
             clients,
+            routes: BTreeMap::new(),
+            next_call: 0,
+            clock: 0,
             history: Vec::new(),
-            lock_history: Vec::new(),
+            holds: Vec::new(),
             violation: None,
             invariants: Invariants::default(),
             trace: Fnv::default(),
             faults: true,
             next_value: 0,
+            coverage: Coverage::default(),
+            lock_ops: 0,
             verbose,
         };
         for id in 1..=world.params.nodes {
-            world.start_node(id);
             let offset = world.rng.range(0, TICK_MS - 1);
-            world.schedule(offset, Event::Tick(id));
+            world.now = offset;
+            // Cannot fail: a fresh disk and the simulator's own config.
+            world.start_node(id).expect("a fresh node starts");
         }
+        world.now = 0;
         for c in 0..world.params.clients {
             let delay = world.rng.range(0, 50);
-            world.schedule(delay, Event::ClientStart(c));
+            world.schedule(delay, Event::Client(ClientEvent::Start(c)));
         }
         let first = world.params.nemesis_every_ms;
         world.schedule(first, Event::Nemesis);
         world
     }
 
-    fn schedule(&mut self, delay_ms: u64, event: Event) {
-        self.clock += 1;
-        self.queue.insert((self.now + delay_ms, self.clock), event);
+    pub(crate) fn schedule(&mut self, delay_ms: u64, event: Event) {
+        self.order += 1;
+        self.queue.insert((self.now + delay_ms, self.order), event);
     }
 
-    fn raft_config(&self, id: NodeId) -> Config {
-        let mut cfg = Config::new(id);
-        cfg.election_ticks = 10;
-        cfg.heartbeat_ticks = 2;
-        cfg.max_entries_per_msg = self.params.max_entries_per_msg;
-        cfg.max_bytes_per_msg = 256;
-        cfg.max_inflight_msgs = self.params.max_inflight;
-        cfg.snapshot_chunk_bytes = self.params.snapshot_chunk_bytes;
-        cfg.seed = self.rng.clone().next_u64() ^ id;
+    fn node_config(&self, id: NodeId) -> NodeConfig {
+        let mut cfg = NodeConfig::new(id);
+        cfg.raft.election_ticks = 10;
+        cfg.raft.heartbeat_ticks = 2;
+        cfg.raft.max_entries_per_msg = self.params.max_entries_per_msg;
+        cfg.raft.max_bytes_per_msg = 256;
+        cfg.raft.max_inflight_msgs = self.params.max_inflight;
+        cfg.raft.snapshot_chunk_bytes = self.params.snapshot_chunk_bytes;
+        cfg.raft.seed = self.rng.clone().next_u64() ^ id;
+        cfg.tick_ms = TICK_MS;
+        cfg.snapshot_every = self.params.snapshot_every;
+        cfg.call_timeout_ms = 2_000;
+        cfg.wait_limit_ms = 5_000;
+        cfg.trace_applies = true;
         cfg
     }
 
-    fn start_node(&mut self, id: NodeId) {
-        let cfg = self.raft_config(id);
-        let node = &mut self.nodes[(id - 1) as usize];
-        let recovered = node.disk.recover();
+    fn start_node(&mut self, id: NodeId) -> Result<(), String> {
+        let cfg = self.node_config(id);
+        let now = self.now;
+        let n = &mut self.nodes[(id - 1) as usize];
+        let recovered = n.disk.recover();
         let term = recovered.hard_state.term;
-        let snapshot_data = recovered.snapshot.as_ref().map(|s| s.data.clone());
-        let state = recovered.into_initial_state(node.bootstrap.clone());
-        // The config is the simulator's own and always valid.
-        node.raft = Some(Raft::new(cfg, state).expect("simulator raft config is valid"));
-        node.sm = Services::default();
-        if let Some(data) = snapshot_data {
-            // Snapshots on the simulated disk were produced by Services itself.
-            node.sm.restore(&data).expect("own snapshot decodes");
-        }
-        node.incarnation += 1;
-        node.marks = NodeMarks {
+        let state = recovered.into_initial_state(n.bootstrap.clone());
+        let time = n.clock.time(now);
+        let mut node = Node::new(cfg, state, time).map_err(|e| format!("node {id}: {e}"))?;
+        node.tick(time);
+        n.node = Some(node);
+        n.incarnation += 1;
+        n.pending = None;
+        n.marks = NodeMarks {
             term,
             ..NodeMarks::default()
         };
+        self.run_actions(id)
     }
 
     fn crash_node(&mut self, id: NodeId) {
-        let node = &mut self.nodes[(id - 1) as usize];
-        node.raft = None;
-        node.persisting = None;
-        node.proposals.clear();
-        node.reads.clear();
-        node.incarnation += 1;
+        let n = &mut self.nodes[(id - 1) as usize];
+        n.node = None;
+        n.pending = None;
+        n.incarnation += 1;
     }
 
-    fn log(&self, what: impl FnOnce() -> String) {
+    pub(crate) fn log(&self, what: impl FnOnce() -> String) {
         if self.verbose {
             eprintln!("[{:>7}ms] {}", self.now, what());
         }
     }
 
-    /// Run the fault phase, then heal and require liveness, then check the history.
+    /// Run the fault phase, then heal and require liveness, then check the histories.
     pub fn run(&mut self) -> Result<RunReport, String> {
         let mut steps = 0;
         while steps < self.params.steps {
             self.step()?;
             steps += 1;
         }
-        self.heal();
+        self.heal()?;
         let deadline = self.now + LIVENESS_BUDGET_MS;
         while !self.converged() {
             if self.now > deadline {
@@ -286,89 +325,103 @@ impl World {
             self.step()?;
             steps += 1;
         }
-        crate::lockcheck::check(&self.lock_history).map_err(|e| format!("locks: {e}"))?;
+        self.finish_holds();
+        crate::lockcheck::check(&self.holds).map_err(|e| format!("locks: {e}"))?;
         linearizability::check(&self.history, 0).map_err(|v| {
             format!(
                 "linearizability: history of key {} ({} ops) has no valid order",
                 v.key, v.ops
             )
         })?;
+        self.collect_coverage();
         Ok(RunReport {
             steps,
             virtual_ms: self.now,
             ops_completed: self.history.iter().filter(|o| o.ret.is_some()).count()
-                + self
-                    .lock_history
-                    .iter()
-                    .filter(|o| o.returned.is_some())
-                    .count(),
+                + self.lock_ops,
             committed: self.invariants.committed_count(),
             leader_terms: self.invariants.leader_terms(),
+            coverage: self.coverage.clone(),
             trace: self.trace.0,
         })
+    }
+
+    /// The lock counters of the most advanced replica.
+    fn collect_coverage(&mut self) {
+        let best = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.node.as_ref())
+            .max_by_key(|n| n.services().applied());
+        if let Some(n) = best {
+            let s = n.services().lock_stats();
+            self.coverage.waits_granted = s.waits_granted;
+            self.coverage.leases_expired = s.leases_expired;
+            self.coverage.cancels_raced_grant = s.grants_withdrawn;
+            self.coverage.waits_withdrawn = s.waits_withdrawn;
+            self.coverage.deadlocks = s.deadlocks;
+            self.coverage.upgrades_waited = s.upgrades_waited;
+        }
     }
 
     fn describe(&self) -> String {
         let nodes: Vec<String> = self
             .nodes
             .iter()
-            .map(|n| match &n.raft {
-                Some(r) => {
+            .map(|n| match &n.node {
+                Some(node) => {
+                    let r = node.raft();
                     let s = r.status();
-                    let last_term = r.term_at(s.last_index).unwrap_or(0);
                     format!(
-                        "n{}:{}@t{} vote {:?} leader {:?} last {}@t{} c{} a{} voters {:?} learners {:?}",
+                        "n{}:{}@t{} leader {:?} last {} c{} a{} voters {:?} calls {}",
                         n.id,
                         s.role.name(),
                         s.term,
-                        s.vote,
                         s.leader,
                         s.last_index,
-                        last_term,
                         s.commit,
-                        n.sm.applied(),
+                        node.services().applied(),
                         s.membership.voters,
-                        s.membership.learners
+                        node.calls_in_flight()
                     )
                 }
                 None => format!("n{}:down", n.id),
             })
             .collect();
-        let busy = self.clients.iter().filter(|c| c.current.is_some()).count();
+        let busy = self.clients.iter().filter(|c| c.busy()).count();
         format!("{}; {busy} clients busy", nodes.join("; "))
     }
 
-    fn heal(&mut self) {
+    fn heal(&mut self) -> Result<(), String> {
         self.log(|| "heal: faults stop, every node restarts".into());
         self.faults = false;
         self.blocked.clear();
         for id in 1..=self.params.nodes {
-            if self.nodes[(id - 1) as usize].raft.is_none() {
-                self.start_node(id);
+            if self.nodes[(id - 1) as usize].node.is_none() {
+                self.start_node(id)?;
             }
         }
+        Ok(())
     }
 
     /// A leader exists, every client is idle and every member has applied its commit.
     fn converged(&self) -> bool {
-        if self.clients.iter().any(|c| c.current.is_some()) {
+        if self.clients.iter().any(Client::busy) {
             return false;
         }
         let Some(leader) = self
             .nodes
             .iter()
-            .filter_map(|n| n.raft.as_ref())
-            .find(|r| r.role() == Role::Leader)
+            .filter_map(|n| n.node.as_ref())
+            .find(|n| n.raft().role() == Role::Leader)
         else {
             return false;
         };
         let st = leader.status();
         let converged = st.membership.members().all(|id| {
-            let n = &self.nodes[(id - 1) as usize];
-            n.raft
-                .as_ref()
-                .is_some_and(|r| r.status().commit == st.commit)
-                && n.sm.applied() == st.commit
+            self.nodes[(id - 1) as usize].node.as_ref().is_some_and(|n| {
+                n.status().commit == st.commit && n.services().applied() == st.commit
+            })
         });
         converged
     }
@@ -379,33 +432,53 @@ impl World {
         };
         self.now = time;
         self.trace.write(time);
-        let touched = self.handle(event)?;
+        if let Some(id) = self.handle(event)? {
+            self.run_actions(id)?;
+        }
         if let Some(v) = self.violation.take() {
             return Err(v);
-        }
-        if let Some(id) = touched {
-            self.drive(id)?;
         }
         self.check_all()
     }
 
     fn check_all(&mut self) -> Result<(), String> {
-        for node in &mut self.nodes {
-            if let Some(raft) = &node.raft {
-                self.invariants.check_node(raft, &mut node.marks)?;
+        for n in &mut self.nodes {
+            if let Some(node) = &n.node {
+                self.invariants.check_node(node.raft(), &mut n.marks)?;
+                node.services()
+                    .locks()
+                    .check()
+                    .map_err(|e| format!("node {}: lock table: {e}", n.id))?;
             }
         }
         Ok(())
     }
 
+    /// The node `id`'s time now.
+    fn time_of(&self, id: NodeId) -> Time {
+        self.nodes[(id - 1) as usize].clock.time(self.now)
+    }
+
+    fn node_mut(&mut self, id: NodeId) -> Option<&mut Node> {
+        self.nodes
+            .get_mut((id.max(1) - 1) as usize)
+            .and_then(|n| n.node.as_mut())
+    }
+
     fn handle(&mut self, event: Event) -> Result<Option<NodeId>, String> {
         match event {
-            Event::Tick(id) => {
-                self.trace.write(1);
-                self.schedule(TICK_MS, Event::Tick(id));
-                let raft = self.nodes[(id - 1) as usize].raft.as_mut();
-                raft.map(Raft::tick);
-                Ok(Some(id))
+            Event::Wake {
+                node,
+                incarnation,
+                generation,
+            } => {
+                self.trace.write(1 + (node << 8));
+                let n = &self.nodes[(node - 1) as usize];
+                if n.incarnation != incarnation || n.wake_generation != generation {
+                    return Ok(None);
+                }
+                let time = self.time_of(node);
+                Ok(self.node_mut(node).map(|n| n.tick(time)).map(|()| node))
             }
             Event::Deliver(m) => {
                 self.trace.write(2 + (m.from << 8) + (m.to << 16));
@@ -413,64 +486,43 @@ impl World {
                     return Ok(None);
                 }
                 let to = m.to;
-                let Some(raft) = self
-                    .nodes
-                    .get_mut((to - 1) as usize)
-                    .and_then(|n| n.raft.as_mut())
-                else {
-                    return Ok(None);
-                };
-                raft.step(m);
-                Ok(Some(to))
+                let time = self.time_of(to);
+                Ok(self.node_mut(to).map(|n| n.step(time, m)).map(|()| to))
             }
-            Event::PersistDone { node, incarnation } => {
-                self.trace.write(3 + (node << 8));
-                let n = &mut self.nodes[(node - 1) as usize];
-                if n.incarnation != incarnation {
-                    return Ok(None);
-                }
-                let Some(rd) = n.persisting.take() else {
-                    return Ok(None);
-                };
-                self.complete_ready(node, rd)?;
-                Ok(Some(node))
-            }
-            Event::Request {
+            Event::PersistDone {
                 node,
-                client,
-                seq,
-                op,
+                incarnation,
+                token,
             } => {
-                self.trace.write(4 + (node << 8) + (client << 16));
-                self.handle_request(node, client, seq, op);
-                Ok(Some(node))
+                self.trace.write(3 + (node << 8));
+                self.complete_persist(node, incarnation, token)
             }
-            Event::Response {
-                client,
-                seq,
-                outcome,
+            Event::Call {
+                node,
+                call,
+                request,
             } => {
-                self.trace.write(5 + (client << 8));
-                self.handle_response(client, seq, outcome);
-                Ok(None)
+                self.trace.write(4 + (node << 8) + (call << 16));
+                let time = self.time_of(node);
+                Ok(self
+                    .node_mut(node)
+                    .map(|n| n.call(time, call, request))
+                    .map(|()| node))
             }
-            Event::ClientRetry { client, attempt } => {
-                self.trace.write(6 + (client << 8));
-                let c = &self.clients[client as usize];
-                if c.current.as_ref().is_some_and(|cur| cur.attempt == attempt) {
-                    self.send_request(client);
-                }
-                Ok(None)
+            Event::Cancel { node, call } => {
+                self.trace.write(5 + (node << 8) + (call << 16));
+                let time = self.time_of(node);
+                Ok(self.node_mut(node).map(|n| n.cancel(time, call)).map(|()| node))
             }
-            Event::ClientStart(client) => {
-                self.trace.write(7 + (client << 8));
-                self.start_op(client);
+            Event::Client(e) => {
+                self.trace.write(6);
+                self.handle_client(e);
                 Ok(None)
             }
             Event::Nemesis => {
                 self.trace.write(8);
                 if self.faults {
-                    self.nemesis();
+                    self.nemesis()?;
                     let gap = self.params.nemesis_every_ms;
                     let next = self.rng.range(gap / 2, gap * 3 / 2);
                     self.schedule(next, Event::Nemesis);
@@ -480,175 +532,132 @@ impl World {
         }
     }
 
-    /// Take and execute Readies until the node has nothing more or waits on an fsync.
-    fn drive(&mut self, id: NodeId) -> Result<(), String> {
+    fn complete_persist(
+        &mut self,
+        id: NodeId,
+        incarnation: u64,
+        token: u64,
+    ) -> Result<Option<NodeId>, String> {
+        let n = &mut self.nodes[(id - 1) as usize];
+        if n.incarnation != incarnation {
+            return Ok(None);
+        }
+        let Some(p) = n.pending.take().filter(|p| p.token == token) else {
+            return Ok(None);
+        };
+        n.disk
+            .persist(p.snapshot.as_ref(), &p.entries, p.hard_state)
+            .map_err(|e| format!("node {id}: {e}"))?;
+        let time = self.time_of(id);
+        Ok(self
+            .node_mut(id)
+            .map(|n| n.persisted(time, token))
+            .map(|()| id))
+    }
+
+    /// Execute a node's actions the way the driver does, until it has none.
+    fn run_actions(&mut self, id: NodeId) -> Result<(), String> {
         loop {
-            let n = &mut self.nodes[(id - 1) as usize];
-            if n.persisting.is_some() {
-                return Ok(());
-            }
-            let Some(raft) = n.raft.as_mut() else {
+            let Some(node) = self.node_mut(id) else {
                 return Ok(());
             };
-            if !raft.has_ready() {
+            let actions = node.take_actions();
+            if actions.is_empty() {
                 return Ok(());
             }
-            let rd = raft.ready();
-            self.invariants.check_written(raft, &rd.entries)?;
-            let durable =
-                rd.snapshot.is_some() || !rd.entries.is_empty() || rd.hard_state.is_some();
-            if durable {
-                let incarnation = n.incarnation;
-                n.persisting = Some(rd);
+            for action in actions {
+                self.execute(id, action)?;
+            }
+        }
+    }
+
+    fn execute(&mut self, id: NodeId, action: Action) -> Result<(), String> {
+        let idx = (id - 1) as usize;
+        match action {
+            Action::Persist(p) => {
+                if let Some(node) = &self.nodes[idx].node {
+                    self.invariants.check_written(node.raft(), &p.entries)?;
+                }
+                let token = p.token;
+                if self.nodes[idx].pending.replace(p).is_some() {
+                    return Err(format!("node {id}: a second persist while one is in flight"));
+                }
                 let (lo, hi) = self.params.fsync_ms;
                 let delay = self.rng.range(lo, hi);
+                let incarnation = self.nodes[idx].incarnation;
                 self.schedule(
                     delay,
                     Event::PersistDone {
                         node: id,
                         incarnation,
+                        token,
                     },
                 );
-                return Ok(());
             }
-            self.complete_ready(id, rd)?;
-        }
-    }
-
-    /// The Ready is durable: send, apply, serve reads, advance, maybe snapshot.
-    fn complete_ready(&mut self, id: NodeId, rd: Ready) -> Result<(), String> {
-        let idx = (id - 1) as usize;
-        self.nodes[idx]
-            .disk
-            .persist(rd.snapshot.as_ref(), &rd.entries, rd.hard_state)
-            .map_err(|e| format!("node {id}: {e}"))?;
-        let marker = rd.persisted_marker();
-        for m in rd.messages {
-            self.send_message(m);
-        }
-        if let Some(snapshot) = &rd.snapshot {
-            self.restore_snapshot(id, snapshot)?;
-        }
-        for entry in &rd.committed_entries {
-            self.apply(id, entry)?;
-        }
-        for rs in rd.read_states {
-            let Some(words) = decode_words(&rs.ctx) else {
-                continue;
-            };
-            if let [client, seq, key] = words[..] {
-                self.nodes[idx].reads.push((rs.index, client, seq, key));
-            }
-        }
-        self.serve_reads(id);
-        let node = &mut self.nodes[idx];
-        let Some(raft) = node.raft.as_mut() else {
-            return Ok(());
-        };
-        raft.advance(marker);
-        let every = self.params.snapshot_every;
-        let snap_index = raft.status().snapshot_index;
-        if every > 0 && node.sm.applied() >= snap_index + every {
-            // applied <= raft's applied and > snapshot index: compaction cannot fail.
-            raft.compact(node.sm.applied(), node.sm.snapshot())
-                .map_err(|e| format!("compact: {e}"))?;
-            if let Some(s) = raft.snapshot() {
-                node.disk
-                    .compact(s)
-                    .map_err(|e| format!("node {id}: {e}"))?;
-            }
-        }
-        Ok(())
-    }
-
-    fn restore_snapshot(&mut self, id: NodeId, snapshot: &Snapshot) -> Result<(), String> {
-        let node = &mut self.nodes[(id - 1) as usize];
-        node.sm
-            .restore(&snapshot.data)
-            .map_err(|e| format!("node {id}: snapshot restore: {e}"))?;
-        if node.sm.applied() != snapshot.meta.index {
-            return Err(format!(
-                "node {id}: snapshot at {} holds state of {}",
-                snapshot.meta.index,
-                node.sm.applied()
-            ));
-        }
-        let keep = node.proposals.split_off(&(snapshot.meta.index + 1));
-        let lost = std::mem::replace(&mut node.proposals, keep);
-        let digest = node.sm.digest();
-        for (_, (_, client, seq)) in lost {
-            self.respond(client, seq, Outcome::Retry);
-        }
-        self.invariants
-            .check_digest(id, snapshot.meta.index, digest)
-    }
-
-    fn apply(&mut self, id: NodeId, entry: &Entry) -> Result<(), String> {
-        let node = &mut self.nodes[(id - 1) as usize];
-        if entry.index != node.sm.applied() + 1 {
-            return Err(format!(
-                "node {id}: applies {} after {}",
-                entry.index,
-                node.sm.applied()
-            ));
-        }
-        let reply = match &entry.payload {
-            EntryPayload::Command(data) => {
-                let (reply, _events) = node.sm.apply_bytes(entry.index, data);
-                if let Reply::Invalid(why) = &reply {
-                    return Err(format!(
-                        "node {id}: undecodable command at {}: {why}",
-                        entry.index
-                    ));
+            Action::Send(m) => self.send_message(m),
+            Action::Reply { call, response } => self.route_reply(id, call, response),
+            Action::Snapshot(view) => {
+                let data = view.encode();
+                let time = self.time_of(id);
+                if let Some(n) = self.node_mut(id) {
+                    n.snapshot_encoded(time, view.index, data);
                 }
-                Some(reply)
             }
-            EntryPayload::Noop | EntryPayload::Config(_) => {
-                node.sm.skip(entry.index);
-                None
+            Action::Compact(s) => self.nodes[idx]
+                .disk
+                .compact(&s)
+                .map_err(|e| format!("node {id}: {e}"))?,
+            Action::WakeAt(mono) => {
+                let n = &mut self.nodes[idx];
+                n.wake_generation += 1;
+                let at = n.clock.virtual_at(mono).max(self.now);
+                let event = Event::Wake {
+                    node: id,
+                    incarnation: n.incarnation,
+                    generation: n.wake_generation,
+                };
+                let delay = at - self.now;
+                self.schedule(delay, event);
             }
-        };
-        node.sm
-            .locks()
-            .check()
-            .map_err(|e| format!("node {id}: lock table after {}: {e}", entry.index))?;
-        let digest = node.sm.digest();
-        let waiting = node.proposals.remove(&entry.index);
-        self.invariants.check_applied(id, entry, digest)?;
-        if let Some((term, client, seq)) = waiting {
-            let outcome = match reply {
-                Some(Reply::Register(_)) if term == entry.term => Outcome::Done(Answer::Written),
-                Some(Reply::Lock(r)) if term == entry.term => Outcome::Done(Answer::Lock(r)),
-                _ => Outcome::Retry,
-            };
-            self.respond(client, seq, outcome);
+            Action::Event(e) => self.node_event(id, e)?,
         }
         Ok(())
     }
 
-    fn serve_reads(&mut self, id: NodeId) {
-        let node = &mut self.nodes[(id - 1) as usize];
-        let applied = node.sm.applied();
-        let (ready, waiting): (Vec<_>, Vec<_>) = node.reads.drain(..).partition(|r| r.0 <= applied);
-        node.reads = waiting;
-        let answers: Vec<_> = ready
-            .iter()
-            .map(|&(_, c, s, k)| {
-                let query = Query::Register(RegisterQuery::Get {
-                    key: k.to_le_bytes().to_vec(),
-                });
-                let bytes = postcard::to_stdvec(&query).unwrap_or_default();
-                let value = match node.sm.query_bytes(&bytes) {
-                    QueryReply::Register(RegisterReply::Value(Some(v))) => decode_words(&v)
-                        .and_then(|w| w.first().copied())
-                        .unwrap_or(0),
-                    _ => 0,
-                };
-                (c, s, value)
-            })
-            .collect();
-        for (client, seq, value) in answers {
-            self.respond(client, seq, Outcome::Done(Answer::Value(value)));
+    fn node_event(&mut self, id: NodeId, e: NodeEvent) -> Result<(), String> {
+        match e {
+            NodeEvent::Applied {
+                index,
+                term,
+                digest,
+            } => {
+                if let Some(n) = self.nodes[(id - 1) as usize].node.as_ref() {
+                    let c = n.services().clock();
+                    let mono = self.nodes[(id - 1) as usize].clock.mono(self.now);
+                    self.log(|| format!("n{id} applied {index}@t{term}: lock time {} (base {} of t{}), mono {mono}", c.now_ms, c.base_ms, c.term));
+                }
+                let entry = self.nodes[(id - 1) as usize]
+                    .node
+                    .as_ref()
+                    .and_then(|n| n.raft().entry(index).cloned());
+                match entry {
+                    Some(entry) if entry.term == term => {
+                        self.invariants.check_applied(id, &entry, digest)
+                    }
+                    _ => self.invariants.check_digest(id, index, digest),
+                }
+            }
+            NodeEvent::SnapshotInstalled { index, .. } => {
+                let digest = self.nodes[(id - 1) as usize]
+                    .node
+                    .as_ref()
+                    .map(|n| n.services().digest());
+                match digest {
+                    Some(d) => self.invariants.check_digest(id, index, d),
+                    None => Ok(()),
+                }
+            }
+            _ => Ok(()),
         }
     }
 
@@ -668,239 +677,55 @@ impl World {
         }
     }
 
-    fn respond(&mut self, client: u64, seq: u64, outcome: Outcome) {
+    /// A node answered a call: the answer travels to the client (or is lost).
+    fn route_reply(&mut self, node: NodeId, call: CallId, response: ClientResponse) {
+        let Some(client) = self.routes.remove(&(node, call)) else {
+            return;
+        };
+        if self.faults && self.rng.chance(self.params.answer_loss) {
+            self.coverage.answers_lost += 1;
+            return;
+        }
         let delay = self.rng.range(1, 5);
         self.schedule(
             delay,
-            Event::Response {
+            Event::Client(ClientEvent::Answer {
                 client,
-                seq,
-                outcome,
-            },
-        );
-    }
-
-    fn handle_request(&mut self, id: NodeId, client: u64, seq: u64, op: ClientOp) {
-        let now_ms = self.now;
-        let node = &mut self.nodes[(id - 1) as usize];
-        let Some(raft) = node.raft.as_mut() else {
-            return;
-        };
-        let command = match op {
-            ClientOp::Put { key, value } => Some(Command::Register(RegisterCommand::Put {
-                key: key.to_le_bytes().to_vec(),
-                value: value.to_le_bytes().to_vec(),
-            })),
-            ClientOp::Acquire { key, mode } => Some(Command::Lock(LockCommand::Acquire {
-                key: format!("L{key}"),
-                client: format!("c{client}"),
-                mode,
-                ttl_ms: MAX_TTL_MS,
-                wait_ms: 0,
-            })),
-            ClientOp::Release { key } => Some(Command::Lock(LockCommand::Release {
-                key: format!("L{key}"),
-                client: format!("c{client}"),
-            })),
-            ClientOp::Get { .. } => None,
-        };
-        let result = match (command, op) {
-            (Some(command), _) => {
-                // The session makes a retried command apply once (Raft thesis 6.3).
-                let envelope = Envelope {
-                    session: client + 1,
-                    seq,
-                    now_ms,
-                    command,
-                };
-                let bytes = postcard::to_stdvec(&envelope).unwrap_or_default();
-                raft.propose(bytes).map(|index| {
-                    // A proposal of an older term at the same index was truncated away.
-                    node.proposals.insert(index, (raft.term(), client, seq))
-                })
-            }
-            (None, ClientOp::Get { key }) => {
-                let ctx = [client, seq, key]
-                    .iter()
-                    .flat_map(|w| w.to_le_bytes())
-                    .collect();
-                raft.read_index(ctx).map(|()| None)
-            }
-            (None, _) => Ok(None),
-        };
-        match result {
-            Ok(Some((_, old_client, old_seq))) => self.respond(old_client, old_seq, Outcome::Retry),
-            Ok(None) => {}
-            Err(ProposeError::NotLeader { leader }) => {
-                self.respond(client, seq, Outcome::Redirect(leader))
-            }
-            Err(_) => self.respond(client, seq, Outcome::Retry),
-        }
-    }
-
-    fn start_op(&mut self, client: u64) {
-        if !self.faults {
-            return;
-        }
-        let key = self.rng.range(0, self.params.keys - 1);
-        self.clock += 1;
-        let (op, history) = if self.params.locks && self.rng.chance(0.5) {
-            let held: Vec<u64> = self.clients[client as usize].held.keys().copied().collect();
-            let (op, call) = if !held.is_empty() && self.rng.chance(0.5) {
-                let key = self.rng.pick(&held);
-                (ClientOp::Release { key }, LockCall::Release)
-            } else if self.rng.chance(0.1) {
-                // Releasing what one may not hold must be answered "not held".
-                (ClientOp::Release { key }, LockCall::Release)
-            } else {
-                let mode = if self.rng.chance(0.5) {
-                    Mode::X
-                } else {
-                    Mode::S
-                };
-                (ClientOp::Acquire { key, mode }, LockCall::Acquire(mode))
-            };
-            let lock_key = match op {
-                ClientOp::Release { key } | ClientOp::Acquire { key, .. } => key,
-                _ => key,
-            };
-            self.lock_history.push(LockOp {
-                key: lock_key,
-                client,
-                call,
-                outcome: None,
-                invoked: self.clock,
-                returned: None,
-            });
-            (op, HistRef::Lock(self.lock_history.len() - 1))
-        } else {
-            let (op, reg) = if self.rng.chance(0.5) {
-                self.next_value += 1;
-                (
-                    ClientOp::Put {
-                        key,
-                        value: self.next_value,
-                    },
-                    RegisterOp::Write(self.next_value),
-                )
-            } else {
-                (ClientOp::Get { key }, RegisterOp::Read(None))
-            };
-            self.history.push(Operation {
-                key,
-                op: reg,
-                call: self.clock,
-                ret: None,
-            });
-            (op, HistRef::Register(self.history.len() - 1))
-        };
-        let c = &mut self.clients[client as usize];
-        c.seq += 1;
-        c.current = Some(Current {
-            seq: c.seq,
-            op,
-            history,
-            attempt: 0,
-        });
-        self.send_request(client);
-    }
-
-    fn send_request(&mut self, client: u64) {
-        let c = &mut self.clients[client as usize];
-        let Some(cur) = c.current.as_mut() else {
-            return;
-        };
-        cur.attempt += 1;
-        let (node, seq, op, attempt) = (c.target, cur.seq, cur.op, cur.attempt);
-        let delay = self.rng.range(1, 5);
-        self.schedule(
-            delay,
-            Event::Request {
                 node,
-                client,
-                seq,
-                op,
+                call,
+                response,
+            }),
+        );
+    }
+
+    /// Send a call from a client to a node.
+    pub(crate) fn send_call(&mut self, client: u64, node: NodeId, request: ClientRequest) -> CallId {
+        self.next_call += 1;
+        let call = self.next_call;
+        self.routes.insert((node, call), client);
+        let delay = self.rng.range(1, 5);
+        self.schedule(
+            delay,
+            Event::Call {
+                node,
+                call,
+                request,
             },
         );
-        self.schedule(CLIENT_TIMEOUT_MS, Event::ClientRetry { client, attempt });
+        call
     }
 
-    fn handle_response(&mut self, client: u64, seq: u64, outcome: Outcome) {
-        let nodes = self.params.nodes;
-        let c = &mut self.clients[client as usize];
-        let Some(cur) = c.current.as_ref() else {
-            return;
-        };
-        if cur.seq != seq {
-            return;
-        }
-        let attempt = cur.attempt;
-        match outcome {
-            Outcome::Done(answer) => {
-                self.clock += 1;
-                let history = cur.history;
-                c.current = None;
-                self.record(client, history, answer);
-                let think = self.rng.range(0, 20);
-                self.schedule(think, Event::ClientStart(client));
-            }
-            Outcome::Redirect(Some(leader)) if leader != c.target => {
-                c.target = leader;
-                self.schedule(1, Event::ClientRetry { client, attempt });
-            }
-            Outcome::Redirect(_) | Outcome::Retry => {
-                c.target = self.rng.range(1, nodes);
-                let backoff = self.rng.range(10, 40);
-                self.schedule(backoff, Event::ClientRetry { client, attempt });
-            }
-        }
-    }
-
-    /// Record a completed operation in the history it belongs to.
-    fn record(&mut self, client: u64, history: HistRef, answer: Answer) {
-        let now = self.clock;
-        match (history, answer) {
-            (HistRef::Register(i), Answer::Value(v)) => {
-                self.history[i].ret = Some(now);
-                self.history[i].op = RegisterOp::Read(Some(v));
-            }
-            (HistRef::Register(i), Answer::Written) => self.history[i].ret = Some(now),
-            (HistRef::Lock(i), Answer::Lock(reply)) => {
-                let key = self.lock_history[i].key;
-                let held = &mut self.clients[client as usize].held;
-                let outcome = match reply {
-                    LockReply::Granted { token, mode, .. } => {
-                        held.insert(key, mode);
-                        LockOutcome::Granted { mode, token }
-                    }
-                    LockReply::Conflict { .. } => LockOutcome::Conflict,
-                    LockReply::Released => {
-                        held.remove(&key);
-                        LockOutcome::Released
-                    }
-                    LockReply::NotHeld { .. } => {
-                        held.remove(&key);
-                        LockOutcome::NotHeld
-                    }
-                    other => {
-                        self.violation =
-                            Some(format!("client {client}: unexpected lock reply {other:?}"));
-                        return;
-                    }
-                };
-                self.lock_history[i].outcome = Some(outcome);
-                self.lock_history[i].returned = Some(now);
-            }
-            (h, a) => {
-                self.violation = Some(format!("client {client}: answer {a:?} to operation {h:?}"))
-            }
-        }
+    /// A client closes its call at a node.
+    pub(crate) fn cancel_call(&mut self, node: NodeId, call: CallId) {
+        self.routes.remove(&(node, call));
+        let delay = self.rng.range(1, 5);
+        self.schedule(delay, Event::Cancel { node, call });
     }
 
     fn live(&self) -> Vec<NodeId> {
         self.nodes
             .iter()
-            .filter(|n| n.raft.is_some())
+            .filter(|n| n.node.is_some())
             .map(|n| n.id)
             .collect()
     }
@@ -908,21 +733,17 @@ impl World {
     fn leader(&self) -> Option<NodeId> {
         self.nodes
             .iter()
-            .filter_map(|n| n.raft.as_ref())
-            .filter(|r| r.role() == Role::Leader)
-            .max_by_key(|r| r.term())
-            .map(Raft::id)
+            .filter_map(|n| n.node.as_ref())
+            .filter(|n| n.raft().role() == Role::Leader)
+            .max_by_key(|n| n.raft().term())
+            .map(|n| n.raft().id())
     }
 
-    fn nemesis(&mut self) {
+    fn nemesis(&mut self) -> Result<(), String> {
         let all: Vec<NodeId> = (1..=self.params.nodes).collect();
         let live = self.live();
-        let down: Vec<NodeId> = all
-            .iter()
-            .copied()
-            .filter(|id| !live.contains(id))
-            .collect();
-        match self.rng.range(0, 9) {
+        let down: Vec<NodeId> = all.iter().copied().filter(|id| !live.contains(id)).collect();
+        match self.rng.range(0, 10) {
             0 | 1
                 if self.params.crashes
                     && down.len() < (self.params.nodes as usize) / 2 + 1
@@ -935,7 +756,7 @@ impl World {
             2 | 3 if !down.is_empty() => {
                 let id = self.rng.pick(&down);
                 self.log(|| format!("nemesis: restart n{id}"));
-                self.start_node(id);
+                self.start_node(id)?;
             }
             4 if self.params.partitions => {
                 self.blocked.clear();
@@ -968,26 +789,41 @@ impl World {
                 self.log(|| "nemesis: heal partitions".into());
                 self.blocked.clear();
             }
-            8 if self.params.conf_changes => self.change_membership(),
+            8 if self.params.conf_changes => self.change_membership()?,
             9 if self.params.transfers => {
                 if let Some(l) = self.leader() {
                     let to = self.rng.pick(&all);
-                    let raft = self.nodes[(l - 1) as usize].raft.as_mut();
-                    let result = raft.map(|r| r.transfer_leader(to));
+                    let time = self.time_of(l);
+                    let result = self.node_mut(l).map(|n| n.transfer_leader(time, to));
                     self.log(|| format!("nemesis: transfer n{l} -> n{to}: {result:?}"));
+                    self.run_actions(l)?;
                 }
             }
+            10 if self.params.wall_steps => self.step_wall_clock(),
             _ => {}
         }
+        Ok(())
     }
 
-    fn change_membership(&mut self) {
-        let Some(l) = self.leader() else { return };
-        let all: Vec<NodeId> = (1..=self.params.nodes).collect();
-        let Some(raft) = self.nodes[(l - 1) as usize].raft.as_ref() else {
-            return;
+    /// Step one node's wall clock forward or back by up to an hour (NTP, an operator).
+    fn step_wall_clock(&mut self) {
+        let id = self.rng.range(1, self.params.nodes);
+        let by = self.rng.range(1_000, 3_600_000) as i64;
+        let by = if self.rng.chance(0.5) { by } else { -by };
+        self.nodes[(id - 1) as usize].clock.wall_offset_ms += by;
+        self.coverage.clocks_stepped += 1;
+        self.log(|| format!("nemesis: step n{id}'s wall clock by {by} ms"));
+    }
+
+    fn change_membership(&mut self) -> Result<(), String> {
+        let Some(l) = self.leader() else {
+            return Ok(());
         };
-        let m = raft.membership().clone();
+        let all: Vec<NodeId> = (1..=self.params.nodes).collect();
+        let Some(node) = self.nodes[(l - 1) as usize].node.as_ref() else {
+            return Ok(());
+        };
+        let m = node.raft().membership().clone();
         let outsiders: Vec<NodeId> = all.iter().copied().filter(|id| !m.contains(*id)).collect();
         let learners: Vec<NodeId> = m.learners.iter().copied().collect();
         let members: Vec<NodeId> = m.members().collect();
@@ -998,11 +834,11 @@ impl World {
         } else if m.voters.len() > 2 {
             ConfChange::RemoveNode(self.rng.pick(&members))
         } else {
-            return;
+            return Ok(());
         };
-        let raft = self.nodes[(l - 1) as usize].raft.as_mut();
-        let result = raft.map(|r| r.propose_conf_change(change));
+        let time = self.time_of(l);
+        let result = self.node_mut(l).map(|n| n.propose_conf_change(time, change));
         self.log(|| format!("nemesis: n{l} proposes {change:?}: {result:?}"));
-        let _ = self.drive(l);
+        self.run_actions(l)
     }
 }

@@ -32,7 +32,8 @@ use crate::raft::{
     ConfChange, Config, Entry, EntryPayload, HardState, InitError, InitialState, LogIndex,
     Message, MessageBody, NodeId, ProposeError, Raft, Ready, Role, Snapshot, Status, Term,
 };
-use crate::services::envelope::{Command, Envelope, Gauge, Reply, Services};
+use crate::services::envelope::{Command, Envelope, Reply, Services};
+pub use crate::services::envelope::Gauge;
 use crate::services::StateMachine;
 use crate::wire::{ClientRequest, ClientResponse, NodeStatus};
 use calls::{CallState, CallTable};
@@ -392,9 +393,12 @@ impl Node {
         self.drive();
     }
 
-    /// The caller of `id` went away. A call that waits for a service completion is
-    /// withdrawn through the log (so a grant nobody will hear of is released); a call
-    /// still waiting for its commit is withdrawn if it turns out to wait.
+    /// The caller of `id` went away (its connection closed). A call that waits for a
+    /// service completion is withdrawn through the log if it is still queued; a call
+    /// still waiting for its commit is withdrawn if it turns out to queue. A grant is
+    /// never released here: the client may be retrying the same call elsewhere and may
+    /// have heard of it. A client that gives up for good withdraws with
+    /// `release_grant` itself.
     pub fn cancel(&mut self, now: Time, id: CallId) {
         self.now = now;
         if let Some(call) = self.calls.cancel(id) {
@@ -531,8 +535,8 @@ impl Node {
         }
     }
 
-    /// Withdraw a session call whose caller went away, through the log. Only the leader
-    /// can; elsewhere the caller's client withdraws it itself.
+    /// Withdraw a queued session call whose caller went away, through the log. Only the
+    /// leader can; elsewhere the caller's client withdraws it itself.
     fn withdraw(&mut self, call: (u64, u64)) {
         let envelope = Envelope::new(
             0,
@@ -541,6 +545,7 @@ impl Node {
             Command::Withdraw {
                 session: call.0,
                 seq: call.1,
+                release_grant: false,
             },
         );
         let _ = self.propose_envelope(envelope);

@@ -22,6 +22,9 @@ struct Cluster {
     /// Outstanding persist tokens, per node.
     persists: Vec<Option<u64>>,
     replies: Vec<(NodeId, CallId, ClientResponse)>,
+    /// Test client number -> the session the log assigned it.
+    sessions: std::collections::BTreeMap<u64, u64>,
+    next_call: CallId,
 }
 
 impl Cluster {
@@ -46,6 +49,8 @@ impl Cluster {
             wire: Vec::new(),
             persists: vec![None; n as usize],
             replies: Vec::new(),
+            sessions: std::collections::BTreeMap::new(),
+            next_call: 1_000,
         }
     }
 
@@ -111,7 +116,27 @@ impl Cluster {
         panic!("no leader");
     }
 
-    fn call(&mut self, node: NodeId, id: CallId, session: u64, seq: u64, command: Command) {
+    /// The session of test client `client`, opened through the log on first use.
+    fn session(&mut self, node: NodeId, client: u64) -> u64 {
+        if let Some(&s) = self.sessions.get(&client) {
+            return s;
+        }
+        self.next_call += 1;
+        let id = self.next_call;
+        let bytes = postcard::to_stdvec(&Envelope::new(0, 0, 0, Command::OpenSession))
+            .expect("encode");
+        let now = t(self.now);
+        self.node(node).call(now, id, ClientRequest::Propose(bytes));
+        self.settle();
+        let Some(Reply::SessionOpened { session }) = self.reply_to(id) else {
+            panic!("no session opened");
+        };
+        self.sessions.insert(client, session);
+        session
+    }
+
+    fn call(&mut self, node: NodeId, id: CallId, client: u64, seq: u64, command: Command) {
+        let session = self.session(node, client);
         let e = Envelope::new(session, seq, seq, command);
         let bytes = postcard::to_stdvec(&e).expect("encode");
         let now = t(self.now);

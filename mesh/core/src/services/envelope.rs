@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!  Envelope { session, seq, ack, elapsed_ms, command }
-//!     │ session 0: applied as is (ticks, withdrawals)
+//!     │ session 0: applied as is (ticks, withdrawals, opening a session)
+//!     ├ unknown session (expired, never opened) ─> refused: open a new one
 //!     ├ seq below the session's floor ──────────> refused: discarded (never re-executed)
 //!     ├ seq already answered ───────────────────> the kept answer (Raft thesis 6.3)
 //!     └ new: floor := ack (drops the answers the client has seen), apply, keep answer
@@ -42,17 +43,26 @@ pub enum Command {
     Register(RegisterCommand),
     /// The lock service.
     Lock(LockCommand),
-    /// The caller of call (`session`, `seq`) went away: withdraw what it waits for, and
-    /// release a grant that raced the withdrawal (by its fencing token). A call that has
-    /// not arrived yet is answered "withdrawn" when it does, and never applied.
+    /// Withdraw call (`session`, `seq`): what it waits for is given up.
+    ///
+    /// With `release_grant` its caller gave up on it for good (the gateway's HTTP caller
+    /// went away, or its deadline passed): a grant that raced the withdrawal is released
+    /// by its fencing token, and a call that has not arrived yet is answered "withdrawn"
+    /// when it does, never applied. Without it (a node lost the connection the call came
+    /// on, and the client may still be retrying it elsewhere) only a call that is still
+    /// queued is withdrawn; a grant stays, since a retry may have reported it.
     Withdraw {
         /// The call's session.
         session: u64,
         /// The call's sequence number.
         seq: u64,
+        /// Also release a grant that raced the withdrawal.
+        release_grant: bool,
     },
     /// Only advance lock time: expire the leases and waits that ran out.
     Tick,
+    /// Open a client session (propose it with session 0): the answer names it.
+    OpenSession,
 }
 
 /// How a command travels in the log.
@@ -95,9 +105,10 @@ pub enum SessionRefusal {
         /// The session's floor.
         floor: u64,
     },
-    /// The session is unknown (it expired or was never opened) and the call is not its
-    /// first: it may be a retry of a call whose answer is gone.
-    #[error("session {session} is unknown or expired")]
+    /// The session is unknown: it expired (idle for an hour, or the least recently used
+    /// of too many), or was never opened. The call may be a retry of one whose answer
+    /// is gone, so it is not executed: open a new session.
+    #[error("session {session} is unknown or expired; open a new one")]
     Unknown {
         /// The session.
         session: u64,
@@ -121,6 +132,11 @@ pub enum Reply {
     Withdrawn,
     /// Time advanced.
     Ticked,
+    /// A session was opened: use this id (the index of the entry that opened it).
+    SessionOpened {
+        /// The session.
+        session: u64,
+    },
     /// The session refused the call.
     Session(SessionRefusal),
     /// The entry did not decode.
@@ -200,11 +216,13 @@ pub struct Applied {
     pub completions: Vec<Completion>,
 }
 
-/// A gauge for metrics, named as in DESIGN.md section 7.
+/// A gauge or counter for metrics, named as in DESIGN.md section 7.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Gauge {
     /// Metric name.
     pub name: &'static str,
+    /// A counter (only grows) rather than a gauge.
+    pub counter: bool,
     /// Help text.
     pub help: &'static str,
     /// One label (name, value), if any.
@@ -216,7 +234,14 @@ pub struct Gauge {
 /// What a kept call needs to be withdrawn later.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Handle {
-    Lock { key: String, client: String },
+    /// A lock acquire; `granted` is the token of a grant made *for this call* (not the
+    /// earlier grant an acquire of what one holds answers with), the only one a
+    /// withdrawal may release.
+    Lock {
+        key: String,
+        client: String,
+        granted: Option<u64>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -303,12 +328,19 @@ fn complete(
     reply: &Reply,
     out: &mut Vec<Completion>,
 ) {
+    let token = match reply {
+        Reply::Lock(LockReply::Granted { token, .. }) => Some(*token),
+        _ => None,
+    };
     for call in waits.remove(&wait).unwrap_or_default() {
         if let Some(kept) = sessions
             .get_mut(&call.0)
             .and_then(|s| s.calls.get_mut(&call.1))
         {
             kept.reply = reply.clone();
+            if let Some(Handle::Lock { granted, .. }) = &mut kept.handle {
+                *granted = token;
+            }
         }
         out.push(Completion {
             call,
@@ -376,8 +408,9 @@ impl Services {
     /// Gauges for metrics.
     pub fn gauges(&self) -> Vec<Gauge> {
         let (shared, exclusive, waiters) = self.locks.counts();
-        let g = |name, help, label, value: usize| Gauge {
+        let g = |name: &'static str, help, label, value: usize| Gauge {
             name,
+            counter: name.ends_with("_total"),
             help,
             label,
             value: value as f64,
@@ -471,10 +504,7 @@ impl Services {
         completions: &mut Vec<Completion>,
     ) -> Reply {
         if !self.sessions.contains_key(&e.session) {
-            if e.seq > 1 {
-                return Reply::Session(SessionRefusal::Unknown { session: e.session });
-            }
-            self.open_session(index, e.session, now, completions);
+            return Reply::Session(SessionRefusal::Unknown { session: e.session });
         }
         self.touch_session(e.session, now);
         let Some(session) = self.sessions.get(&e.session) else {
@@ -525,40 +555,54 @@ impl Services {
         match command {
             Command::Register(cmd) => (Reply::Register(self.register.apply(index, cmd)), None),
             Command::Lock(cmd) => {
-                let handle = match &cmd {
+                let mut handle = match &cmd {
                     LockCommand::Acquire { key, client, .. } => Some(Handle::Lock {
                         key: key.clone(),
                         client: client.clone(),
+                        granted: None,
                     }),
                     _ => None,
                 };
                 let (reply, events) = self.locks.apply(index, now, cmd);
+                if let (LockReply::Granted { token, .. }, Some(Handle::Lock { granted, .. })) =
+                    (&reply, &mut handle)
+                {
+                    // Tokens are the index of the granting entry: this entry granted it.
+                    *granted = (*token == index).then_some(index);
+                }
                 if let LockReply::Queued { wait } = reply {
                     self.waits.entry(wait).or_default().push(call);
                 }
                 lock_completions(&mut self.waits, &mut self.sessions, events, completions);
                 (Reply::Lock(reply), handle)
             }
-            Command::Withdraw { session, seq } => {
-                self.withdraw(index, (session, seq), completions);
+            Command::Withdraw {
+                session,
+                seq,
+                release_grant,
+            } => {
+                self.withdraw(index, (session, seq), release_grant, completions);
                 (Reply::Withdrawn, None)
             }
             Command::Tick => (Reply::Ticked, None),
+            Command::OpenSession => {
+                self.open_session(index, index, now, completions);
+                (Reply::SessionOpened { session: index }, None)
+            }
         }
     }
 
     /// Withdraw call `target` (see [`Command::Withdraw`]).
-    fn withdraw(&mut self, index: LogIndex, target: CallRef, completions: &mut Vec<Completion>) {
+    fn withdraw(
+        &mut self,
+        index: LogIndex,
+        target: CallRef,
+        release_grant: bool,
+        completions: &mut Vec<Completion>,
+    ) {
         let (session_id, seq) = target;
-        if session_id == 0 {
+        if session_id == 0 || (!release_grant && self.kept_reply(target).is_none_or(|r| !r.is_waiting())) {
             return;
-        }
-        let now = self.clock.now_ms;
-        if !self.sessions.contains_key(&session_id) {
-            if seq > 1 {
-                return;
-            }
-            self.open_session(index, session_id, now, completions);
         }
         let Some(session) = self.sessions.get_mut(&session_id) else {
             return;
@@ -579,7 +623,12 @@ impl Services {
         };
         let previous = std::mem::replace(&mut kept.reply, Reply::Withdrawn);
         let handle = kept.handle.take();
-        let Some(Handle::Lock { key, client }) = handle else {
+        let Some(Handle::Lock {
+            key,
+            client,
+            granted,
+        }) = handle
+        else {
             kept.reply = previous;
             return;
         };
@@ -594,9 +643,11 @@ impl Services {
                 );
                 self.locks.withdraw_wait(index, &key, wait)
             }
-            Reply::Lock(LockReply::Granted { token, .. }) => {
-                self.locks.withdraw_grant(index, &key, &client, token)
-            }
+            Reply::Lock(LockReply::Granted { .. }) => match granted {
+                Some(token) => self.locks.withdraw_grant(index, &key, &client, token),
+                // It answered a grant made before it: that one belongs to another call.
+                None => None,
+            },
             other => {
                 if let Some(kept) = self
                     .sessions

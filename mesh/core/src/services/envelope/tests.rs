@@ -2,11 +2,13 @@
 
 use super::*;
 use crate::services::lock::Mode;
+use std::collections::BTreeMap;
 
 struct Log {
     s: Services,
     index: LogIndex,
     term: Term,
+    ids: BTreeMap<u64, u64>,
 }
 
 impl Log {
@@ -15,6 +17,7 @@ impl Log {
             s: Services::default(),
             index: 0,
             term: 1,
+            ids: BTreeMap::new(),
         }
     }
 
@@ -24,8 +27,40 @@ impl Log {
         self.s.apply_entry(self.index, self.term, Some(&bytes))
     }
 
+    /// A call of client `session`: the first call of a client opens its session, whose
+    /// id the log assigns; tests name clients by small numbers.
     fn call(&mut self, session: u64, seq: u64, ack: u64, command: Command) -> Applied {
-        self.entry(Envelope::new(session, seq, ack, command))
+        let id = if session == 0 { 0 } else { self.id_of(session) };
+        let command = match command {
+            Command::Withdraw { session, seq, release_grant } => Command::Withdraw {
+                session: self.id_of(session),
+                seq,
+                release_grant,
+            },
+            other => other,
+        };
+        let mut applied = self.entry(Envelope::new(id, seq, ack, command));
+        // Name calls by the test's client numbers again.
+        for c in &mut applied.completions {
+            c.call.0 = self.client_of(c.call.0);
+        }
+        applied
+    }
+
+    fn id_of(&mut self, client: u64) -> u64 {
+        if let Some(&id) = self.ids.get(&client) {
+            return id;
+        }
+        let opened = self.entry(Envelope::new(0, 0, 0, Command::OpenSession));
+        let Some(Reply::SessionOpened { session: id }) = opened.reply else {
+            panic!("{opened:?}");
+        };
+        self.ids.insert(client, id);
+        id
+    }
+
+    fn client_of(&self, id: u64) -> u64 {
+        self.ids.iter().find(|(_, v)| **v == id).map_or(id, |(k, _)| *k)
     }
 
     fn new_term(&mut self) {
@@ -100,7 +135,7 @@ fn answers_are_kept_until_acknowledged_and_older_retries_are_refused() {
     );
     assert_eq!(l.s.locks().view("A").holders.len(), 1, "not applied again");
     assert_eq!(
-        reply(&l.call(1_000_000, 7, 1, Command::Tick)),
+        reply(&l.entry(Envelope::new(1_000_000, 1, 1, Command::Tick))),
         &Reply::Session(SessionRefusal::Unknown { session: 1_000_000 })
     );
 }
@@ -116,7 +151,8 @@ fn kept_answers_are_bounded_by_the_calls_in_flight() {
         l.call(1, seq, seq, Command::Tick);
         assert!(l.s.kept_calls() <= 3, "kept {}", l.s.kept_calls());
     }
-    assert!(l.s.kept_reply((2, 1)).is_some_and(Reply::is_waiting));
+    let waiter = l.id_of(2);
+    assert!(l.s.kept_reply((waiter, 1)).is_some_and(Reply::is_waiting));
 }
 
 /// Regression (an upgrade answered as granted): waits are per call. The kept answer of
@@ -143,7 +179,7 @@ fn a_withdrawal_cancels_the_wait_or_releases_the_grant_that_raced_it() {
     let mut l = Log::new();
     l.call(1, 1, 1, acquire("A", "h", Mode::X, 0));
     l.call(2, 1, 1, acquire("A", "w", Mode::X, 5_000));
-    let w = l.call(0, 0, 0, Command::Withdraw { session: 2, seq: 1 });
+    let w = l.call(0, 0, 0, Command::Withdraw { session: 2, seq: 1, release_grant: true });
     assert_eq!(w.completions, vec![Completion { call: (2, 1), reply: Reply::Withdrawn }]);
     assert!(l.s.locks().view("A").waiters.is_empty());
     assert_eq!(reply(&l.call(2, 1, 1, acquire("A", "w", Mode::X, 5_000))), &Reply::Withdrawn);
@@ -152,17 +188,37 @@ fn a_withdrawal_cancels_the_wait_or_releases_the_grant_that_raced_it() {
     let granted = l.call(1, 2, 2, release("A", "h"));
     let t = token(&granted.completions[0].reply).expect("granted to g");
     // A retry of the same client id, under a new call, holds the key later...
-    l.call(0, 0, 0, Command::Withdraw { session: 3, seq: 1 });
+    l.call(0, 0, 0, Command::Withdraw { session: 3, seq: 1, release_grant: true });
     assert!(l.s.locks().view("A").holders.is_empty(), "raced grant released");
     let later = l.call(3, 2, 2, acquire("A", "g", Mode::X, 0));
     assert!(token(reply(&later)).is_some_and(|n| n > t));
     // ... and a repeated withdrawal of the old call never touches it.
-    l.call(0, 0, 0, Command::Withdraw { session: 3, seq: 1 });
+    l.call(0, 0, 0, Command::Withdraw { session: 3, seq: 1, release_grant: true });
     assert_eq!(l.s.locks().view("A").holders.len(), 1);
     // A withdrawal that overtakes its call: the call is never applied.
-    l.call(0, 0, 0, Command::Withdraw { session: 9, seq: 1 });
+    l.id_of(9);
+    l.call(0, 0, 0, Command::Withdraw { session: 9, seq: 1, release_grant: true });
     assert_eq!(reply(&l.call(9, 1, 1, acquire("B", "z", Mode::X, 0))), &Reply::Withdrawn);
     assert!(l.s.locks().view("B").holders.is_empty());
+}
+
+#[test]
+fn a_soft_withdrawal_leaves_a_grant_a_retry_may_have_reported() {
+    let mut l = Log::new();
+    l.call(1, 1, 1, acquire("A", "h", Mode::X, 0));
+    l.call(2, 1, 1, acquire("A", "w", Mode::X, 5_000));
+    l.call(1, 2, 2, release("A", "h"));
+    let soft = Command::Withdraw { session: 2, seq: 1, release_grant: false };
+    l.call(0, 0, 0, soft.clone());
+    assert_eq!(l.s.locks().view("A").holders[0].client, "w");
+    // Still queued: a soft withdrawal does withdraw it.
+    l.call(3, 1, 1, acquire("A", "q", Mode::X, 5_000));
+    l.call(0, 0, 0, Command::Withdraw { session: 3, seq: 1, release_grant: false });
+    assert!(l.s.locks().view("A").waiters.is_empty());
+    // And it never leaves a tombstone for a call that has not arrived.
+    l.id_of(4);
+    l.call(0, 0, 0, Command::Withdraw { session: 4, seq: 1, release_grant: false });
+    assert!(token(reply(&l.call(4, 1, 1, acquire("B", "z", Mode::X, 0)))).is_some());
 }
 
 #[test]
@@ -179,8 +235,9 @@ fn acknowledging_a_waiting_call_withdraws_its_wait() {
 #[test]
 fn lock_time_runs_on_the_leaders_office_time_and_failovers_only_lengthen() {
     let mut l = Log::new();
+    let id = l.id_of(1);
     l.new_term();
-    let mut e = Envelope::new(1, 1, 1, acquire("A", "c1", Mode::X, 0));
+    let mut e = Envelope::new(id, 1, 1, acquire("A", "c1", Mode::X, 0));
     e.elapsed_ms = 5_000;
     let granted = l.entry(e);
     assert!(matches!(reply(&granted), Reply::Lock(LockReply::Granted { expires_ms: 15_000, .. })));

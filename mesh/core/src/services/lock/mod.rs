@@ -194,12 +194,30 @@ pub enum LockEvent {
     },
 }
 
+impl Hold {
+    /// A grant at lock time `now`. An upgrade (the client held S) keeps at least the
+    /// lease its S hold had left: the holder counts on that one still.
+    fn granted(mode: Mode, token: u64, ttl_ms: u64, now: u64, upgrades: Option<&Self>) -> Self {
+        let expires_ms = now.saturating_add(ttl_ms);
+        Self {
+            mode,
+            token,
+            ttl_ms,
+            expires_ms: upgrades.map_or(expires_ms, |h| h.expires_ms.max(expires_ms)),
+            upgraded_from: upgrades.map(|h| h.token),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Hold {
     mode: Mode,
     token: u64,
     ttl_ms: u64,
     expires_ms: u64,
+    /// For an X hold that upgraded an S hold: that S hold's token, restored if the
+    /// upgrade is withdrawn.
+    upgraded_from: Option<u64>,
 }
 
 /// A queued request.
@@ -449,7 +467,8 @@ impl LockTable {
 
     /// Release `client`'s hold of `key` if it is still the grant with fencing `token` (a
     /// grant that raced the withdrawal of the call it answered). A later grant to the
-    /// same client has another token and is left alone. `None`: no such grant.
+    /// same client has another token and is left alone; a withdrawn upgrade goes back to
+    /// the S hold it upgraded. `None`: no such grant.
     pub fn withdraw_grant(
         &mut self,
         index: LogIndex,
@@ -461,7 +480,15 @@ impl LockTable {
         if state.holders.get(client).map(|h| h.token) != Some(token) {
             return None;
         }
-        state.holders.remove(client);
+        let downgrade = state.holders.get_mut(client).and_then(|h| {
+            let token = h.upgraded_from.take()?;
+            h.mode = Mode::S;
+            h.token = token;
+            Some(())
+        });
+        if downgrade.is_none() {
+            state.holders.remove(client);
+        }
         self.stats.grants_withdrawn += 1;
         let mut events = Vec::new();
         self.promote(index, key, &mut events);
@@ -494,17 +521,12 @@ impl LockTable {
         let queued_ahead = !state.waiters.is_empty();
         if !queued_ahead && state.compatible(&client, mode) {
             // Grant (or upgrade S to X for the only holder) with a fresh token.
-            let hold = Hold {
-                mode,
-                token: index,
-                ttl_ms,
-                expires_ms: now.saturating_add(ttl_ms),
-            };
+            let hold = Hold::granted(mode, index, ttl_ms, now, state.holders.get(&client));
             let reply = LockReply::Granted {
                 token: index,
                 mode,
                 expires_ms: hold.expires_ms,
-                expires_in_ms: ttl_ms,
+                expires_in_ms: hold.expires_ms - now,
             };
             state.holders.insert(client, hold.clone());
             self.deadlines.insert((hold.expires_ms, key));
@@ -638,7 +660,9 @@ impl LockTable {
         let mut locks = 0;
         for (key, state) in &mut self.keys {
             if let Some(hold) = state.holders.get_mut(client) {
-                hold.expires_ms = now.saturating_add(hold.ttl_ms);
+                // A renewal extends, never shortens (an upgraded hold may have kept a
+                // longer lease than its own ttl).
+                hold.expires_ms = hold.expires_ms.max(now.saturating_add(hold.ttl_ms));
                 self.deadlines.insert((hold.expires_ms, key.clone()));
                 locks += 1;
             }
@@ -659,13 +683,8 @@ impl LockTable {
             let Some(w) = state.waiters.pop_front() else {
                 break;
             };
-            let expires_ms = now.saturating_add(w.ttl_ms);
-            let hold = Hold {
-                mode: w.mode,
-                token: index,
-                ttl_ms: w.ttl_ms,
-                expires_ms,
-            };
+            let hold = Hold::granted(w.mode, index, w.ttl_ms, now, state.holders.get(&w.client));
+            let expires_ms = hold.expires_ms;
             events.push(LockEvent::Granted {
                 wait: w.id,
                 key: key.to_string(),
@@ -673,7 +692,7 @@ impl LockTable {
                 token: index,
                 mode: w.mode,
                 expires_ms,
-                expires_in_ms: w.ttl_ms,
+                expires_in_ms: expires_ms - now,
             });
             self.stats.waits_granted += 1;
             state.holders.insert(w.client, hold);

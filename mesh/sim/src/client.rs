@@ -1,0 +1,576 @@
+//! The simulator's clients: what users (and the gateway on their behalf) do.
+//!
+//! Each client is one caller slot of a gateway: a session of its own with one call in
+//! flight, whose every call acknowledges the ones before it. It puts and reads
+//! registers, and takes locks the way applications do: acquires that wait, short leases
+//! that run out, renewals, releases (also of locks it does not hold), S/X mixes with
+//! upgrades, and lock orders that close real deadlock cycles. It retries a call with the
+//! same sequence number after a lost answer or a timeout, sometimes asks two nodes at
+//! once (a hedge), and sometimes gives up on a waiting acquire: it closes the call and
+//! withdraws it, as the gateway does when its HTTP caller goes away.
+
+use crate::linearizability::{Operation, RegisterOp};
+use crate::lockcheck::HoldInterval;
+use crate::world::{Event, World};
+use mesh_core::node::CallId;
+use mesh_core::raft::NodeId;
+use mesh_core::services::envelope::{Command, Envelope, Query, QueryReply, Reply};
+use mesh_core::services::lock::{LockCommand, LockReply, Mode};
+use mesh_core::services::register::{RegisterCommand, RegisterQuery, RegisterReply};
+use mesh_core::wire::{ClientRequest, ClientResponse};
+use std::collections::BTreeMap;
+
+/// How long a client waits for an answer beyond the call's own wait.
+const CLIENT_TIMEOUT_MS: u64 = 400;
+
+/// Something that happens to a client.
+#[derive(Debug)]
+pub(crate) enum ClientEvent {
+    Start(u64),
+    Answer {
+        client: u64,
+        node: NodeId,
+        call: CallId,
+        response: ClientResponse,
+    },
+    Timeout {
+        client: u64,
+        attempt: u64,
+    },
+    Retry {
+        client: u64,
+        attempt: u64,
+    },
+    GiveUp {
+        client: u64,
+        seq: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    OpenSession,
+    Put { key: u64, value: u64 },
+    Get { key: u64 },
+    Acquire { key: u64, mode: Mode, ttl_ms: u64, wait_ms: u64 },
+    Release { key: u64 },
+    Renew,
+}
+
+impl Op {
+    /// Whether the answer comes promptly (no wait): only those are hedged.
+    fn prompt(&self) -> bool {
+        !matches!(self, Self::Acquire { wait_ms, .. } if *wait_ms > 0)
+    }
+
+    fn wait_ms(&self) -> u64 {
+        match self {
+            Self::Acquire { wait_ms, .. } => *wait_ms,
+            _ => 0,
+        }
+    }
+}
+
+struct Current {
+    seq: u64,
+    op: Op,
+    /// Index in the register history.
+    history: Option<usize>,
+    attempt: u64,
+    first_sent: u64,
+    /// Attempts in flight: (node, call).
+    live: Vec<(NodeId, CallId)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    mode: Mode,
+    token: u64,
+    ttl_ms: u64,
+    start: u64,
+    lease_end: u64,
+}
+
+/// One simulated caller.
+pub(crate) struct Client {
+    id: u64,
+    target: NodeId,
+    seq: u64,
+    /// The session the cluster assigned (opened by the first call).
+    session: Option<u64>,
+    current: Option<Current>,
+    held: BTreeMap<u64, Held>,
+}
+
+impl Client {
+    pub(crate) fn new(id: u64, target: NodeId) -> Self {
+        Self {
+            id,
+            target,
+            seq: 0,
+            session: None,
+            current: None,
+            held: BTreeMap::new(),
+        }
+    }
+
+    pub(crate) fn busy(&self) -> bool {
+        self.current.is_some()
+    }
+
+}
+
+fn lock_client(id: u64) -> String {
+    format!("c{id}")
+}
+
+fn lock_key(key: u64) -> String {
+    format!("L{key}")
+}
+
+impl World {
+    pub(crate) fn handle_client(&mut self, e: ClientEvent) {
+        match e {
+            ClientEvent::Start(c) => self.start_op(c),
+            ClientEvent::Answer {
+                client,
+                node,
+                call,
+                response,
+            } => self.handle_answer(client, node, call, response),
+            ClientEvent::Timeout { client, attempt } => {
+                if self.current_attempt(client) == Some(attempt) {
+                    self.close_attempts(client);
+                    self.clients[client as usize].target = self.rng.range(1, self.params.nodes);
+                    self.send_attempt(client);
+                }
+            }
+            ClientEvent::Retry { client, attempt } => {
+                let idle = self.clients[client as usize]
+                    .current
+                    .as_ref()
+                    .is_some_and(|c| c.live.is_empty());
+                if self.current_attempt(client) == Some(attempt) && idle {
+                    self.send_attempt(client);
+                }
+            }
+            ClientEvent::GiveUp { client, seq } => self.give_up(client, seq),
+        }
+    }
+
+    fn current_attempt(&self, client: u64) -> Option<u64> {
+        self.clients[client as usize]
+            .current
+            .as_ref()
+            .map(|c| c.attempt)
+    }
+
+    /// The lease a client may count on, by its own clock, for `ttl_ms` of lock time: the
+    /// leader's clock may run fast by up to the drift bound, and clocks tick in whole
+    /// milliseconds.
+    fn client_lease(&self, ttl_ms: u64) -> u64 {
+        let ppm = self.params.drift_ppm;
+        (ttl_ms * (1_000_000 - ppm) / 1_000_000).saturating_sub(2)
+    }
+
+    fn start_op(&mut self, client: u64) {
+        self.drop_lapsed_holds(client);
+        if !self.faults {
+            return;
+        }
+        let op = if self.clients[client as usize].session.is_none() {
+            Op::OpenSession
+        } else if self.params.locks && self.rng.chance(0.6) {
+            self.pick_lock_op(client)
+        } else {
+            let key = self.rng.range(0, self.params.keys - 1);
+            if self.rng.chance(0.5) {
+                self.next_value += 1;
+                Op::Put {
+                    key,
+                    value: self.next_value,
+                }
+            } else {
+                Op::Get { key }
+            }
+        };
+        self.clock += 1;
+        let history = match op {
+            Op::Put { key, value } => Some((key, RegisterOp::Write(value))),
+            Op::Get { key } => Some((key, RegisterOp::Read(None))),
+            _ => None,
+        }
+        .map(|(key, op)| {
+            self.history.push(Operation {
+                key,
+                op,
+                call: self.clock,
+                ret: None,
+            });
+            self.history.len() - 1
+        });
+        let c = &mut self.clients[client as usize];
+        c.seq += 1;
+        c.current = Some(Current {
+            seq: c.seq,
+            op,
+            history,
+            attempt: 0,
+            first_sent: self.now,
+            live: Vec::new(),
+        });
+        let seq = c.seq;
+        if op.wait_ms() > 0 && self.rng.chance(self.params.give_up) {
+            let after = self.rng.range(1, op.wait_ms());
+            self.schedule(after, Event::Client(ClientEvent::GiveUp { client, seq }));
+        }
+        self.send_attempt(client);
+    }
+
+    fn pick_lock_op(&mut self, client: u64) -> Op {
+        let held: Vec<u64> = self.clients[client as usize].held.keys().copied().collect();
+        if !held.is_empty() && self.rng.chance(0.35) {
+            return Op::Release {
+                key: self.rng.pick(&held),
+            };
+        }
+        if !held.is_empty() && self.rng.chance(0.1) {
+            return Op::Renew;
+        }
+        let key = self.rng.range(0, self.params.keys - 1);
+        if self.rng.chance(0.05) {
+            return Op::Release { key };
+        }
+        let holds_s = self.clients[client as usize]
+            .held
+            .get(&key)
+            .is_some_and(|h| h.mode == Mode::S);
+        let mode = if (holds_s && self.rng.chance(0.5)) || self.rng.chance(0.5) {
+            Mode::X
+        } else {
+            Mode::S
+        };
+        let ttl_ms = self.rng.pick(&[30, 100, 400, 2_000, 60_000]);
+        let wait_ms = if self.rng.chance(0.4) {
+            0
+        } else {
+            self.rng.range(10, 600)
+        };
+        Op::Acquire {
+            key,
+            mode,
+            ttl_ms,
+            wait_ms,
+        }
+    }
+
+    fn request(&self, client: u64) -> Option<ClientRequest> {
+        let c = &self.clients[client as usize];
+        let cur = c.current.as_ref()?;
+        let command = match cur.op {
+            Op::OpenSession => {
+                let e = Envelope::new(0, 0, 0, Command::OpenSession);
+                return Some(ClientRequest::Propose(postcard::to_stdvec(&e).ok()?));
+            }
+            Op::Get { key } => {
+                let q = Query::Register(RegisterQuery::Get {
+                    key: key.to_le_bytes().to_vec(),
+                });
+                return Some(ClientRequest::Read(postcard::to_stdvec(&q).ok()?));
+            }
+            Op::Put { key, value } => Command::Register(RegisterCommand::Put {
+                key: key.to_le_bytes().to_vec(),
+                value: value.to_le_bytes().to_vec(),
+            }),
+            Op::Acquire {
+                key,
+                mode,
+                ttl_ms,
+                wait_ms,
+            } => Command::Lock(LockCommand::Acquire {
+                key: lock_key(key),
+                client: lock_client(c.id),
+                mode,
+                ttl_ms,
+                wait_ms,
+            }),
+            Op::Release { key } => Command::Lock(LockCommand::Release {
+                key: lock_key(key),
+                client: lock_client(c.id),
+            }),
+            Op::Renew => Command::Lock(LockCommand::Renew {
+                client: lock_client(c.id),
+            }),
+        };
+        // One call in flight per session: every call acknowledges all before it.
+        let e = Envelope::new(c.session?, cur.seq, cur.seq, command);
+        Some(ClientRequest::Propose(postcard::to_stdvec(&e).ok()?))
+    }
+
+    fn send_attempt(&mut self, client: u64) {
+        let Some(request) = self.request(client) else {
+            return;
+        };
+        let target = self.clients[client as usize].target;
+        let Some(cur) = self.clients[client as usize].current.as_mut() else {
+            return;
+        };
+        cur.attempt += 1;
+        let (attempt, op) = (cur.attempt, cur.op);
+        let call = self.send_call(client, target, request.clone());
+        let mut live = vec![(target, call)];
+        if op.prompt() && self.params.nodes > 1 && self.rng.chance(self.params.hedge) {
+            let other = 1 + (target + self.rng.range(0, self.params.nodes - 2)) % self.params.nodes;
+            live.push((other, self.send_call(client, other, request)));
+            self.coverage.hedges += 1;
+        }
+        if let Some(cur) = self.clients[client as usize].current.as_mut() {
+            cur.live.extend(live);
+        }
+        let timeout = CLIENT_TIMEOUT_MS + op.wait_ms();
+        self.schedule(timeout, Event::Client(ClientEvent::Timeout { client, attempt }));
+    }
+
+    /// Close every attempt in flight (the client's connections to them close).
+    fn close_attempts(&mut self, client: u64) {
+        let live = self.clients[client as usize]
+            .current
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.live))
+            .unwrap_or_default();
+        for (node, call) in live {
+            self.cancel_call(node, call);
+        }
+    }
+
+    /// The caller gives up on a waiting acquire: close the call and withdraw it.
+    fn give_up(&mut self, client: u64, seq: u64) {
+        let c = &self.clients[client as usize];
+        if !c.current.as_ref().is_some_and(|cur| cur.seq == seq) {
+            return;
+        }
+        self.log(|| format!("client {client}: gives up on call {seq}"));
+        self.close_attempts(client);
+        let Some(session) = self.clients[client as usize].session else {
+            return;
+        };
+        let withdraw = Envelope::new(
+            0,
+            0,
+            0,
+            Command::Withdraw {
+                session,
+                seq,
+                release_grant: true,
+            },
+        );
+        if let Ok(bytes) = postcard::to_stdvec(&withdraw) {
+            let target = self.clients[client as usize].target;
+            self.send_call(client, target, ClientRequest::Propose(bytes));
+        }
+        self.clients[client as usize].current = None;
+        self.lock_ops += 1;
+        let think = self.rng.range(0, 20);
+        self.schedule(think, Event::Client(ClientEvent::Start(client)));
+    }
+
+    fn handle_answer(&mut self, client: u64, node: NodeId, call: CallId, response: ClientResponse) {
+        let nodes = self.params.nodes;
+        let Some(cur) = self.clients[client as usize].current.as_mut() else {
+            return;
+        };
+        let Some(pos) = cur.live.iter().position(|a| *a == (node, call)) else {
+            return;
+        };
+        cur.live.remove(pos);
+        let (attempt, others) = (cur.attempt, !cur.live.is_empty());
+        match response {
+            ClientResponse::Applied { result, .. } => {
+                match postcard::from_bytes::<Reply>(&result) {
+                    Ok(reply) => self.finish(client, Some(reply), None),
+                    Err(e) => self.violation = Some(format!("client {client}: bad reply: {e}")),
+                }
+            }
+            ClientResponse::Read(bytes) => match postcard::from_bytes::<QueryReply>(&bytes) {
+                Ok(QueryReply::Register(RegisterReply::Value(v))) => {
+                    let value = v
+                        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                        .map_or(0, u64::from_le_bytes);
+                    self.finish(client, None, Some(value));
+                }
+                other => self.violation = Some(format!("client {client}: read answered {other:?}")),
+            },
+            ClientResponse::NotLeader { leader } if !others => {
+                let c = &mut self.clients[client as usize];
+                c.target = match leader {
+                    Some(l) if l != c.target => l,
+                    _ => self.rng.range(1, nodes),
+                };
+                let backoff = if leader.is_some() { 1 } else { self.rng.range(10, 40) };
+                self.schedule(backoff, Event::Client(ClientEvent::Retry { client, attempt }));
+            }
+            ClientResponse::Error { retry: false, message } => {
+                self.violation = Some(format!("client {client}: refused: {message}"));
+            }
+            _ if others => {}
+            _ => {
+                self.clients[client as usize].target = self.rng.range(1, nodes);
+                let backoff = self.rng.range(10, 40);
+                self.schedule(backoff, Event::Client(ClientEvent::Retry { client, attempt }));
+            }
+        }
+    }
+
+    /// The current operation completed with `reply` (or, for a read, `value`).
+    fn finish(&mut self, client: u64, reply: Option<Reply>, value: Option<u64>) {
+        self.close_attempts(client);
+        let Some(cur) = self.clients[client as usize].current.take() else {
+            return;
+        };
+        self.clock += 1;
+        match (cur.op, reply, value) {
+            (Op::Get { .. }, None, Some(v)) => {
+                if let Some(i) = cur.history {
+                    self.history[i].op = RegisterOp::Read(Some(v));
+                    self.history[i].ret = Some(self.clock);
+                }
+            }
+            (Op::OpenSession, Some(Reply::SessionOpened { session }), _) => {
+                self.clients[client as usize].session = Some(session);
+            }
+            (Op::Put { .. }, Some(Reply::Register(RegisterReply::Written { .. })), _) => {
+                if let Some(i) = cur.history {
+                    self.history[i].ret = Some(self.clock);
+                }
+            }
+            (op, Some(Reply::Lock(r)), _) => {
+                self.lock_ops += 1;
+                self.record_lock(client, &cur, op, r);
+            }
+            (Op::Acquire { .. }, Some(Reply::Withdrawn), _) => self.lock_ops += 1,
+            (op, reply, _) => {
+                self.violation = Some(format!(
+                    "client {client}: {op:?} answered {reply:?} / {value:?}"
+                ));
+            }
+        }
+        let think = self.rng.range(0, 20);
+        self.schedule(think, Event::Client(ClientEvent::Start(client)));
+    }
+
+    fn record_lock(&mut self, client: u64, cur: &Current, op: Op, r: LockReply) {
+        let now = self.now;
+        self.log(|| format!("client {client}: call {} {op:?} (sent {}) answered {r:?}", cur.seq, cur.first_sent));
+        match (op, r) {
+            (
+                Op::Acquire { key, mode, ttl_ms, .. },
+                LockReply::Granted {
+                    mode: got,
+                    token,
+                    expires_in_ms,
+                    ..
+                },
+            ) => {
+                if got < mode {
+                    self.violation = Some(format!(
+                        "client {client}: asked {mode:?} on {key}, answered ok holding {got:?}"
+                    ));
+                    return;
+                }
+                // The lease left when the grant applied (an acquire of what one holds
+                // answers the same grant, not a fresh lease), counted from the send.
+                let lease_end = cur.first_sent + self.client_lease(expires_in_ms);
+                let held = &mut self.clients[client as usize].held;
+                if held.get(&key).is_some_and(|h| h.token == token) {
+                    return;
+                }
+                if let Some(old) = held.remove(&key) {
+                    self.close_hold(client, key, old, now);
+                }
+                let h = Held {
+                    mode: got,
+                    token,
+                    ttl_ms,
+                    start: now,
+                    lease_end,
+                };
+                self.clients[client as usize].held.insert(key, h);
+            }
+            (Op::Acquire { .. }, LockReply::Invalid(why)) => {
+                self.violation = Some(format!("client {client}: acquire invalid: {why}"));
+            }
+            (Op::Acquire { .. }, _) => {}
+            (Op::Release { key }, LockReply::Released) => {
+                if let Some(old) = self.clients[client as usize].held.remove(&key) {
+                    self.close_hold(client, key, old, cur.first_sent);
+                }
+            }
+            (Op::Release { key }, LockReply::NotHeld { .. }) => {
+                if let Some(old) = self.clients[client as usize].held.remove(&key) {
+                    // The release applied before its answer came; if that was still
+                    // inside the lease by the holder's clock, the lease ended early.
+                    if old.lease_end > now {
+                        self.violation = Some(format!(
+                            "client {client}: lock {key} (token {}) was gone by {now} although its lease by the holder's clock ran to {}",
+                            old.token, old.lease_end
+                        ));
+                    }
+                    self.close_hold(client, key, old, cur.first_sent);
+                }
+            }
+            (Op::Renew, LockReply::Renewed { .. }) => {
+                let lease = |ttl| cur.first_sent + self.client_lease(ttl);
+                let renewed: Vec<(u64, u64)> = self.clients[client as usize]
+                    .held
+                    .iter()
+                    .filter(|(_, h)| h.lease_end > now)
+                    .map(|(k, h)| (*k, lease(h.ttl_ms)))
+                    .collect();
+                for (key, end) in renewed {
+                    if let Some(h) = self.clients[client as usize].held.get_mut(&key) {
+                        h.lease_end = h.lease_end.max(end);
+                    }
+                }
+            }
+            (op, r) => {
+                self.violation = Some(format!("client {client}: {op:?} answered {r:?}"));
+            }
+        }
+    }
+
+    fn close_hold(&mut self, client: u64, key: u64, h: Held, at: u64) {
+        self.holds.push(HoldInterval {
+            key,
+            client,
+            mode: h.mode,
+            token: h.token,
+            start: h.start,
+            end: at.min(h.lease_end),
+        });
+    }
+
+    /// Holds whose lease ran out by the client's clock end there.
+    fn drop_lapsed_holds(&mut self, client: u64) {
+        let now = self.now;
+        let lapsed: Vec<(u64, Held)> = self.clients[client as usize]
+            .held
+            .iter()
+            .filter(|(_, h)| h.lease_end <= now)
+            .map(|(k, h)| (*k, *h))
+            .collect();
+        for (key, h) in lapsed {
+            self.clients[client as usize].held.remove(&key);
+            self.close_hold(client, key, h, h.lease_end);
+        }
+    }
+
+    /// At the end of a run, every hold still open ends with its lease.
+    pub(crate) fn finish_holds(&mut self) {
+        for client in 0..self.clients.len() as u64 {
+            let held = std::mem::take(&mut self.clients[client as usize].held);
+            for (key, h) in held {
+                self.close_hold(client, key, h, h.lease_end);
+            }
+        }
+    }
+}
