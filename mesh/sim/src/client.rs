@@ -463,11 +463,12 @@ impl World {
         self.log(|| format!("client {client}: call {} {op:?} (sent {}) answered {r:?}", cur.seq, cur.first_sent));
         match (op, r) {
             (
-                Op::Acquire { key, mode, ttl_ms, .. },
+                Op::Acquire { key, mode, .. },
                 LockReply::Granted {
                     mode: got,
                     token,
                     expires_in_ms,
+                    ttl_ms,
                     ..
                 },
             ) => {

@@ -303,6 +303,7 @@ fn lock_completions(
                 mode,
                 expires_ms,
                 expires_in_ms,
+                ttl_ms,
                 ..
             } => (
                 wait,
@@ -311,6 +312,7 @@ fn lock_completions(
                     mode,
                     expires_ms,
                     expires_in_ms,
+                    ttl_ms,
                 },
             ),
             LockEvent::TimedOut { wait, holders, .. } => (wait, LockReply::TimedOut { holders }),

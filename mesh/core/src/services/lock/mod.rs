@@ -105,6 +105,8 @@ pub enum LockReply {
         expires_ms: u64,
         /// Lease left when it was granted (the holder counts it from its own request).
         expires_in_ms: u64,
+        /// The hold's own lease length: what a renewal extends it by.
+        ttl_ms: u64,
     },
     /// Queued; a [`LockEvent::Granted`] or [`LockEvent::TimedOut`] naming `wait`
     /// follows, unless the request is withdrawn first.
@@ -171,6 +173,8 @@ pub enum LockEvent {
         expires_ms: u64,
         /// Lease left at the grant.
         expires_in_ms: u64,
+        /// The hold's own lease length.
+        ttl_ms: u64,
     },
     /// A queued request gave up waiting.
     TimedOut {
@@ -527,6 +531,7 @@ impl LockTable {
                 mode,
                 expires_ms: hold.expires_ms,
                 expires_in_ms: hold.expires_ms - now,
+                ttl_ms,
             };
             state.holders.insert(client, hold.clone());
             self.deadlines.insert((hold.expires_ms, key));
@@ -572,6 +577,7 @@ impl LockTable {
                 mode: hold.mode,
                 expires_ms: hold.expires_ms,
                 expires_in_ms: hold.expires_ms.saturating_sub(self.now_ms),
+                ttl_ms: hold.ttl_ms,
             });
         }
         state
@@ -693,6 +699,7 @@ impl LockTable {
                 mode: w.mode,
                 expires_ms,
                 expires_in_ms: expires_ms - now,
+                ttl_ms: w.ttl_ms,
             });
             self.stats.waits_granted += 1;
             state.holders.insert(w.client, hold);
