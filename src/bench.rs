@@ -249,6 +249,8 @@ fn bench_failover(args: &FailoverArgs) -> Result<()> {
         admin_port: args.admin_port,
         gateway_port: 0,
         wait_secs: 30,
+        seed_ports: false,
+        seed_ports_base: 8000,
     })?;
     let (_, first_term, _) = wait_agreed(&cluster, Duration::from_secs(30))?;
     if args.quiet_secs > 0 {

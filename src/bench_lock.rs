@@ -159,6 +159,8 @@ pub(crate) fn run(b: &LockBench) -> Result<()> {
                 admin_port: 49001,
                 gateway_port: 48000,
                 wait_secs: 30,
+                seed_ports: false,
+                seed_ports_base: 8000,
             };
             let c = LocalCluster::start(args)?;
             let start = Instant::now();

@@ -33,6 +33,13 @@ pub(crate) struct ClusterArgs {
     /// Seconds to wait for a leader before giving up.
     #[arg(long, default_value_t = 30)]
     pub(crate) wait_secs: u64,
+    /// Serve the seed's ports too: node i answers the whole HTTP API in-process on
+    /// BASE+i-1 (for i > 1; BASE itself is the gateway), BASE+100+i-1 and BASE+200+i-1.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub(crate) seed_ports: bool,
+    /// BASE of the seed's ports (lock API 8000-8002, queue 8100-8102, cache 8200-8202).
+    #[arg(long, default_value_t = 8000)]
+    pub(crate) seed_ports_base: u16,
 }
 
 /// Node processes on loopback, started from this binary.
@@ -89,6 +96,22 @@ impl LocalCluster {
         addr(self.args.quic_port + i as u16)
     }
 
+    /// The HTTP addresses node `i` serves in-process (the seed's ports).
+    pub(crate) fn http(&self, i: usize) -> Vec<SocketAddr> {
+        if !self.args.seed_ports {
+            return Vec::new();
+        }
+        let base = self.args.seed_ports_base;
+        let i = i as u16;
+        let mut ports = Vec::new();
+        if i > 0 {
+            ports.push(base + i);
+        }
+        ports.push(base + 100 + i);
+        ports.push(base + 200 + i);
+        ports.into_iter().map(addr).collect()
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.children.len()
     }
@@ -105,7 +128,15 @@ impl LocalCluster {
             .map(|j| format!("{}={}", Self::name(j), self.quic(j)))
             .collect();
         let name = Self::name(i);
-        let flags = NodeArgs::local(&name, self.quic(i), self.admin(i), peers, &self.args.dir);
+        let http = self.http(i);
+        let flags = NodeArgs::local(
+            &name,
+            self.quic(i),
+            self.admin(i),
+            peers,
+            &http,
+            &self.args.dir,
+        );
         std::fs::create_dir_all(self.args.dir.join(&name))?;
         let log_path = self.log_path(i);
         let log = std::fs::OpenOptions::new()
@@ -258,6 +289,10 @@ impl LocalCluster {
                 self.admin(i),
                 self.log_path(i).display()
             );
+            let http: Vec<String> = self.http(i).iter().map(|a| format!("http://{a}")).collect();
+            if !http.is_empty() {
+                println!("          HTTP API in-process on {}", http.join(" "));
+            }
         }
         if self.args.gateway_port != 0 {
             println!(

@@ -5,10 +5,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use certs::TlsMaterial;
 use clap::{Args, Subcommand};
 use mesh_core::raft::NodeId;
-use mesh_core::services::envelope::{Command, Envelope, Query, QueryReply, Reply};
+use mesh_client::{CallOptions, Caller, Cluster, MeshClient};
+use mesh_core::services::envelope::{Command, Query, QueryReply, Reply};
 use mesh_core::services::register::{RegisterCommand, RegisterQuery, RegisterReply};
-use mesh_core::wire::{parse_node_name, ClientRequest, ClientResponse};
-use mesh_node::transport::MeshClient;
+use mesh_core::wire::parse_node_name;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -79,58 +79,52 @@ pub(crate) fn parse_nodes(specs: &[String]) -> Result<BTreeMap<NodeId, SocketAdd
 pub(crate) fn run(args: CtlArgs) -> Result<()> {
     let nodes = parse_nodes(&args.nodes)?;
     let tls = TlsMaterial::load(&args.certs_dir, &args.cert)?;
-    let request = match &args.command {
-        CtlCommand::Put { key, value } => {
-            let put = RegisterCommand::Put {
-                key: key.as_bytes().to_vec(),
-                value: value.as_bytes().to_vec(),
-            };
-            let envelope = Envelope {
-                session: 0,
-                seq: 0,
-                now_ms: 0,
-                command: Command::Register(put),
-            };
-            ClientRequest::Propose(postcard::to_stdvec(&envelope)?)
-        }
-        CtlCommand::Get { key } => {
-            let query = Query::Register(RegisterQuery::Get {
-                key: key.as_bytes().to_vec(),
-            });
-            ClientRequest::Read(postcard::to_stdvec(&query)?)
-        }
-        CtlCommand::Stats => {
-            ClientRequest::Read(postcard::to_stdvec(&Query::Register(RegisterQuery::Stats))?)
-        }
-    };
+    let deadline = Duration::from_secs(args.timeout_secs);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let response = runtime.block_on(async {
-        let client = MeshClient::new(&tls, nodes)?;
-        client
-            .call(&request, Duration::from_secs(args.timeout_secs))
-            .await
-    })?;
-    let (index, reply) = match response {
-        ClientResponse::Applied { index, result } => match postcard::from_bytes::<Reply>(&result) {
-            Ok(Reply::Register(r)) => (Some(index), r),
-            other => bail!("unexpected reply {other:?}"),
-        },
-        ClientResponse::Read(bytes) => match postcard::from_bytes::<QueryReply>(&bytes) {
-            Ok(QueryReply::Register(r)) => (None, r),
-            other => bail!("unexpected reply {other:?}"),
-        },
-        ClientResponse::Error { message, .. } => bail!("{message}"),
-        ClientResponse::NotLeader { .. } => bail!("no leader answered"),
-        ClientResponse::Status(_) => bail!("unexpected status reply"),
-    };
-    match (reply, index) {
-        (RegisterReply::Written { .. }, Some(index)) => println!("ok index={index}"),
-        (RegisterReply::Value(Some(v)), _) => println!("{}", String::from_utf8_lossy(&v)),
-        (RegisterReply::Value(None), _) => bail!("not found"),
-        (RegisterReply::Stats { keys, applied }, _) => println!("keys={keys} applied={applied}"),
-        (other, _) => bail!("unexpected reply {other:?}"),
-    }
-    Ok(())
+    runtime.block_on(async {
+        // ctl is a client of its own: one session, opened through the log, whose call is
+        // retried with the same sequence number until it is answered.
+        let caller = Caller::new(Cluster::remote(MeshClient::new(&tls, nodes)?), 1);
+        match &args.command {
+            CtlCommand::Put { key, value } => {
+                let put = RegisterCommand::Put {
+                    key: key.as_bytes().to_vec(),
+                    value: value.as_bytes().to_vec(),
+                };
+                let opts = CallOptions {
+                    deadline,
+                    prompt: true,
+                    withdraw_if_abandoned: false,
+                };
+                let outcome = caller.propose(Command::Register(put), opts).await?;
+                match outcome.reply {
+                    Reply::Register(RegisterReply::Written { .. }) => {
+                        println!("ok index={}", outcome.index)
+                    }
+                    other => bail!("unexpected reply {other:?}"),
+                }
+            }
+            CtlCommand::Get { key } => {
+                let query = Query::Register(RegisterQuery::Get {
+                    key: key.as_bytes().to_vec(),
+                });
+                match caller.read(&query, deadline).await? {
+                    QueryReply::Register(RegisterReply::Value(Some(v))) => {
+                        println!("{}", String::from_utf8_lossy(&v))
+                    }
+                    QueryReply::Register(RegisterReply::Value(None)) => bail!("not found"),
+                    other => bail!("unexpected reply {other:?}"),
+                }
+            }
+            CtlCommand::Stats => match caller.read(&Query::Register(RegisterQuery::Stats), deadline).await? {
+                QueryReply::Register(RegisterReply::Stats { keys, applied }) => {
+                    println!("keys={keys} applied={applied}")
+                }
+                other => bail!("unexpected reply {other:?}"),
+            },
+        }
+        Ok(())
+    })
 }

@@ -4,7 +4,9 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use mesh_core::raft::NodeId;
-use mesh_core::wire::parse_node_name;
+use certs::TlsMaterial;
+use mesh_client::{Cluster, LocalNode, MeshClient};
+use mesh_core::wire::{node_name, parse_node_name};
 use mesh_node::node::NodeConfig;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -39,6 +41,10 @@ pub(crate) struct NodeArgs {
     /// Applied entries between snapshots.
     #[arg(long, env = "SYNCMESH_SNAPSHOT_EVERY")]
     snapshot_every: Option<u64>,
+    /// Serve the whole HTTP API (DESIGN section 4) in this process on ADDR, calling this
+    /// node in-process (repeat for several addresses).
+    #[arg(long = "http", env = "SYNCMESH_HTTP", value_delimiter = ',')]
+    http: Vec<SocketAddr>,
     /// TOML file with any of the settings above (flags win).
     #[arg(long, env = "SYNCMESH_CONFIG")]
     config: Option<PathBuf>,
@@ -57,6 +63,8 @@ struct NodeFile {
     certs_dir: Option<PathBuf>,
     tick_ms: Option<u64>,
     snapshot_every: Option<u64>,
+    #[serde(default)]
+    http: Vec<SocketAddr>,
 }
 
 fn node_id(name: &str) -> Result<NodeId> {
@@ -90,6 +98,7 @@ impl NodeArgs {
         listen: SocketAddr,
         admin: SocketAddr,
         peers: Vec<String>,
+        http: &[SocketAddr],
         dir: &Path,
     ) -> Vec<String> {
         let mut args = vec![
@@ -109,10 +118,14 @@ impl NodeArgs {
             args.push("--peer".into());
             args.push(p);
         }
+        for a in http {
+            args.push("--http".into());
+            args.push(a.to_string());
+        }
         args
     }
 
-    fn resolve(self) -> Result<NodeConfig> {
+    fn resolve(self) -> Result<(NodeConfig, Vec<SocketAddr>)> {
         let file = match &self.config {
             Some(path) => read_file(path)?,
             None => NodeFile::default(),
@@ -135,7 +148,11 @@ impl NodeArgs {
         if !(1..=1000).contains(&tick_ms) {
             bail!("--tick-ms must be between 1 and 1000");
         }
-        Ok(NodeConfig {
+        let mut http = self.http;
+        if http.is_empty() {
+            http = file.http;
+        }
+        let cfg = NodeConfig {
             id,
             listen: self
                 .listen
@@ -159,7 +176,8 @@ impl NodeArgs {
                 .snapshot_every
                 .or(file.snapshot_every)
                 .unwrap_or(10_000),
-        })
+        };
+        Ok((cfg, http))
     }
 }
 
@@ -180,14 +198,57 @@ pub(crate) async fn shutdown_signal() {
 }
 
 pub(crate) fn run(args: NodeArgs) -> Result<()> {
-    let cfg = args.resolve()?;
+    let (cfg, http) = args.resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    runtime.block_on(mesh_node::node::run(cfg, shutdown_signal()))?;
-    Ok(())
+    runtime.block_on(run_node(cfg, http))
+}
+
+/// The node, and its HTTP API on every `http` address (in-process calls to this node).
+async fn run_node(cfg: NodeConfig, http: Vec<SocketAddr>) -> Result<()> {
+    let (calls_tx, calls_rx) = mesh_node::node::call_inbox();
+    let (stop_http, stopped) = tokio::sync::watch::channel(false);
+    let mut servers = Vec::new();
+    if !http.is_empty() {
+        let name = node_name(cfg.id);
+        let tls = TlsMaterial::load(&cfg.certs_dir, &name)
+            .with_context(|| format!("load {name}'s certificate for the HTTP API"))?;
+        let mut nodes = cfg.peers.clone();
+        let own = if cfg.listen.ip().is_unspecified() {
+            SocketAddr::from(([127, 0, 0, 1], cfg.listen.port()))
+        } else {
+            cfg.listen
+        };
+        nodes.insert(cfg.id, own);
+        let mesh = MeshClient::new(&tls, nodes)?;
+        let local = LocalNode {
+            id: cfg.id,
+            calls: calls_tx.clone(),
+        };
+        let app = gateway::router_over(Cluster::with_local(mesh, local), cfg.id, gateway::DEFAULT_MAX_BODY)?;
+        for addr in http {
+            // Bind before the node starts, so a port in use is a clear error at once.
+            let listener = gateway::bind(addr).await?;
+            let mut stopped = stopped.clone();
+            let shutdown = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            let serve = gateway::serve_listener(app.clone(), listener, cfg.id, shutdown);
+            servers.push(tokio::spawn(serve));
+        }
+    }
+    let result = mesh_node::node::run(cfg, (calls_tx, calls_rx), shutdown_signal()).await;
+    let _ = stop_http.send(true);
+    for s in servers {
+        match s.await {
+            Ok(Err(e)) => tracing::error!("HTTP API: {e}"),
+            Ok(Ok(())) | Err(_) => {}
+        }
+    }
+    Ok(result?)
 }
 
 #[cfg(test)]
@@ -209,7 +270,7 @@ mod tests {
             admin: Some("127.0.0.1:9999".parse().expect("addr")),
             ..NodeArgs::default()
         };
-        let cfg = args.resolve().expect("resolve");
+        let (cfg, _) = args.resolve().expect("resolve");
         assert_eq!(cfg.id, 2);
         assert_eq!(cfg.listen.port(), 7102);
         assert_eq!(cfg.admin.port(), 9999);

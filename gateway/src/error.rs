@@ -1,7 +1,8 @@
 //! `ApiError`: every refusal of the gateway, mapped to HTTP in one place.
 //!
 //! The body is always `{"ok":false,"error":{"code":"…","message":"…", …}}`. Bad input is
-//! a 4xx, never a 500; a cluster without a leader is a 503 with `Retry-After`.
+//! a 4xx, never a 500; a cluster without a leader is a 503 with `Retry-After` (the call
+//! was not carried out); a call whose outcome the gateway cannot know is a 504.
 
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -57,6 +58,17 @@ impl ApiError {
     /// 503: no leader, no quorum, or overloaded; retry.
     pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+    }
+
+    /// 504: the call may or may not have been carried out; the caller must not assume
+    /// either (retrying an acquire or a release is safe: both are idempotent per client).
+    pub fn outcome_unknown(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::GATEWAY_TIMEOUT, "outcome_unknown", message)
+    }
+
+    /// 429: a bound was reached.
+    pub fn too_many(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
     }
 
     /// 500: a bug, never bad input.

@@ -5,10 +5,11 @@
 //!                                                   (mTLS QUIC, follows the leader)
 //!  HTTP JSON <── ApiError / reply mapping  <────────── committed + applied reply
 //! ```
-//! It keeps no state of its own beyond a session id and a sequence counter, so any number
-//! of gateways can run. A call retried after a leader change carries the same sequence
-//! number; the services answer a duplicate with the first reply, so nothing is applied
-//! twice.
+//! It keeps no state of its own beyond its client sessions (one per caller slot, see
+//! mesh-client), so any number of gateways can run. A call retried after a leader change
+//! carries the same session and sequence number; the services answer a duplicate with
+//! the first reply, so nothing is applied twice. The same router runs standalone over
+//! QUIC, or inside a node (`syncmesh node --http`), calling that node in-process.
 
 mod error;
 mod locks;
@@ -23,21 +24,21 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use certs::TlsMaterial;
+use mesh_client::{CallError, CallOptions, Caller, Cluster, MeshClient, Outcome};
 use mesh_core::raft::NodeId;
-use mesh_core::wire::{node_name, ClientRequest, ClientResponse};
-use mesh_node::transport::MeshClient;
+use mesh_core::services::envelope::{Command, Query, QueryReply};
+use mesh_core::wire::{node_name, ClientResponse};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long the leader may take to answer a prompt call before every node is asked.
-const HEDGE: Duration = Duration::from_millis(300);
+/// Calls in flight at most per gateway (each holds one client session slot).
+pub const MAX_IN_FLIGHT: usize = 4096;
 
 /// Default request body limit.
 pub const DEFAULT_MAX_BODY: usize = 1 << 20;
@@ -67,7 +68,7 @@ pub enum GatewayError {
     Cert(#[from] certs::CertError),
     /// The mesh client.
     #[error("mesh client: {0}")]
-    Client(#[from] mesh_node::transport::CallError),
+    Client(#[from] CallError),
     /// HTTP listener.
     #[error("listen on {addr}: {source}")]
     Listen {
@@ -84,21 +85,23 @@ pub enum GatewayError {
 
 /// Shared by every handler.
 pub(crate) struct AppState {
-    pub(crate) client: MeshClient,
+    caller: Caller,
     home: NodeId,
-    session: u64,
-    seq: AtomicU64,
     max_body: usize,
     registry: prometheus::Registry,
     http_duration: prometheus::HistogramVec,
 }
 
-impl AppState {
-    /// The next sequence number of this gateway's session.
-    pub(crate) fn next_seq(&self) -> (u64, u64) {
-        (self.session, self.seq.fetch_add(1, Ordering::Relaxed) + 1)
+/// Map a failed call: not done (503, retry) or outcome unknown (504).
+fn call_error(e: CallError) -> ApiError {
+    match e {
+        CallError::OutcomeUnknown(why) => ApiError::outcome_unknown(why),
+        CallError::Unavailable(why) => ApiError::unavailable("no_leader", why),
+        CallError::Setup(why) => ApiError::internal(why),
     }
+}
 
+impl AppState {
     /// Read and parse a JSON body, with the errors of DESIGN.md section 4.
     pub(crate) async fn json<T: DeserializeOwned>(&self, body: Body) -> Result<T, ApiError> {
         let bytes = axum::body::to_bytes(body, self.max_body)
@@ -118,38 +121,31 @@ impl AppState {
         })
     }
 
-    /// Make a call through the mesh, mapping transport failures to 503.
-    /// Make a call through the mesh, mapping transport failures to 503. Calls that
-    /// answer promptly are hedged across nodes when the leader is slow (it may be dead).
-    pub(crate) async fn call(
+    /// Replicate a command; failures mapped to HTTP.
+    pub(crate) async fn propose(
         &self,
-        req: ClientRequest,
-        deadline: Duration,
-        prompt: bool,
-    ) -> Result<ClientResponse, ApiError> {
-        let hedge = prompt.then_some(HEDGE);
-        match self.client.call_hedged(&req, deadline, hedge).await {
-            Ok(ClientResponse::Error {
-                message,
-                retry: true,
-            }) => Err(ApiError::unavailable("unavailable", message)),
-            Ok(ClientResponse::Error {
-                message,
-                retry: false,
-            }) => Err(ApiError::internal(message)),
-            Ok(ClientResponse::NotLeader { .. }) => {
-                Err(ApiError::unavailable("no_leader", "no leader is available"))
-            }
-            Ok(r) => Ok(r),
-            Err(e) => Err(ApiError::unavailable("no_leader", e.to_string())),
-        }
+        command: Command,
+        opts: CallOptions,
+    ) -> Result<Outcome, ApiError> {
+        self.caller.propose(command, opts).await.map_err(call_error)
+    }
+
+    /// A linearizable read; failures mapped to HTTP.
+    pub(crate) async fn read(&self, query: Query, deadline: Duration) -> Result<QueryReply, ApiError> {
+        self.caller.read(&query, deadline).await.map_err(call_error)
     }
 }
 
-/// Build the router (exposed for tests).
+/// The router of a standalone gateway, calling the nodes over QUIC.
 pub fn router(cfg: &GatewayConfig) -> Result<Router, GatewayError> {
     let tls = TlsMaterial::load(&cfg.certs_dir, &cfg.cert)?;
     let client = MeshClient::new(&tls, cfg.nodes.clone())?;
+    router_over(Cluster::remote(client), cfg.home, cfg.max_body)
+}
+
+/// The router over any way of calling the cluster (QUIC, or a node in this process);
+/// `home` is the node whose view `/health` reports.
+pub fn router_over(cluster: Cluster, home: NodeId, max_body: usize) -> Result<Router, GatewayError> {
     let registry = prometheus::Registry::new();
     let http_duration = prometheus::HistogramVec::new(
         prometheus::HistogramOpts::new(
@@ -160,16 +156,10 @@ pub fn router(cfg: &GatewayConfig) -> Result<Router, GatewayError> {
         &["route", "status"],
     )?;
     registry.register(Box::new(http_duration.clone()))?;
-    let session = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64)
-        ^ u64::from(std::process::id()).rotate_left(40);
     let state = Arc::new(AppState {
-        client,
-        home: cfg.home,
-        session: session.max(1),
-        seq: AtomicU64::new(0),
-        max_body: cfg.max_body,
+        caller: Caller::new(cluster, MAX_IN_FLIGHT),
+        home,
+        max_body,
         registry,
         http_duration,
     });
@@ -188,24 +178,55 @@ pub fn router(cfg: &GatewayConfig) -> Result<Router, GatewayError> {
         .with_state(state))
 }
 
-/// Serve until `shutdown` resolves.
+/// Serve a standalone gateway until `shutdown` resolves.
 pub async fn serve(
     cfg: GatewayConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
     let app = router(&cfg)?;
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
+    serve_router(app, cfg.listen, cfg.home, shutdown).await
+}
+
+/// Serve `app` on `listen` until `shutdown` resolves.
+pub async fn serve_router(
+    app: Router,
+    listen: SocketAddr,
+    home: NodeId,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    let listener = bind(listen).await?;
+    serve_listener(app, listener, home, shutdown).await
+}
+
+/// Bind an HTTP listener, with an error that names the address.
+pub async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener, GatewayError> {
+    tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| GatewayError::Listen {
-            addr: cfg.listen,
+            addr: listen,
+            source,
+        })
+}
+
+/// Serve `app` on a bound listener until `shutdown` resolves.
+pub async fn serve_listener(
+    app: Router,
+    listener: tokio::net::TcpListener,
+    home: NodeId,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    let listen = listener
+        .local_addr()
+        .map_err(|source| GatewayError::Listen {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
         })?;
-    tracing::info!(listen = %cfg.listen, home = %node_name(cfg.home), "gateway started");
+    tracing::info!(listen = %listen, home = %node_name(home), "HTTP API started");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|source| GatewayError::Listen {
-            addr: cfg.listen,
+            addr: listen,
             source,
         })
 }
@@ -228,10 +249,7 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let status = state
-        .client
-        .call_node(state.home, &ClientRequest::Status)
-        .await;
+    let status = state.caller.cluster().status_of(state.home).await;
     let Ok(ClientResponse::Status(s)) = status else {
         return Err(ApiError::unavailable(
             "node_unreachable",

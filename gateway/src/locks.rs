@@ -5,11 +5,11 @@ use axum::body::Body;
 use axum::extract::{Query as UrlQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use mesh_core::services::envelope::{Command, Envelope, Query, QueryReply, Reply};
+use mesh_client::CallOptions;
+use mesh_core::services::envelope::{Command, Query, QueryReply, Reply, SessionRefusal};
 use mesh_core::services::lock::{
     Holder, KeyView, LockCommand, LockReply, Mode, Waiter, MAX_CLIENT_BYTES, MAX_KEY_BYTES,
 };
-use mesh_core::wire::{ClientRequest, ClientResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -86,52 +86,58 @@ fn holders_json(holders: &[Holder]) -> Value {
 }
 
 fn waiters_json(waiters: &[Waiter]) -> Value {
-    waiters.iter().map(|w| json!({"client_id": w.client, "mode": mode_name(w.mode), "deadline_ms": w.deadline_ms})).collect()
+    waiters.iter().map(|w| json!({"client_id": w.client, "mode": mode_name(w.mode), "deadline_ms": w.deadline_ms, "wait": w.id})).collect()
 }
 
 fn view_json(v: &KeyView) -> Value {
     json!({"key": v.key, "mode": v.mode.map(mode_name), "holders": holders_json(&v.holders), "waiters": waiters_json(&v.waiters)})
 }
 
-/// Propose a lock command and return the lock table's reply.
+/// Propose a lock command and return the lock table's reply, with the answering node's
+/// wall clock (for the lease's estimated end).
 async fn propose(
     state: &AppState,
     command: LockCommand,
     deadline: Duration,
-) -> Result<LockReply, ApiError> {
-    // An acquire that may wait in the queue cannot be hedged: it answers late on purpose.
-    let prompt = !matches!(command, LockCommand::Acquire { wait_ms, .. } if wait_ms > 0);
-    let (session, seq) = state.next_seq();
-    let envelope = Envelope {
-        session,
-        seq,
-        now_ms: 0,
-        command: Command::Lock(command),
+) -> Result<(LockReply, u64), ApiError> {
+    // An acquire that may wait in the queue cannot be hedged (it answers late on
+    // purpose), and is withdrawn if its caller goes away or its deadline passes.
+    let waits = matches!(command, LockCommand::Acquire { wait_ms, .. } if wait_ms > 0);
+    let acquires = matches!(command, LockCommand::Acquire { .. });
+    let opts = CallOptions {
+        deadline,
+        prompt: !waits,
+        withdraw_if_abandoned: acquires,
     };
-    let bytes = postcard::to_stdvec(&envelope).map_err(|e| ApiError::internal(e.to_string()))?;
-    match state
-        .call(ClientRequest::Propose(bytes), deadline, prompt)
-        .await?
-    {
-        ClientResponse::Applied { result, .. } => match postcard::from_bytes::<Reply>(&result) {
-            Ok(Reply::Lock(r)) => Ok(r),
-            other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
-        },
-        other => Err(ApiError::internal(format!("unexpected response {other:?}"))),
+    let started = std::time::Instant::now();
+    let mut command = command;
+    loop {
+        let outcome = state.propose(Command::Lock(command.clone()), opts).await?;
+        match outcome.reply {
+            Reply::Lock(r) => return Ok((r, outcome.wall_ms)),
+            // A node lost our connection while the acquire waited and withdrew it; the
+            // call was not granted. Ask again for the time that is left.
+            Reply::Withdrawn if started.elapsed() < deadline => {
+                if let LockCommand::Acquire { wait_ms, .. } = &mut command {
+                    *wait_ms = wait_ms.saturating_sub(started.elapsed().as_millis() as u64);
+                }
+            }
+            Reply::Withdrawn => {
+                return Err(ApiError::conflict("timeout", "the wait was withdrawn"));
+            }
+            Reply::Session(SessionRefusal::TooManyCalls { limit }) => {
+                return Err(ApiError::too_many(
+                    "too_many_calls",
+                    format!("{limit} calls in flight in one session"),
+                ))
+            }
+            other => return Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+        }
     }
 }
 
 async fn query(state: &AppState, q: Query) -> Result<QueryReply, ApiError> {
-    let bytes = postcard::to_stdvec(&q).map_err(|e| ApiError::internal(e.to_string()))?;
-    match state
-        .call(ClientRequest::Read(bytes), CALL_SLACK, true)
-        .await?
-    {
-        ClientResponse::Read(bytes) => {
-            postcard::from_bytes(&bytes).map_err(|e| ApiError::internal(e.to_string()))
-        }
-        other => Err(ApiError::internal(format!("unexpected response {other:?}"))),
-    }
+    state.read(q, CALL_SLACK).await
 }
 
 /// The refusals every lock reply may be.
@@ -153,7 +159,9 @@ fn refusal(reply: LockReply, key: &str) -> ApiError {
                 .with("holders", holders_json(&holders))
         }
         LockReply::Invalid(why) => ApiError::bad_request("invalid_request", why),
-        LockReply::Busy => ApiError::unavailable("busy", format!("too many waiters on {key}")),
+        LockReply::Busy => {
+            ApiError::too_many("too_many_waiters", format!("too many waiters on {key}"))
+        }
         other => ApiError::internal(format!("unexpected lock reply {other:?}")),
     }
 }
@@ -191,15 +199,27 @@ pub(crate) async fn acquire(
         wait_ms,
     };
     match propose(&state, cmd, Duration::from_millis(wait_ms) + CALL_SLACK).await? {
-        LockReply::Granted {
-            token,
-            mode,
-            expires_ms,
-        } => Ok(Json(
-            json!({"ok": true, "token": token, "mode": mode_name(mode), "expires_ms": expires_ms}),
-        )
+        (
+            LockReply::Granted {
+                token,
+                mode,
+                expires_in_ms,
+                ttl_ms,
+                ..
+            },
+            wall_ms,
+        ) => Ok(Json(json!({
+            "ok": true,
+            "token": token,
+            "mode": mode_name(mode),
+            // The lease left when granted: count it from when the request was sent.
+            "expires_in_ms": expires_in_ms,
+            "ttl_ms": ttl_ms,
+            // An estimate on the answering node's wall clock, for people to read.
+            "expires_at_ms": wall_ms.saturating_add(expires_in_ms),
+        }))
         .into_response()),
-        other => Err(refusal(other, &req.key)),
+        (other, _) => Err(refusal(other, &req.key)),
     }
 }
 
@@ -214,7 +234,7 @@ pub(crate) async fn release(
         key: req.key.clone(),
         client: req.client_id,
     };
-    match propose(&state, cmd, CALL_SLACK).await? {
+    match propose(&state, cmd, CALL_SLACK).await?.0 {
         LockReply::Released => Ok(Json(json!({"ok": true})).into_response()),
         other => Err(refusal(other, &req.key)),
     }
@@ -234,6 +254,7 @@ pub(crate) async fn renew(
         CALL_SLACK,
     )
     .await?
+    .0
     {
         LockReply::Renewed { locks } => {
             Ok(Json(json!({"ok": true, "renewed": locks})).into_response())
@@ -298,7 +319,7 @@ pub(crate) const OPENAPI: &str = r#"{
       "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["key", "mode", "client_id"],
         "properties": {"key": {"type": "string", "minLength": 1, "maxLength": 256}, "mode": {"type": "string", "enum": ["X", "S"]},
           "client_id": {"type": "string", "minLength": 1, "maxLength": 256}, "ttl_ms": {"type": "integer", "minimum": 0}, "wait_ms": {"type": "integer", "minimum": 0, "maximum": 60000}}}}}},
-      "responses": {"200": {"description": "granted: {ok, token, mode, expires_ms}"}, "400": {"description": "invalid input"}, "409": {"description": "conflict, timeout or deadlock"}, "413": {"description": "body too large"}, "503": {"description": "no leader"}}}},
+      "responses": {"200": {"description": "granted: {ok, token, mode, expires_in_ms, ttl_ms, expires_at_ms}"}, "400": {"description": "invalid input"}, "409": {"description": "conflict, timeout or deadlock"}, "413": {"description": "body too large"}, "429": {"description": "too many waiters"}, "503": {"description": "no leader: not carried out"}, "504": {"description": "outcome unknown"}}}},
     "/lock/release": {"post": {"summary": "Release a lock", "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["key", "client_id"],
         "properties": {"key": {"type": "string"}, "client_id": {"type": "string"}}}}}},
       "responses": {"200": {"description": "released"}, "409": {"description": "not held"}}}},

@@ -4,7 +4,7 @@ use crate::admin::{self, Health};
 use crate::driver::{Driver, DriverError, DriverParts};
 use crate::metrics::NodeMetrics;
 use crate::storage::{FileLog, WalOptions};
-use crate::transport::{Transport, TransportConfig, TransportError};
+use crate::transport::{ClientCall, Transport, TransportConfig, TransportError};
 use certs::TlsMaterial;
 use mesh_core::node::{Node, NodeConfig as CoreConfig, Time};
 use mesh_core::raft::{Membership, NodeId};
@@ -69,8 +69,22 @@ pub enum NodeError {
     Driver(#[from] DriverError),
 }
 
-/// Run a node until `shutdown` resolves (a leader hands over first).
-pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+/// Calls queued for the driver at most.
+const CALL_INBOX: usize = 8192;
+
+/// The inbox of a node's calls: give the sender to in-process callers (an HTTP API in
+/// the same process), the receiver to [`run`].
+pub fn call_inbox() -> (mpsc::Sender<ClientCall>, mpsc::Receiver<ClientCall>) {
+    mpsc::channel(CALL_INBOX)
+}
+
+/// Run a node until `shutdown` resolves (a leader hands over first). `calls` is its call
+/// inbox (see [`call_inbox`]); the transport feeds it too.
+pub async fn run(
+    cfg: NodeConfig,
+    calls: (mpsc::Sender<ClientCall>, mpsc::Receiver<ClientCall>),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
     let name = node_name(cfg.id);
     let metrics = NodeMetrics::new(&name)?;
     let tls = TlsMaterial::load(&cfg.certs_dir, &name)?;
@@ -97,7 +111,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let core = Node::new(core_cfg, recovered.into_initial_state(founders), start)?;
 
     let (raft_tx, raft_rx) = mpsc::channel(8192);
-    let (client_tx, client_rx) = mpsc::channel(8192);
+    let (client_tx, client_rx) = calls;
     let transport_cfg = TransportConfig {
         id: cfg.id,
         listen: cfg.listen,

@@ -16,14 +16,13 @@
 //! when the peer connects to us afresh (it restarted). Every queue is bounded; a full
 //! one drops Raft messages, which Raft tolerates.
 
-mod framed;
-
-pub use framed::{write_frame, FrameReader, StreamError};
+pub use mesh_client::framed::{write_frame, FrameReader, StreamError};
+pub use mesh_client::{ClientCall, MeshClient, CallError};
 
 use crate::metrics::NodeMetrics;
 use certs::{PeerKind, TlsMaterial};
 use mesh_core::raft::{Message, MessageBody, NodeId};
-use mesh_core::wire::{node_name, parse_node_name, ClientRequest, ClientResponse, Frame};
+use mesh_core::wire::{node_name, parse_node_name, ClientResponse, Frame};
 use quinn::{Connection, Endpoint, VarInt};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -37,12 +36,7 @@ const LINK_QUEUE: usize = 4096;
 const CODE_IDENTITY: u32 = 1;
 const CODE_MALFORMED: u32 = 2;
 const CODE_UNEXPECTED: u32 = 3;
-/// How long a client call may wait for the node's answer (a lock acquire may wait in
-/// its queue; the gateway caps `wait_ms` below this).
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// A client call handed to the node: the request and where to answer.
-pub type ClientCall = (ClientRequest, oneshot::Sender<ClientResponse>);
+use mesh_client::CALL_TIMEOUT;
 
 /// Why the transport could not start.
 #[derive(Debug, thiserror::Error)]
@@ -77,54 +71,29 @@ pub struct TransportConfig {
     pub max_frame_bytes: usize,
 }
 
-fn quic_transport(idle: Duration, keep_alive: Duration) -> Arc<quinn::TransportConfig> {
-    let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(idle.try_into().ok());
-    t.keep_alive_interval(Some(keep_alive));
-    Arc::new(t)
-}
-
 /// Between nodes: Raft's own heartbeats detect failures, and a node that restarts is
 /// redialled at once, so this only reclaims dead connections.
 fn node_transport() -> Arc<quinn::TransportConfig> {
-    quic_transport(Duration::from_secs(3), Duration::from_millis(500))
+    mesh_client::quic_transport(Duration::from_secs(3), Duration::from_millis(500))
 }
 
-/// For clients (gateway, CLI): a call in flight to a leader that died must fail fast so it
-/// is retried on the new one; keep-alives keep a quiet call (a queued lock) alive.
-fn client_transport() -> Arc<quinn::TransportConfig> {
-    quic_transport(Duration::from_millis(1000), Duration::from_millis(200))
-}
-
-/// Build a quinn endpoint bound to `listen` that serves and dials with `tls`.
-pub fn endpoint(
-    tls: &TlsMaterial,
-    listen: SocketAddr,
-    serve: bool,
-) -> Result<Endpoint, TransportError> {
-    let transport = if serve {
-        node_transport()
-    } else {
-        client_transport()
-    };
+/// Build the node's quinn endpoint bound to `listen`: it serves, and dials its peers.
+pub fn endpoint(tls: &TlsMaterial, listen: SocketAddr) -> Result<Endpoint, TransportError> {
+    let transport = node_transport();
     let crypto = |e: &dyn std::fmt::Display| TransportError::Crypto(e.to_string());
     let client_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls.client_config()?)
         .map_err(|e| crypto(&e))?;
     let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
     client.transport_config(transport.clone());
-    let mut endpoint = if serve {
-        let server_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls.server_config()?)
-            .map_err(|e| crypto(&e))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
-        server.transport_config(transport);
-        Endpoint::server(server, listen)
-    } else {
-        Endpoint::client(listen)
-    }
-    .map_err(|source| TransportError::Bind {
-        addr: listen,
-        source,
-    })?;
+    let server_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls.server_config()?)
+        .map_err(|e| crypto(&e))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
+    server.transport_config(transport);
+    let mut endpoint =
+        Endpoint::server(server, listen).map_err(|source| TransportError::Bind {
+            addr: listen,
+            source,
+        })?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }
@@ -156,7 +125,7 @@ impl Transport {
         client_tx: mpsc::Sender<ClientCall>,
         metrics: NodeMetrics,
     ) -> Result<Self, TransportError> {
-        let endpoint = endpoint(tls, cfg.listen, true)?;
+        let endpoint = endpoint(tls, cfg.listen)?;
         let mut links = BTreeMap::new();
         let mut redial = BTreeMap::new();
         let incarnation = new_incarnation();
@@ -555,16 +524,21 @@ async fn serve_call(mut send: quinn::SendStream, mut reader: FrameReader, inboun
             retry: true,
         }
     } else {
-        match tokio::time::timeout(CALL_TIMEOUT, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => ClientResponse::Error {
-                message: "node stopped before answering".into(),
-                retry: true,
+        let stopped = send.stopped();
+        tokio::select! {
+            answer = tokio::time::timeout(CALL_TIMEOUT, rx) => match answer {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => ClientResponse::Error {
+                    message: "node stopped before answering".into(),
+                    retry: true,
+                },
+                Err(_) => ClientResponse::Unknown {
+                    message: "no answer in time".into(),
+                },
             },
-            Err(_) => ClientResponse::Error {
-                message: "timed out waiting for commit".into(),
-                retry: true,
-            },
+            // The caller closed the stream: dropping the answer channel tells the driver,
+            // which cancels the call in the node core.
+            _ = stopped => return,
         }
     };
     if write_frame(&mut send, &Frame::Response(response), inbound.max_frame)
@@ -576,207 +550,3 @@ async fn serve_call(mut send: quinn::SendStream, mut reader: FrameReader, inboun
     }
 }
 
-/// A client of the mesh: finds the leader and makes calls over mutually authenticated
-/// QUIC, following `NotLeader` hints. Cheap to clone.
-#[derive(Clone)]
-pub struct MeshClient {
-    inner: Arc<ClientInner>,
-}
-
-struct ClientInner {
-    endpoint: Endpoint,
-    nodes: BTreeMap<NodeId, SocketAddr>,
-    conns: tokio::sync::Mutex<BTreeMap<NodeId, Connection>>,
-    leader: std::sync::atomic::AtomicU64,
-    max_frame: usize,
-}
-
-/// Why a call failed on every node.
-#[derive(Debug, thiserror::Error)]
-pub enum CallError {
-    /// No node answered usefully within the deadline.
-    #[error("no node could serve the call: {0}")]
-    Unavailable(String),
-    /// Transport setup failed.
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-}
-
-/// What one attempt at one node said.
-enum Attempt {
-    Answer(ClientResponse),
-    Redirect(Option<NodeId>),
-    Failed(String),
-}
-
-impl MeshClient {
-    /// A client presenting `tls` (a client or node certificate) to `nodes`.
-    pub fn new(tls: &TlsMaterial, nodes: BTreeMap<NodeId, SocketAddr>) -> Result<Self, CallError> {
-        let bind: SocketAddr = ([127, 0, 0, 1], 0).into();
-        Ok(Self {
-            inner: Arc::new(ClientInner {
-                endpoint: endpoint(tls, bind, false)?,
-                nodes,
-                conns: tokio::sync::Mutex::new(BTreeMap::new()),
-                leader: std::sync::atomic::AtomicU64::new(0),
-                max_frame: mesh_core::wire::MAX_FRAME_BYTES,
-            }),
-        })
-    }
-
-    async fn connection(&self, node: NodeId) -> Result<Connection, String> {
-        let inner = &self.inner;
-        if let Some(c) = inner
-            .conns
-            .lock()
-            .await
-            .get(&node)
-            .filter(|c| c.close_reason().is_none())
-        {
-            return Ok(c.clone());
-        }
-        let addr = *inner.nodes.get(&node).ok_or("unknown node")?;
-        let connecting = inner
-            .endpoint
-            .connect(addr, &certs::server_name(&node_name(node)))
-            .map_err(|e| e.to_string())?;
-        let conn = tokio::time::timeout(Duration::from_secs(2), connecting)
-            .await
-            .map_err(|_| "handshake timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        inner.conns.lock().await.insert(node, conn.clone());
-        Ok(conn)
-    }
-
-    /// One call to one node.
-    pub async fn call_node(
-        &self,
-        node: NodeId,
-        req: &ClientRequest,
-    ) -> Result<ClientResponse, String> {
-        let max = self.inner.max_frame;
-        let conn = self.connection(node).await?;
-        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        write_frame(&mut send, &Frame::Request(req.clone()), max)
-            .await
-            .map_err(|e| e.to_string())?;
-        let _ = send.finish();
-        let mut reader = FrameReader::new(recv, max);
-        match tokio::time::timeout(CALL_TIMEOUT + Duration::from_secs(1), reader.next()).await {
-            Ok(Ok(Some(Frame::Response(r)))) => Ok(r),
-            Ok(Ok(_)) => Err("no response".into()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("call timed out".into()),
-        }
-    }
-
-    async fn attempt(&self, node: NodeId, req: &ClientRequest) -> Attempt {
-        match self.call_node(node, req).await {
-            Ok(ClientResponse::NotLeader { leader }) => {
-                Attempt::Redirect(leader.filter(|&l| l != node))
-            }
-            Ok(ClientResponse::Error {
-                message,
-                retry: true,
-            }) => Attempt::Failed(message),
-            Ok(r) => Attempt::Answer(r),
-            Err(e) => {
-                self.inner.conns.lock().await.remove(&node);
-                Attempt::Failed(format!("{}: {e}", node_name(node)))
-            }
-        }
-    }
-
-    /// Ask every node at once (only the leader acts on the call; the others redirect):
-    /// the first answer wins. Used while the leader is unknown.
-    async fn attempt_all(&self, req: &ClientRequest) -> Attempt {
-        let mut calls = tokio::task::JoinSet::new();
-        for &node in self.inner.nodes.keys() {
-            let (client, req) = (self.clone(), req.clone());
-            calls.spawn(async move { (node, client.attempt(node, &req).await) });
-        }
-        let mut outcome = Attempt::Failed("no node answered".into());
-        while let Some(joined) = calls.join_next().await {
-            let Ok((node, attempt)) = joined else {
-                continue;
-            };
-            match attempt {
-                Attempt::Answer(r) => {
-                    self.inner
-                        .leader
-                        .store(node, std::sync::atomic::Ordering::Relaxed);
-                    return Attempt::Answer(r);
-                }
-                Attempt::Redirect(Some(l)) => outcome = Attempt::Redirect(Some(l)),
-                other if matches!(outcome, Attempt::Failed(_)) => outcome = other,
-                _ => {}
-            }
-        }
-        outcome
-    }
-
-    /// Call the leader, following redirects and retrying for up to `deadline`.
-    pub async fn call(
-        &self,
-        req: &ClientRequest,
-        deadline: Duration,
-    ) -> Result<ClientResponse, CallError> {
-        self.call_hedged(req, deadline, None).await
-    }
-
-    /// Like [`MeshClient::call`]; with `hedge`, if the node believed to lead has not
-    /// answered within that time (it may have died, and its QUIC connection only times out
-    /// later), every node is asked too and the first real answer wins. Only for calls that
-    /// answer promptly and are safe to repeat (sessions deduplicate proposals).
-    pub async fn call_hedged(
-        &self,
-        req: &ClientRequest,
-        deadline: Duration,
-        hedge: Option<Duration>,
-    ) -> Result<ClientResponse, CallError> {
-        let start = tokio::time::Instant::now();
-        let mut last_error = String::from("no attempt");
-        while start.elapsed() < deadline {
-            let hint = self.inner.leader.load(std::sync::atomic::Ordering::Relaxed);
-            let attempt = if !self.inner.nodes.contains_key(&hint) {
-                self.attempt_all(req).await
-            } else if let Some(after) = hedge {
-                let primary = self.attempt(hint, req);
-                tokio::pin!(primary);
-                tokio::select! {
-                    a = &mut primary => a,
-                    () = tokio::time::sleep(after) => tokio::select! {
-                        a = &mut primary => a,
-                        a = self.attempt_all(req) => a,
-                    },
-                }
-            } else {
-                self.attempt(hint, req).await
-            };
-            match attempt {
-                Attempt::Answer(r) => return Ok(r),
-                Attempt::Redirect(Some(leader)) => {
-                    self.inner
-                        .leader
-                        .store(leader, std::sync::atomic::Ordering::Relaxed);
-                    last_error = format!("redirected to {}", node_name(leader));
-                }
-                Attempt::Redirect(None) => {
-                    self.inner
-                        .leader
-                        .store(0, std::sync::atomic::Ordering::Relaxed);
-                    last_error = "no leader known".into();
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Attempt::Failed(e) => {
-                    self.inner
-                        .leader
-                        .store(0, std::sync::atomic::Ordering::Relaxed);
-                    last_error = e;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-        Err(CallError::Unavailable(last_error))
-    }
-}
