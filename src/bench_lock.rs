@@ -1,10 +1,10 @@
-//! The lock workload of `syncmesh bench`: closed-loop clients, each on its own keep-alive
-//! HTTP/1.1 connection to the gateway, doing acquire X + release as one operation.
+//! The lock workload of `syncmesh bench`: closed-loop clients, each with its own
+//! keep-alive HTTP/1.1 connection to the gateway, doing acquire X + release as one
+//! operation.
 
 use crate::cluster_cmd::{ClusterArgs, LocalCluster};
-use anyhow::{bail, Context, Result};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use anyhow::{bail, Result};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -16,57 +16,6 @@ pub(crate) struct LockBench {
     pub(crate) runs: usize,
     pub(crate) hot_only: bool,
     pub(crate) dir: PathBuf,
-}
-
-/// A keep-alive HTTP/1.1 connection.
-struct Conn {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Conn {
-    fn open(addr: SocketAddr) -> Result<Self> {
-        let stream = TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-        Ok(Self {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: stream,
-        })
-    }
-
-    /// POST a JSON body: the status code.
-    fn post(&mut self, path: &str, body: &str) -> Result<u16> {
-        write!(
-            self.writer,
-            "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut line = String::new();
-        self.reader.read_line(&mut line)?;
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .context("bad status line")?;
-        let mut length = 0usize;
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line)?;
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value.trim().parse().unwrap_or(0);
-                }
-            }
-        }
-        let mut body = vec![0u8; length];
-        self.reader.read_exact(&mut body)?;
-        Ok(status)
-    }
 }
 
 struct RunResult {
@@ -87,7 +36,9 @@ fn one_run(
     let workers: Vec<_> = (0..clients)
         .map(|c| {
             std::thread::spawn(move || -> Result<(u64, u64, Vec<u32>)> {
-                let mut conn = Conn::open(gateway)?;
+                let agent = crate::http::agent(Duration::from_secs(60));
+                let acquire_url = format!("http://{gateway}/lock/acquire");
+                let release_url = format!("http://{gateway}/lock/release");
                 let key = if hot {
                     "bench-hot".to_string()
                 } else {
@@ -101,8 +52,8 @@ fn one_run(
                 let (mut ops, mut errors, mut lat) = (0, 0, Vec::new());
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    let ok = conn.post("/lock/acquire", &acquire)? == 200
-                        && conn.post("/lock/release", &release)? == 200;
+                    let ok = crate::http::post(&agent, &acquire_url, &acquire)? == 200
+                        && crate::http::post(&agent, &release_url, &release)? == 200;
                     if ok {
                         ops += 1;
                         lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
@@ -165,7 +116,7 @@ pub(crate) fn run(b: &LockBench) -> Result<()> {
             let c = LocalCluster::start(args)?;
             let start = Instant::now();
             while c.agreed_leader().is_none()
-                || crate::http_get::get(([127, 0, 0, 1], 48000).into(), "/health")
+                || crate::http::get(([127, 0, 0, 1], 48000).into(), "/health")
                     .map_or(true, |(s, _)| s != 200)
             {
                 if start.elapsed() > Duration::from_secs(30) {

@@ -3,7 +3,7 @@
 //! they agree on a leader, prints the addresses, and stops every child on Ctrl-C or
 //! SIGTERM. It restarts nothing by itself.
 
-use crate::http_get;
+use crate::http;
 use crate::node_cmd::NodeArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -195,7 +195,7 @@ impl LocalCluster {
 
     /// `/health` of node `i`, as (leader, term, commit index).
     pub(crate) fn health(&self, i: usize) -> Option<(String, u64, u64)> {
-        let (status, body) = http_get::get(self.admin(i), "/health").ok()?;
+        let (status, body) = http::get(self.admin(i), "/health").ok()?;
         if status != 200 {
             return None;
         }

@@ -4,8 +4,8 @@
 use anyhow::{anyhow, bail, Context, Result};
 use certs::TlsMaterial;
 use clap::{Args, Subcommand};
-use mesh_core::raft::NodeId;
 use mesh_client::{CallOptions, Caller, Cluster, MeshClient};
+use mesh_core::raft::NodeId;
 use mesh_core::services::envelope::{Command, Query, QueryReply, Reply};
 use mesh_core::services::register::{RegisterCommand, RegisterQuery, RegisterReply};
 use mesh_core::wire::parse_node_name;
@@ -118,7 +118,10 @@ pub(crate) fn run(args: CtlArgs) -> Result<()> {
                     other => bail!("unexpected reply {other:?}"),
                 }
             }
-            CtlCommand::Stats => match caller.read(&Query::Register(RegisterQuery::Stats), deadline).await? {
+            CtlCommand::Stats => match caller
+                .read(&Query::Register(RegisterQuery::Stats), deadline)
+                .await?
+            {
                 QueryReply::Register(RegisterReply::Stats { keys, applied }) => {
                     println!("keys={keys} applied={applied}")
                 }

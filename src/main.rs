@@ -6,7 +6,7 @@ mod certs_cmd;
 mod cluster_cmd;
 mod ctl_cmd;
 mod gateway_cmd;
-mod http_get;
+mod http;
 mod node_cmd;
 
 use clap::{Parser, Subcommand};

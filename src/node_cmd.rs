@@ -2,10 +2,10 @@
 //! environment variables, then a TOML file (`--config`), then defaults.
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::Args;
-use mesh_core::raft::NodeId;
 use certs::TlsMaterial;
+use clap::Args;
 use mesh_client::{Cluster, LocalNode, MeshClient};
+use mesh_core::raft::NodeId;
 use mesh_core::wire::{node_name, parse_node_name};
 use mesh_node::node::NodeConfig;
 use serde::Deserialize;
@@ -228,7 +228,11 @@ async fn run_node(cfg: NodeConfig, http: Vec<SocketAddr>) -> Result<()> {
             id: cfg.id,
             calls: calls_tx.clone(),
         };
-        let app = gateway::router_over(Cluster::with_local(mesh, local), cfg.id, gateway::DEFAULT_MAX_BODY)?;
+        let app = gateway::router_over(
+            Cluster::with_local(mesh, local),
+            cfg.id,
+            gateway::DEFAULT_MAX_BODY,
+        )?;
         for addr in http {
             // Bind before the node starts, so a port in use is a clear error at once.
             let listener = gateway::bind(addr).await?;
@@ -243,9 +247,8 @@ async fn run_node(cfg: NodeConfig, http: Vec<SocketAddr>) -> Result<()> {
     let result = mesh_node::node::run(cfg, (calls_tx, calls_rx), shutdown_signal()).await;
     let _ = stop_http.send(true);
     for s in servers {
-        match s.await {
-            Ok(Err(e)) => tracing::error!("HTTP API: {e}"),
-            Ok(Ok(())) | Err(_) => {}
+        if let Ok(Err(e)) = s.await {
+            tracing::error!("HTTP API: {e}");
         }
     }
     Ok(result?)

@@ -131,7 +131,11 @@ impl AppState {
     }
 
     /// A linearizable read; failures mapped to HTTP.
-    pub(crate) async fn read(&self, query: Query, deadline: Duration) -> Result<QueryReply, ApiError> {
+    pub(crate) async fn read(
+        &self,
+        query: Query,
+        deadline: Duration,
+    ) -> Result<QueryReply, ApiError> {
         self.caller.read(&query, deadline).await.map_err(call_error)
     }
 }
@@ -145,7 +149,11 @@ pub fn router(cfg: &GatewayConfig) -> Result<Router, GatewayError> {
 
 /// The router over any way of calling the cluster (QUIC, or a node in this process);
 /// `home` is the node whose view `/health` reports.
-pub fn router_over(cluster: Cluster, home: NodeId, max_body: usize) -> Result<Router, GatewayError> {
+pub fn router_over(
+    cluster: Cluster,
+    home: NodeId,
+    max_body: usize,
+) -> Result<Router, GatewayError> {
     let registry = prometheus::Registry::new();
     let http_duration = prometheus::HistogramVec::new(
         prometheus::HistogramOpts::new(

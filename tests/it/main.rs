@@ -4,5 +4,6 @@ mod bench_cli;
 mod contention;
 mod gateway;
 mod mesh;
+mod regressions;
 mod security;
 mod support;

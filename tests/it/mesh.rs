@@ -1,6 +1,7 @@
 //! Real processes, real QUIC with mutual TLS, real disks: elections, kill -9, restarts.
 
-use crate::support::{syncmesh, TestCluster};
+use crate::support::{http, syncmesh, TestCluster};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -120,23 +121,37 @@ fn sigterm_on_the_leader_hands_over_and_exits_cleanly() {
     assert_eq!(c.get("before").as_deref(), Some("stop"));
 }
 
+/// A base port B such that B..B+4, B+100..B+104 and B+200..B+204 are free, and a free
+/// QUIC and admin range: the launcher's ports, away from a running `syncmesh cluster`.
+fn free_port_base(span: &[u16]) -> u16 {
+    let seed = std::process::id() as u16;
+    for attempt in 0..200u16 {
+        let base = 20_000 + (seed.wrapping_mul(31).wrapping_add(attempt * 397)) % 30_000;
+        let free = span.iter().all(|off| {
+            std::net::TcpListener::bind(("127.0.0.1", base + off)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", base + off)).is_ok()
+        });
+        if free {
+            return base;
+        }
+    }
+    panic!("no free port range");
+}
+
 #[test]
-fn five_node_cluster_command_elects_a_leader() {
+fn five_node_cluster_command_elects_a_leader_and_serves_the_seed_ports() {
     use std::io::BufRead;
     let dir = crate::support::TempDir::new("cluster5");
+    let seed: Vec<u16> = (0..5).chain(100..105).chain(200..205).collect();
+    let base = free_port_base(&seed);
+    let nodes = free_port_base(&(0..5).chain(1000..1005).collect::<Vec<_>>());
     let mut child = syncmesh()
         .current_dir(&dir.0)
-        .args([
-            "cluster",
-            "--nodes",
-            "5",
-            "--dir",
-            "c5",
-            "--quic-port",
-            "17101",
-            "--admin-port",
-            "19101",
-        ])
+        .args(["cluster", "--nodes", "5", "--dir", "c5"])
+        .args(["--quic-port", &nodes.to_string()])
+        .args(["--admin-port", &(nodes + 1000).to_string()])
+        .args(["--gateway-port", &base.to_string()])
+        .args(["--seed-ports-base", &base.to_string()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -168,16 +183,37 @@ fn five_node_cluster_command_elects_a_leader() {
     let leaders: Vec<Option<String>> = (0..5)
         .map(|i| {
             let (_, body) =
-                crate::support::http_get(([127, 0, 0, 1], 19_101 + i).into(), "/health")?;
+                crate::support::http_get(([127, 0, 0, 1], nodes + 1000 + i).into(), "/health")?;
             let v: serde_json::Value = serde_json::from_str(&body).ok()?;
             v["leader"].as_str().map(str::to_string)
         })
         .collect();
+    // The seed's ports: node2 serves the whole API in-process on B+1 and B+101.
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let wait_until = |port: u16| {
+        let start = Instant::now();
+        while crate::support::http_get(at(port), "/health").is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "port {port} never answered"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_until(base + 101);
+    let (status, health) = http(at(base + 101), "GET", "/health", b"");
+    let (acq_status, acquired) = http(
+        at(base + 1),
+        "POST",
+        "/lock/acquire",
+        br#"{"key": "A", "mode": "X", "client_id": "client1"}"#,
+    );
+    let (cache_status, _) = http(at(base + 201), "GET", "/health", b"");
     // SIGTERM the launcher: it stops every child.
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    let status = child.wait().expect("wait cluster");
+    let status_exit = child.wait().expect("wait cluster");
     reader.join().expect("reader");
     out.extend(rx.try_iter().map(|l| l + "\n"));
     assert!(up, "the launcher never reported the cluster up: {out}");
@@ -185,8 +221,16 @@ fn five_node_cluster_command_elects_a_leader() {
         leaders.iter().all(|l| l.is_some() && *l == leaders[0]),
         "{leaders:?}"
     );
+    assert_eq!(
+        (status, health["id"].as_str()),
+        (200, Some("node2")),
+        "{health}"
+    );
+    assert_eq!(acq_status, 200, "{acquired}");
+    assert_eq!(acquired["mode"], "X");
+    assert_eq!(cache_status, 200);
     assert!(out.contains("every node stopped"), "{out}");
-    assert!(status.success(), "cluster exits 0 on SIGTERM");
+    assert!(status_exit.success(), "cluster exits 0 on SIGTERM");
 }
 
 #[test]

@@ -1,8 +1,7 @@
 //! A cluster of real `syncmesh node` processes on loopback for integration tests.
 
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -41,25 +40,31 @@ fn free_tcp() -> SocketAddr {
         .expect("free tcp port")
 }
 
-/// GET over plain HTTP/1.1: status and body.
+/// The project's one HTTP client (ureq), answering every status as a response.
+fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// GET: status and body (`None` if nothing answers).
 pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, text.split_once("\r\n\r\n")?.1.to_string()))
+    let mut r = agent(Duration::from_secs(2))
+        .get(&format!("http://{addr}{path}"))
+        .call()
+        .ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.body_mut().read_to_string().ok()?))
 }
 
 pub(crate) struct TestNode {
     pub(crate) name: String,
     pub(crate) quic: SocketAddr,
     pub(crate) admin: SocketAddr,
+    /// The node's own HTTP API (in-process, `--http`).
+    pub(crate) http: SocketAddr,
     child: Option<Child>,
 }
 
@@ -99,6 +104,7 @@ impl TestCluster {
                 name: format!("node{i}"),
                 quic: free_udp(),
                 admin: free_tcp(),
+                http: free_tcp(),
                 child: None,
             })
             .collect();
@@ -123,6 +129,20 @@ impl TestCluster {
     }
 
     pub(crate) fn start_node(&mut self, i: usize) {
+        let cmd = self.node_command(i);
+        self.spawn_node(i, cmd);
+    }
+
+    /// Start node `i` with extra environment (a shifted clock, say).
+    pub(crate) fn start_node_with_env(&mut self, i: usize, env: &[(&str, String)]) {
+        let mut cmd = self.node_command(i);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.spawn_node(i, cmd);
+    }
+
+    fn node_command(&self, i: usize) -> Command {
         let node = &self.nodes[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -138,6 +158,8 @@ impl TestCluster {
             &node.quic.to_string(),
             "--admin",
             &node.admin.to_string(),
+            "--http",
+            &node.http.to_string(),
         ])
         .arg("--data-dir")
         .arg(self.dir.0.join(&node.name))
@@ -154,6 +176,10 @@ impl TestCluster {
             cmd.arg("--peer")
                 .arg(format!("{}={}", peer.name, peer.quic));
         }
+        cmd
+    }
+
+    fn spawn_node(&mut self, i: usize, mut cmd: Command) {
         let child = cmd.spawn().expect("start node");
         self.nodes[i].child = Some(child);
     }
@@ -321,30 +347,25 @@ impl Drop for TestCluster {
     }
 }
 
-/// One HTTP/1.1 request with a body: status and the parsed JSON body (Null if not JSON).
+/// One HTTP request with a body: status and the parsed JSON body (Null if not JSON).
 pub(crate) fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
-    let mut s =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect to gateway");
-    s.set_read_timeout(Some(Duration::from_secs(90)))
-        .expect("timeout");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).expect("write head");
-    // The server may answer (413) before reading a large body and close; that is fine.
-    let _ = s.write_all(body);
-    let mut text = Vec::new();
-    let _ = s.read_to_end(&mut text);
-    let text = String::from_utf8_lossy(&text);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let json = text
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or(Value::Null);
-    (status, json)
+    let url = format!("http://{addr}{path}");
+    let agent = agent(Duration::from_secs(90));
+    let response = match method {
+        "GET" => agent.get(&url).call(),
+        "POST" => agent
+            .post(&url)
+            .header("content-type", "application/json")
+            .send(body),
+        other => panic!("method {other}"),
+    };
+    let mut r = response.expect("the HTTP API answers");
+    let status = r.status().as_u16();
+    let text = r
+        .body_mut()
+        .with_config()
+        .limit(16 << 20)
+        .read_to_string()
+        .unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }

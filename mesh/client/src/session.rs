@@ -113,7 +113,9 @@ fn applied(response: ClientResponse) -> Result<Outcome, CallError> {
         }
         ClientResponse::Error { message, .. } => Err(CallError::Unavailable(message)),
         ClientResponse::Unknown { message } => Err(CallError::OutcomeUnknown(message)),
-        other => Err(CallError::Unavailable(format!("unexpected answer {other:?}"))),
+        other => Err(CallError::Unavailable(format!(
+            "unexpected answer {other:?}"
+        ))),
     }
 }
 
@@ -160,7 +162,9 @@ impl Caller {
         let answer = self.cluster.call(&request, deadline, Some(HEDGE)).await;
         match applied(answer?)?.reply {
             Reply::SessionOpened { session } => Ok(session),
-            other => Err(CallError::Setup(format!("opening a session answered {other:?}"))),
+            other => Err(CallError::Setup(format!(
+                "opening a session answered {other:?}"
+            ))),
         }
     }
 
@@ -220,7 +224,9 @@ impl Caller {
             }
             return Ok(outcome);
         }
-        Err(CallError::Unavailable("the cluster keeps forgetting sessions".into()))
+        Err(CallError::Unavailable(
+            "the cluster keeps forgetting sessions".into(),
+        ))
     }
 
     /// A linearizable read.
@@ -230,7 +236,9 @@ impl Caller {
         match self.cluster.call(&request, deadline, Some(HEDGE)).await? {
             ClientResponse::Read(bytes) => postcard::from_bytes(&bytes)
                 .map_err(|e| CallError::Setup(format!("undecodable read: {e}"))),
-            other => Err(CallError::Unavailable(format!("unexpected answer {other:?}"))),
+            other => Err(CallError::Unavailable(format!(
+                "unexpected answer {other:?}"
+            ))),
         }
     }
 }

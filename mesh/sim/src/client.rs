@@ -50,10 +50,22 @@ pub(crate) enum ClientEvent {
 #[derive(Clone, Copy, Debug)]
 enum Op {
     OpenSession,
-    Put { key: u64, value: u64 },
-    Get { key: u64 },
-    Acquire { key: u64, mode: Mode, ttl_ms: u64, wait_ms: u64 },
-    Release { key: u64 },
+    Put {
+        key: u64,
+        value: u64,
+    },
+    Get {
+        key: u64,
+    },
+    Acquire {
+        key: u64,
+        mode: Mode,
+        ttl_ms: u64,
+        wait_ms: u64,
+    },
+    Release {
+        key: u64,
+    },
     Renew,
 }
 
@@ -117,7 +129,6 @@ impl Client {
     pub(crate) fn busy(&self) -> bool {
         self.current.is_some()
     }
-
 }
 
 fn lock_client(id: u64) -> String {
@@ -328,7 +339,10 @@ impl World {
             cur.live.extend(live);
         }
         let timeout = CLIENT_TIMEOUT_MS + op.wait_ms();
-        self.schedule(timeout, Event::Client(ClientEvent::Timeout { client, attempt }));
+        self.schedule(
+            timeout,
+            Event::Client(ClientEvent::Timeout { client, attempt }),
+        );
     }
 
     /// Close every attempt in flight (the client's connections to them close).
@@ -346,7 +360,7 @@ impl World {
     /// The caller gives up on a waiting acquire: close the call and withdraw it.
     fn give_up(&mut self, client: u64, seq: u64) {
         let c = &self.clients[client as usize];
-        if !c.current.as_ref().is_some_and(|cur| cur.seq == seq) {
+        if c.current.as_ref().is_none_or(|cur| cur.seq != seq) {
             return;
         }
         self.log(|| format!("client {client}: gives up on call {seq}"));
@@ -406,17 +420,30 @@ impl World {
                     Some(l) if l != c.target => l,
                     _ => self.rng.range(1, nodes),
                 };
-                let backoff = if leader.is_some() { 1 } else { self.rng.range(10, 40) };
-                self.schedule(backoff, Event::Client(ClientEvent::Retry { client, attempt }));
+                let backoff = if leader.is_some() {
+                    1
+                } else {
+                    self.rng.range(10, 40)
+                };
+                self.schedule(
+                    backoff,
+                    Event::Client(ClientEvent::Retry { client, attempt }),
+                );
             }
-            ClientResponse::Error { retry: false, message } => {
+            ClientResponse::Error {
+                retry: false,
+                message,
+            } => {
                 self.violation = Some(format!("client {client}: refused: {message}"));
             }
             _ if others => {}
             _ => {
                 self.clients[client as usize].target = self.rng.range(1, nodes);
                 let backoff = self.rng.range(10, 40);
-                self.schedule(backoff, Event::Client(ClientEvent::Retry { client, attempt }));
+                self.schedule(
+                    backoff,
+                    Event::Client(ClientEvent::Retry { client, attempt }),
+                );
             }
         }
     }
@@ -460,7 +487,12 @@ impl World {
 
     fn record_lock(&mut self, client: u64, cur: &Current, op: Op, r: LockReply) {
         let now = self.now;
-        self.log(|| format!("client {client}: call {} {op:?} (sent {}) answered {r:?}", cur.seq, cur.first_sent));
+        self.log(|| {
+            format!(
+                "client {client}: call {} {op:?} (sent {}) answered {r:?}",
+                cur.seq, cur.first_sent
+            )
+        });
         match (op, r) {
             (
                 Op::Acquire { key, mode, .. },

@@ -337,8 +337,7 @@ impl World {
         Ok(RunReport {
             steps,
             virtual_ms: self.now,
-            ops_completed: self.history.iter().filter(|o| o.ret.is_some()).count()
-                + self.lock_ops,
+            ops_completed: self.history.iter().filter(|o| o.ret.is_some()).count() + self.lock_ops,
             committed: self.invariants.committed_count(),
             leader_terms: self.invariants.leader_terms(),
             coverage: self.coverage.clone(),
@@ -419,9 +418,12 @@ impl World {
         };
         let st = leader.status();
         let converged = st.membership.members().all(|id| {
-            self.nodes[(id - 1) as usize].node.as_ref().is_some_and(|n| {
-                n.status().commit == st.commit && n.services().applied() == st.commit
-            })
+            self.nodes[(id - 1) as usize]
+                .node
+                .as_ref()
+                .is_some_and(|n| {
+                    n.status().commit == st.commit && n.services().applied() == st.commit
+                })
         });
         converged
     }
@@ -512,7 +514,10 @@ impl World {
             Event::Cancel { node, call } => {
                 self.trace.write(5 + (node << 8) + (call << 16));
                 let time = self.time_of(node);
-                Ok(self.node_mut(node).map(|n| n.cancel(time, call)).map(|()| node))
+                Ok(self
+                    .node_mut(node)
+                    .map(|n| n.cancel(time, call))
+                    .map(|()| node))
             }
             Event::Client(e) => {
                 self.trace.write(6);
@@ -580,7 +585,9 @@ impl World {
                 }
                 let token = p.token;
                 if self.nodes[idx].pending.replace(p).is_some() {
-                    return Err(format!("node {id}: a second persist while one is in flight"));
+                    return Err(format!(
+                        "node {id}: a second persist while one is in flight"
+                    ));
                 }
                 let (lo, hi) = self.params.fsync_ms;
                 let delay = self.rng.range(lo, hi);
@@ -699,7 +706,12 @@ impl World {
     }
 
     /// Send a call from a client to a node.
-    pub(crate) fn send_call(&mut self, client: u64, node: NodeId, request: ClientRequest) -> CallId {
+    pub(crate) fn send_call(
+        &mut self,
+        client: u64,
+        node: NodeId,
+        request: ClientRequest,
+    ) -> CallId {
         self.next_call += 1;
         let call = self.next_call;
         self.routes.insert((node, call), client);
@@ -742,7 +754,11 @@ impl World {
     fn nemesis(&mut self) -> Result<(), String> {
         let all: Vec<NodeId> = (1..=self.params.nodes).collect();
         let live = self.live();
-        let down: Vec<NodeId> = all.iter().copied().filter(|id| !live.contains(id)).collect();
+        let down: Vec<NodeId> = all
+            .iter()
+            .copied()
+            .filter(|id| !live.contains(id))
+            .collect();
         match self.rng.range(0, 10) {
             0 | 1
                 if self.params.crashes
@@ -837,7 +853,9 @@ impl World {
             return Ok(());
         };
         let time = self.time_of(l);
-        let result = self.node_mut(l).map(|n| n.propose_conf_change(time, change));
+        let result = self
+            .node_mut(l)
+            .map(|n| n.propose_conf_change(time, change));
         self.log(|| format!("nemesis: n{l} proposes {change:?}: {result:?}"));
         self.run_actions(l)
     }

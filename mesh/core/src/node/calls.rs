@@ -282,7 +282,11 @@ impl CallTable {
 
     /// Proposals above `commit`, removed (this node stopped leading).
     pub(super) fn proposed_after(&mut self, commit: LogIndex) -> Vec<CallId> {
-        let ids: Vec<CallId> = self.proposals.range(commit + 1..).map(|(_, id)| *id).collect();
+        let ids: Vec<CallId> = self
+            .proposals
+            .range(commit + 1..)
+            .map(|(_, id)| *id)
+            .collect();
         for id in &ids {
             self.remove(*id);
         }

@@ -29,11 +29,11 @@ mod calls;
 mod tests;
 
 use crate::raft::{
-    ConfChange, Config, Entry, EntryPayload, HardState, InitError, InitialState, LogIndex,
-    Message, MessageBody, NodeId, ProposeError, Raft, Ready, Role, Snapshot, Status, Term,
+    ConfChange, Config, Entry, EntryPayload, HardState, InitError, InitialState, LogIndex, Message,
+    MessageBody, NodeId, ProposeError, Raft, Ready, Role, Snapshot, Status, Term,
 };
-use crate::services::envelope::{Command, Envelope, Reply, Services};
 pub use crate::services::envelope::Gauge;
+use crate::services::envelope::{Command, Envelope, Reply, Services};
 use crate::services::StateMachine;
 use crate::wire::{ClientRequest, ClientResponse, NodeStatus};
 use calls::{CallState, CallTable};
@@ -514,9 +514,9 @@ impl Node {
             Ok(index) => {
                 let term = self.raft.term();
                 let deadline = self.now.mono_ms + self.cfg.call_timeout_ms;
-                if let Some(old) =
-                    self.calls
-                        .propose(id, index, term, self.now.mono_ms, deadline)
+                if let Some(old) = self
+                    .calls
+                    .propose(id, index, term, self.now.mono_ms, deadline)
                 {
                     self.reply(old, unknown("its log entry was replaced"));
                 }
@@ -616,13 +616,17 @@ impl Node {
         if let Err(e) = restored.restore(&s.data) {
             // The leader's snapshot is produced by the same code; bytes that do not
             // decode mean a corrupted transfer or a bug, and a node must not run on.
-            panic!("snapshot from the leader at {} does not decode: {e}", s.meta.index);
+            panic!(
+                "snapshot from the leader at {} does not decode: {e}",
+                s.meta.index
+            );
         }
         self.services = restored;
-        self.actions.push(Action::Event(NodeEvent::SnapshotInstalled {
-            index: s.meta.index,
-            bytes: s.data.len(),
-        }));
+        self.actions
+            .push(Action::Event(NodeEvent::SnapshotInstalled {
+                index: s.meta.index,
+                bytes: s.data.len(),
+            }));
         for id in self.calls.proposed_up_to(s.meta.index) {
             self.reply(id, unknown("a snapshot replaced the log before the answer"));
         }

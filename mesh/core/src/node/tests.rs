@@ -123,8 +123,8 @@ impl Cluster {
         }
         self.next_call += 1;
         let id = self.next_call;
-        let bytes = postcard::to_stdvec(&Envelope::new(0, 0, 0, Command::OpenSession))
-            .expect("encode");
+        let bytes =
+            postcard::to_stdvec(&Envelope::new(0, 0, 0, Command::OpenSession)).expect("encode");
         let now = t(self.now);
         self.node(node).call(now, id, ClientRequest::Propose(bytes));
         self.settle();
@@ -144,10 +144,15 @@ impl Cluster {
     }
 
     fn reply_to(&self, call: CallId) -> Option<Reply> {
-        self.replies.iter().find(|r| r.1 == call).map(|r| match &r.2 {
-            ClientResponse::Applied { result, .. } => postcard::from_bytes(result).expect("reply"),
-            other => panic!("call {call}: {other:?}"),
-        })
+        self.replies
+            .iter()
+            .find(|r| r.1 == call)
+            .map(|r| match &r.2 {
+                ClientResponse::Applied { result, .. } => {
+                    postcard::from_bytes(result).expect("reply")
+                }
+                other => panic!("call {call}: {other:?}"),
+            })
     }
 }
 
@@ -203,7 +208,10 @@ fn a_cancelled_waiting_call_is_withdrawn_through_the_log() {
     c.node(l).cancel(now, 2);
     c.settle();
     for n in &c.nodes {
-        assert!(n.services().locks().view("A").waiters.is_empty(), "withdrawn everywhere");
+        assert!(
+            n.services().locks().view("A").waiters.is_empty(),
+            "withdrawn everywhere"
+        );
     }
     assert_eq!(c.reply_to(2), None, "nobody to answer");
 }
@@ -273,11 +281,18 @@ fn wall_clock_steps_change_no_lease() {
         };
         c.node(l).tick(now);
         c.settle();
-        assert_eq!(c.nodes[0].services().locks().view("A").holders.len(), 1, "{step}");
+        assert_eq!(
+            c.nodes[0].services().locks().view("A").holders.len(),
+            1,
+            "{step}"
+        );
     }
     c.now = start + 1_050;
     let now = t(c.now);
     c.node(l).tick(now);
     c.settle();
-    assert!(c.nodes[0].services().locks().view("A").holders.is_empty(), "expired by its ttl");
+    assert!(
+        c.nodes[0].services().locks().view("A").holders.is_empty(),
+        "expired by its ttl"
+    );
 }

@@ -98,7 +98,9 @@ impl Envelope {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum SessionRefusal {
     /// The call's answer was acknowledged and discarded; it is not executed again.
-    #[error("call {seq} is below the session's acknowledged mark {floor}: its answer was discarded")]
+    #[error(
+        "call {seq} is below the session's acknowledged mark {floor}: its answer was discarded"
+    )]
     Discarded {
         /// The call.
         seq: u64,
@@ -418,8 +420,18 @@ impl Services {
             value: value as f64,
         };
         vec![
-            g("lock_held", "Locks held, by mode", Some(("mode", "S")), shared),
-            g("lock_held", "Locks held, by mode", Some(("mode", "X")), exclusive),
+            g(
+                "lock_held",
+                "Locks held, by mode",
+                Some(("mode", "S")),
+                shared,
+            ),
+            g(
+                "lock_held",
+                "Locks held, by mode",
+                Some(("mode", "X")),
+                exclusive,
+            ),
             g("lock_waiters", "Queued lock requests", None, waiters),
             g(
                 "lock_deadlocks_total",
@@ -427,7 +439,12 @@ impl Services {
                 None,
                 self.locks.deadlocks() as usize,
             ),
-            g("sessions", "Client sessions kept", None, self.sessions.len()),
+            g(
+                "sessions",
+                "Client sessions kept",
+                None,
+                self.sessions.len(),
+            ),
         ]
     }
 
@@ -480,7 +497,12 @@ impl Services {
         let mut completions = Vec::new();
         self.expire_sessions(index, now, &mut completions);
         let events = self.locks.advance(index, now);
-        lock_completions(&mut self.waits, &mut self.sessions, events, &mut completions);
+        lock_completions(
+            &mut self.waits,
+            &mut self.sessions,
+            events,
+            &mut completions,
+        );
         let call = if e.session == 0 {
             (0, index)
         } else {
@@ -603,7 +625,9 @@ impl Services {
         completions: &mut Vec<Completion>,
     ) {
         let (session_id, seq) = target;
-        if session_id == 0 || (!release_grant && self.kept_reply(target).is_none_or(|r| !r.is_waiting())) {
+        if session_id == 0
+            || (!release_grant && self.kept_reply(target).is_none_or(|r| !r.is_waiting()))
+        {
             return;
         }
         let Some(session) = self.sessions.get_mut(&session_id) else {

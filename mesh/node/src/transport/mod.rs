@@ -17,7 +17,7 @@
 //! one drops Raft messages, which Raft tolerates.
 
 pub use mesh_client::framed::{write_frame, FrameReader, StreamError};
-pub use mesh_client::{ClientCall, MeshClient, CallError};
+pub use mesh_client::{CallError, ClientCall, MeshClient};
 
 use crate::metrics::NodeMetrics;
 use certs::{PeerKind, TlsMaterial};
@@ -89,11 +89,10 @@ pub fn endpoint(tls: &TlsMaterial, listen: SocketAddr) -> Result<Endpoint, Trans
         .map_err(|e| crypto(&e))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
     server.transport_config(transport);
-    let mut endpoint =
-        Endpoint::server(server, listen).map_err(|source| TransportError::Bind {
-            addr: listen,
-            source,
-        })?;
+    let mut endpoint = Endpoint::server(server, listen).map_err(|source| TransportError::Bind {
+        addr: listen,
+        source,
+    })?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }
@@ -549,4 +548,3 @@ async fn serve_call(mut send: quinn::SendStream, mut reader: FrameReader, inboun
         let _ = send.stopped().await;
     }
 }
-

@@ -32,7 +32,11 @@ impl Log {
     fn call(&mut self, session: u64, seq: u64, ack: u64, command: Command) -> Applied {
         let id = if session == 0 { 0 } else { self.id_of(session) };
         let command = match command {
-            Command::Withdraw { session, seq, release_grant } => Command::Withdraw {
+            Command::Withdraw {
+                session,
+                seq,
+                release_grant,
+            } => Command::Withdraw {
                 session: self.id_of(session),
                 seq,
                 release_grant,
@@ -60,7 +64,10 @@ impl Log {
     }
 
     fn client_of(&self, id: u64) -> u64 {
-        self.ids.iter().find(|(_, v)| **v == id).map_or(id, |(k, _)| *k)
+        self.ids
+            .iter()
+            .find(|(_, v)| **v == id)
+            .map_or(id, |(k, _)| *k)
     }
 
     fn new_term(&mut self) {
@@ -78,6 +85,15 @@ fn acquire(key: &str, client: &str, mode: Mode, wait_ms: u64) -> Command {
         ttl_ms: 10_000,
         wait_ms,
     })
+}
+
+/// A withdrawal of test client `client`'s call `seq` that also releases a raced grant.
+fn withdraw(client: u64, seq: u64) -> Command {
+    Command::Withdraw {
+        session: client,
+        seq,
+        release_grant: true,
+    }
 }
 
 fn release(key: &str, client: &str) -> Command {
@@ -102,11 +118,20 @@ fn token(r: &Reply) -> Option<u64> {
 fn a_retried_command_is_applied_once() {
     let mut l = Log::new();
     let first = l.call(7, 1, 1, acquire("A", "c1", Mode::X, 0));
-    assert_eq!(l.call(7, 2, 1, release("A", "c1")).reply, Some(Reply::Lock(LockReply::Released)));
+    assert_eq!(
+        l.call(7, 2, 1, release("A", "c1")).reply,
+        Some(Reply::Lock(LockReply::Released))
+    );
     // The same release again (a retry after a leader change) answers the same and does
     // not release a second time.
-    assert_eq!(l.call(7, 2, 1, release("A", "c1")).reply, Some(Reply::Lock(LockReply::Released)));
-    assert_eq!(l.call(7, 1, 1, acquire("A", "c1", Mode::X, 0)).reply, first.reply);
+    assert_eq!(
+        l.call(7, 2, 1, release("A", "c1")).reply,
+        Some(Reply::Lock(LockReply::Released))
+    );
+    assert_eq!(
+        l.call(7, 1, 1, acquire("A", "c1", Mode::X, 0)).reply,
+        first.reply
+    );
     assert!(l.s.locks().view("A").holders.is_empty());
 }
 
@@ -169,9 +194,15 @@ fn a_wait_completes_the_call_that_waited() {
         panic!("one completion: {done:?}")
     };
     assert_eq!(c.call, (1, 2));
-    assert!(matches!(c.reply, Reply::Lock(LockReply::Granted { mode: Mode::X, .. })));
+    assert!(matches!(
+        c.reply,
+        Reply::Lock(LockReply::Granted { mode: Mode::X, .. })
+    ));
     // A retry of the waiting call now answers the grant.
-    assert_eq!(l.call(1, 2, 2, acquire("U", "c1", Mode::X, 1_500)).reply, Some(c.reply.clone()));
+    assert_eq!(
+        l.call(1, 2, 2, acquire("U", "c1", Mode::X, 1_500)).reply,
+        Some(c.reply.clone())
+    );
 }
 
 #[test]
@@ -179,26 +210,41 @@ fn a_withdrawal_cancels_the_wait_or_releases_the_grant_that_raced_it() {
     let mut l = Log::new();
     l.call(1, 1, 1, acquire("A", "h", Mode::X, 0));
     l.call(2, 1, 1, acquire("A", "w", Mode::X, 5_000));
-    let w = l.call(0, 0, 0, Command::Withdraw { session: 2, seq: 1, release_grant: true });
-    assert_eq!(w.completions, vec![Completion { call: (2, 1), reply: Reply::Withdrawn }]);
+    let w = l.call(0, 0, 0, withdraw(2, 1));
+    assert_eq!(
+        w.completions,
+        vec![Completion {
+            call: (2, 1),
+            reply: Reply::Withdrawn
+        }]
+    );
     assert!(l.s.locks().view("A").waiters.is_empty());
-    assert_eq!(reply(&l.call(2, 1, 1, acquire("A", "w", Mode::X, 5_000))), &Reply::Withdrawn);
+    assert_eq!(
+        reply(&l.call(2, 1, 1, acquire("A", "w", Mode::X, 5_000))),
+        &Reply::Withdrawn
+    );
     // The grant races the withdrawal: granted first, withdrawn after.
     l.call(3, 1, 1, acquire("A", "g", Mode::X, 5_000));
     let granted = l.call(1, 2, 2, release("A", "h"));
     let t = token(&granted.completions[0].reply).expect("granted to g");
     // A retry of the same client id, under a new call, holds the key later...
-    l.call(0, 0, 0, Command::Withdraw { session: 3, seq: 1, release_grant: true });
-    assert!(l.s.locks().view("A").holders.is_empty(), "raced grant released");
+    l.call(0, 0, 0, withdraw(3, 1));
+    assert!(
+        l.s.locks().view("A").holders.is_empty(),
+        "raced grant released"
+    );
     let later = l.call(3, 2, 2, acquire("A", "g", Mode::X, 0));
     assert!(token(reply(&later)).is_some_and(|n| n > t));
     // ... and a repeated withdrawal of the old call never touches it.
-    l.call(0, 0, 0, Command::Withdraw { session: 3, seq: 1, release_grant: true });
+    l.call(0, 0, 0, withdraw(3, 1));
     assert_eq!(l.s.locks().view("A").holders.len(), 1);
     // A withdrawal that overtakes its call: the call is never applied.
     l.id_of(9);
-    l.call(0, 0, 0, Command::Withdraw { session: 9, seq: 1, release_grant: true });
-    assert_eq!(reply(&l.call(9, 1, 1, acquire("B", "z", Mode::X, 0))), &Reply::Withdrawn);
+    l.call(0, 0, 0, withdraw(9, 1));
+    assert_eq!(
+        reply(&l.call(9, 1, 1, acquire("B", "z", Mode::X, 0))),
+        &Reply::Withdrawn
+    );
     assert!(l.s.locks().view("B").holders.is_empty());
 }
 
@@ -208,16 +254,38 @@ fn a_soft_withdrawal_leaves_a_grant_a_retry_may_have_reported() {
     l.call(1, 1, 1, acquire("A", "h", Mode::X, 0));
     l.call(2, 1, 1, acquire("A", "w", Mode::X, 5_000));
     l.call(1, 2, 2, release("A", "h"));
-    let soft = Command::Withdraw { session: 2, seq: 1, release_grant: false };
+    let soft = Command::Withdraw {
+        session: 2,
+        seq: 1,
+        release_grant: false,
+    };
     l.call(0, 0, 0, soft.clone());
     assert_eq!(l.s.locks().view("A").holders[0].client, "w");
     // Still queued: a soft withdrawal does withdraw it.
     l.call(3, 1, 1, acquire("A", "q", Mode::X, 5_000));
-    l.call(0, 0, 0, Command::Withdraw { session: 3, seq: 1, release_grant: false });
+    l.call(
+        0,
+        0,
+        0,
+        Command::Withdraw {
+            session: 3,
+            seq: 1,
+            release_grant: false,
+        },
+    );
     assert!(l.s.locks().view("A").waiters.is_empty());
     // And it never leaves a tombstone for a call that has not arrived.
     l.id_of(4);
-    l.call(0, 0, 0, Command::Withdraw { session: 4, seq: 1, release_grant: false });
+    l.call(
+        0,
+        0,
+        0,
+        Command::Withdraw {
+            session: 4,
+            seq: 1,
+            release_grant: false,
+        },
+    );
     assert!(token(reply(&l.call(4, 1, 1, acquire("B", "z", Mode::X, 0)))).is_some());
 }
 
@@ -240,7 +308,13 @@ fn lock_time_runs_on_the_leaders_office_time_and_failovers_only_lengthen() {
     let mut e = Envelope::new(id, 1, 1, acquire("A", "c1", Mode::X, 0));
     e.elapsed_ms = 5_000;
     let granted = l.entry(e);
-    assert!(matches!(reply(&granted), Reply::Lock(LockReply::Granted { expires_ms: 15_000, .. })));
+    assert!(matches!(
+        reply(&granted),
+        Reply::Lock(LockReply::Granted {
+            expires_ms: 15_000,
+            ..
+        })
+    ));
     assert_eq!(l.s.clock().now_ms, 5_000);
     // A new leader: its office time starts at 0, on top of the committed 5,000.
     l.new_term();
@@ -248,14 +322,21 @@ fn lock_time_runs_on_the_leaders_office_time_and_failovers_only_lengthen() {
     tick.elapsed_ms = 9_999;
     l.entry(tick.clone());
     assert_eq!(l.s.clock().now_ms, 14_999);
-    assert_eq!(l.s.locks().view("A").holders.len(), 1, "lease not shortened");
+    assert_eq!(
+        l.s.locks().view("A").holders.len(),
+        1,
+        "lease not shortened"
+    );
     // An entry stamped earlier within the term never moves time back.
     tick.elapsed_ms = 100;
     l.entry(tick.clone());
     assert_eq!(l.s.clock().now_ms, 14_999);
     tick.elapsed_ms = 10_000;
     l.entry(tick);
-    assert!(l.s.locks().view("A").holders.is_empty(), "expired at 15,000");
+    assert!(
+        l.s.locks().view("A").holders.is_empty(),
+        "expired at 15,000"
+    );
 }
 
 #[test]

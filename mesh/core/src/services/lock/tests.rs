@@ -115,10 +115,19 @@ fn sole_shared_holder_upgrades_others_must_wait() {
 fn waiters_are_served_fifo_without_barging() {
     let mut t = Table::new();
     t.acquire("A", "holder", Mode::S, 0);
-    assert!(matches!(t.acquire("A", "w1", Mode::X, 5_000), LockReply::Queued { .. }));
+    assert!(matches!(
+        t.acquire("A", "w1", Mode::X, 5_000),
+        LockReply::Queued { .. }
+    ));
     // A later S request is compatible with the S holder but must not pass the waiting X.
-    assert!(matches!(t.acquire("A", "w2", Mode::S, 5_000), LockReply::Queued { .. }));
-    assert!(matches!(t.acquire("A", "w3", Mode::S, 5_000), LockReply::Queued { .. }));
+    assert!(matches!(
+        t.acquire("A", "w2", Mode::S, 5_000),
+        LockReply::Queued { .. }
+    ));
+    assert!(matches!(
+        t.acquire("A", "w3", Mode::S, 5_000),
+        LockReply::Queued { .. }
+    ));
     let (_, events) = t.release("A", "holder");
     assert_eq!(granted_clients(&events), vec!["w1"]);
     let (_, events) = t.release("A", "w1");
@@ -162,7 +171,10 @@ fn fencing_tokens_increase_strictly_per_key() {
 fn waits_time_out_by_leader_time() {
     let mut t = Table::new();
     t.acquire("A", "c1", Mode::X, 0);
-    assert!(matches!(t.acquire("A", "c2", Mode::X, 500), LockReply::Queued { .. }));
+    assert!(matches!(
+        t.acquire("A", "c2", Mode::X, 500),
+        LockReply::Queued { .. }
+    ));
     assert!(t.tick(499).is_empty());
     let events = t.tick(1);
     assert!(
@@ -235,7 +247,10 @@ fn two_client_deadlock_is_refused_naming_the_cycle() {
     let mut t = Table::new();
     t.acquire("A", "c1", Mode::X, 0);
     t.acquire("B", "c2", Mode::X, 0);
-    assert!(matches!(t.acquire("B", "c1", Mode::X, 5_000), LockReply::Queued { .. }));
+    assert!(matches!(
+        t.acquire("B", "c1", Mode::X, 5_000),
+        LockReply::Queued { .. }
+    ));
     match t.acquire("A", "c2", Mode::X, 5_000) {
         LockReply::Deadlock { cycle } => assert_eq!(cycle, vec!["c2", "c1", "c2"]),
         other => panic!("expected deadlock, got {other:?}"),
@@ -253,8 +268,14 @@ fn three_client_deadlock_is_refused_naming_the_cycle() {
     for (key, client) in [("A", "c1"), ("B", "c2"), ("C", "c3")] {
         t.acquire(key, client, Mode::X, 0);
     }
-    assert!(matches!(t.acquire("B", "c1", Mode::X, 5_000), LockReply::Queued { .. }));
-    assert!(matches!(t.acquire("C", "c2", Mode::X, 5_000), LockReply::Queued { .. }));
+    assert!(matches!(
+        t.acquire("B", "c1", Mode::X, 5_000),
+        LockReply::Queued { .. }
+    ));
+    assert!(matches!(
+        t.acquire("C", "c2", Mode::X, 5_000),
+        LockReply::Queued { .. }
+    ));
     match t.acquire("A", "c3", Mode::X, 5_000) {
         LockReply::Deadlock { cycle } => assert_eq!(cycle, vec!["c3", "c1", "c2", "c3"]),
         other => panic!("expected deadlock, got {other:?}"),
@@ -266,7 +287,10 @@ fn shared_upgrades_by_two_holders_deadlock() {
     let mut t = Table::new();
     t.acquire("A", "c1", Mode::S, 0);
     t.acquire("A", "c2", Mode::S, 0);
-    assert!(matches!(t.acquire("A", "c1", Mode::X, 5_000), LockReply::Queued { .. }));
+    assert!(matches!(
+        t.acquire("A", "c1", Mode::X, 5_000),
+        LockReply::Queued { .. }
+    ));
     assert!(matches!(
         t.acquire("A", "c2", Mode::X, 5_000),
         LockReply::Deadlock { .. }
@@ -383,9 +407,15 @@ fn naive_deadlock(t: &LockTable, key: &str, client: &str, mode: Mode) -> bool {
 fn compatible_waiters_do_not_wait_for_each_other() {
     let mut t = Table::new();
     t.acquire("K", "H", Mode::X, 0);
-    assert!(matches!(t.acquire("K", "A", Mode::S, 5_000), LockReply::Queued { .. }));
+    assert!(matches!(
+        t.acquire("K", "A", Mode::S, 5_000),
+        LockReply::Queued { .. }
+    ));
     t.acquire("M", "B", Mode::X, 0);
-    assert!(matches!(t.acquire("K", "B", Mode::S, 5_000), LockReply::Queued { .. }));
+    assert!(matches!(
+        t.acquire("K", "B", Mode::S, 5_000),
+        LockReply::Queued { .. }
+    ));
     assert!(!naive_deadlock(&t.t, "M", "A", Mode::X));
     let r = t.acquire("M", "A", Mode::X, 5_000);
     assert!(matches!(r, LockReply::Queued { .. }), "{r:?}");
@@ -399,7 +429,10 @@ fn compatible_waiters_do_not_wait_for_each_other() {
     t.acquire("M", "B", Mode::X, 0);
     t.acquire("K", "A", Mode::S, 5_000);
     t.acquire("K", "B", Mode::X, 5_000);
-    assert!(matches!(t.acquire("M", "A", Mode::X, 5_000), LockReply::Deadlock { .. }));
+    assert!(matches!(
+        t.acquire("M", "A", Mode::X, 5_000),
+        LockReply::Deadlock { .. }
+    ));
 }
 
 #[test]
@@ -409,10 +442,17 @@ fn a_withdrawn_wait_lets_the_next_go_and_a_raced_grant_is_released_by_token() {
     let LockReply::Queued { wait } = t.acquire("A", "x", Mode::X, 5_000) else {
         panic!("X waits behind S");
     };
-    assert!(matches!(t.acquire("A", "s", Mode::S, 5_000), LockReply::Queued { .. }));
+    assert!(matches!(
+        t.acquire("A", "s", Mode::S, 5_000),
+        LockReply::Queued { .. }
+    ));
     t.index += 1;
     let events = t.t.withdraw_wait(t.index, "A", wait).expect("was queued");
-    assert_eq!(granted_clients(&events), vec!["s"], "S behind the withdrawn X goes");
+    assert_eq!(
+        granted_clients(&events),
+        vec!["s"],
+        "S behind the withdrawn X goes"
+    );
     assert!(t.t.withdraw_wait(t.index, "A", wait).is_none());
     // A grant that raced its withdrawal is released; a later hold of the same client
     // under another token is not touched.
@@ -466,7 +506,8 @@ fn deadlock_search_agrees_with_the_naive_graph_search() {
                     .waiters
                     .iter()
                     .any(|w| w.client == client && w.mode == mode);
-            let expect = would_queue && !queued_already && naive_deadlock(&t.t, &key, &client, mode);
+            let expect =
+                would_queue && !queued_already && naive_deadlock(&t.t, &key, &client, mode);
             let reply = t.acquire(&key, &client, mode, 60_000);
             assert_eq!(
                 matches!(reply, LockReply::Deadlock { .. }),
