@@ -18,6 +18,10 @@ certs *args:
 sim seeds="20000" start="0":
     cargo run -p mesh-sim --release -- --seeds {{seeds}} --start-seed {{start}}
 
+# The simulator soak that CI runs after the tests: 2,000 seeds beyond cargo test's 300.
+soak seeds="2000":
+    cargo run -p mesh-sim --release -- --seeds {{seeds}} --start-seed 300
+
 # Replay one simulator seed step for step, printing every nemesis action.
 sim-repro seed:
     cargo run -p mesh-sim --release -- --replay {{seed}}

@@ -447,10 +447,16 @@ impl World {
         for n in &mut self.nodes {
             if let Some(node) = &n.node {
                 self.invariants.check_node(node.raft(), &mut n.marks)?;
-                node.services()
-                    .locks()
+                let locks = node.services().locks();
+                locks
                     .check()
                     .map_err(|e| format!("node {}: lock table: {e}", n.id))?;
+                if locks.audit_failures() > 0 {
+                    return Err(format!(
+                        "node {}: a deadlock decision disagrees with the reference search",
+                        n.id
+                    ));
+                }
             }
         }
         Ok(())

@@ -66,8 +66,9 @@ pub struct NodeConfig {
     pub wait_limit_ms: u64,
     /// Calls in flight at most; beyond it calls are refused (retryable).
     pub max_calls: usize,
-    /// Emit [`NodeEvent::Applied`] with a state digest after every entry (the simulator
-    /// compares replicas with it; costly, off in production).
+    /// Emit [`NodeEvent::Applied`] with a state digest after every entry, and check
+    /// every service decision that has a reference implementation against it (the
+    /// simulator's oracles; costly, off in production).
     pub trace_applies: bool,
 }
 
@@ -275,6 +276,7 @@ impl Node {
                 .restore(&s.data)
                 .map_err(|e| NodeInitError::Snapshot(e.to_string()))?;
         }
+        services.set_audit(cfg.trace_applies);
         let raft = Raft::new(cfg.raft.clone(), state)?;
         Ok(Self {
             raft,

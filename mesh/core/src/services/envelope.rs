@@ -374,6 +374,12 @@ impl Services {
         self.sessions.values().map(|s| s.calls.len()).sum()
     }
 
+    /// Check every deadlock decision against the reference search (the simulator's
+    /// oracle); see [`LockTable::set_audit`].
+    pub fn set_audit(&mut self, on: bool) {
+        self.locks.set_audit(on);
+    }
+
     /// Lock statistics.
     pub fn lock_stats(&self) -> &LockStats {
         self.locks.stats()

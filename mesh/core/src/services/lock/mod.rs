@@ -200,15 +200,17 @@ pub enum LockEvent {
 
 impl Hold {
     /// A grant at lock time `now`. An upgrade (the client held S) keeps at least the
-    /// lease its S hold had left: the holder counts on that one still.
+    /// lease its S hold had, both what is left of it and its length (what a renewal
+    /// extends by): the holder may not have heard of the upgrade, and counts on its S
+    /// hold still.
     fn granted(mode: Mode, token: u64, ttl_ms: u64, now: u64, upgrades: Option<&Self>) -> Self {
         let expires_ms = now.saturating_add(ttl_ms);
         Self {
             mode,
             token,
-            ttl_ms,
+            ttl_ms: upgrades.map_or(ttl_ms, |h| h.ttl_ms.max(ttl_ms)),
             expires_ms: upgrades.map_or(expires_ms, |h| h.expires_ms.max(expires_ms)),
-            upgraded_from: upgrades.map(|h| h.token),
+            upgraded_from: upgrades.map(|h| (h.token, h.ttl_ms)),
         }
     }
 }
@@ -219,9 +221,9 @@ struct Hold {
     token: u64,
     ttl_ms: u64,
     expires_ms: u64,
-    /// For an X hold that upgraded an S hold: that S hold's token, restored if the
-    /// upgrade is withdrawn.
-    upgraded_from: Option<u64>,
+    /// For an X hold that upgraded an S hold: that S hold's token and lease length,
+    /// restored if the upgrade is withdrawn.
+    upgraded_from: Option<(u64, u64)>,
 }
 
 /// A queued request.
@@ -314,6 +316,13 @@ pub struct LockTable {
     deadlines: BTreeSet<(u64, String)>,
     now_ms: u64,
     stats: LockStats,
+    /// Check every deadlock decision against [`LockTable::reference_cycle`] (the
+    /// simulator's oracle; costly, off in production). Not replicated state.
+    #[serde(skip)]
+    audit: bool,
+    /// Decisions the reference search disagreed with.
+    #[serde(skip)]
+    audit_failures: u64,
 }
 
 fn validate(key: &str, client: &str) -> Result<(), String> {
@@ -485,9 +494,10 @@ impl LockTable {
             return None;
         }
         let downgrade = state.holders.get_mut(client).and_then(|h| {
-            let token = h.upgraded_from.take()?;
+            let (token, ttl_ms) = h.upgraded_from.take()?;
             h.mode = Mode::S;
             h.token = token;
+            h.ttl_ms = ttl_ms;
             Some(())
         });
         if downgrade.is_none() {
@@ -531,7 +541,7 @@ impl LockTable {
                 mode,
                 expires_ms: hold.expires_ms,
                 expires_in_ms: hold.expires_ms - now,
-                ttl_ms,
+                ttl_ms: hold.ttl_ms,
             };
             state.holders.insert(client, hold.clone());
             self.deadlines.insert((hold.expires_ms, key));
@@ -545,7 +555,11 @@ impl LockTable {
         if state.waiters.len() >= MAX_WAITERS_PER_KEY {
             return LockReply::Busy;
         }
-        if let Some(cycle) = self.cycle_if_waiting(&key, &client, mode) {
+        let cycle = self.cycle_if_waiting(&key, &client, mode);
+        if self.audit && cycle.is_some() != self.reference_cycle(&key, &client, mode) {
+            self.audit_failures += 1;
+        }
+        if let Some(cycle) = cycle {
             self.stats.deadlocks += 1;
             self.drop_if_idle(&key);
             return LockReply::Deadlock { cycle };
@@ -564,6 +578,66 @@ impl LockTable {
         });
         self.deadlines.insert((deadline_ms, key));
         LockReply::Queued { wait: index }
+    }
+
+    /// Check every deadlock decision against the reference search from now on.
+    pub fn set_audit(&mut self, on: bool) {
+        self.audit = on;
+    }
+
+    /// Deadlock decisions the reference search disagreed with (with the audit on).
+    pub fn audit_failures(&self) -> u64 {
+        self.audit_failures
+    }
+
+    /// The reference for [`LockTable::cycle_if_waiting`]: build the whole wait-for graph
+    /// and search it. A waiter waits for the holders whose mode it cannot share and for
+    /// the waiters ahead of it that it cannot be granted together with.
+    pub fn reference_cycle(&self, key: &str, client: &str, mode: Mode) -> bool {
+        let mut edges: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for st in self.keys.values() {
+            for (i, w) in st.waiters.iter().enumerate() {
+                let holders = st
+                    .holders
+                    .iter()
+                    .filter(|(_, h)| blocks(w.mode, h.mode))
+                    .map(|(c, _)| c.as_str());
+                let ahead = st.waiters.iter().take(i);
+                let ahead = ahead
+                    .filter(|a| blocks(w.mode, a.mode))
+                    .map(|a| a.client.as_str());
+                let out = edges.entry(w.client.as_str()).or_default();
+                out.extend(holders.chain(ahead).filter(|c| *c != w.client));
+            }
+        }
+        let Some(st) = self.keys.get(key) else {
+            return false;
+        };
+        let first = st
+            .holders
+            .iter()
+            .filter(|(_, h)| blocks(mode, h.mode))
+            .map(|(c, _)| c.as_str())
+            .chain(
+                st.waiters
+                    .iter()
+                    .filter(|w| blocks(mode, w.mode))
+                    .map(|w| w.client.as_str()),
+            )
+            .filter(|c| *c != client);
+        let mut stack: Vec<&str> = first.collect();
+        let mut seen: BTreeSet<&str> = stack.iter().copied().collect();
+        while let Some(n) = stack.pop() {
+            if n == client {
+                return true;
+            }
+            for &m in edges.get(n).into_iter().flatten() {
+                if seen.insert(m) {
+                    stack.push(m);
+                }
+            }
+        }
+        false
     }
 
     /// The answer to an acquire that `client` already holds (an idempotent re-acquire,
@@ -690,7 +764,7 @@ impl LockTable {
                 break;
             };
             let hold = Hold::granted(w.mode, index, w.ttl_ms, now, state.holders.get(&w.client));
-            let expires_ms = hold.expires_ms;
+            let (expires_ms, ttl_ms) = (hold.expires_ms, hold.ttl_ms);
             events.push(LockEvent::Granted {
                 wait: w.id,
                 key: key.to_string(),
@@ -699,7 +773,7 @@ impl LockTable {
                 mode: w.mode,
                 expires_ms,
                 expires_in_ms: expires_ms - now,
-                ttl_ms: w.ttl_ms,
+                ttl_ms,
             });
             self.stats.waits_granted += 1;
             state.holders.insert(w.client, hold);
