@@ -124,6 +124,7 @@ impl Cluster {
         deadline: Duration,
         hedge: Option<Duration>,
     ) -> Result<ClientResponse, CallError> {
+        let mut may_be_done = false;
         if let Some(local) = &self.local {
             let hint = self.mesh.leader_hint();
             if hint == 0 || hint == local.id {
@@ -131,7 +132,13 @@ impl Cluster {
                     Ok(ClientResponse::NotLeader { leader }) => {
                         self.mesh.set_leader_hint(leader.unwrap_or(0));
                     }
-                    Ok(ClientResponse::Error { retry: true, .. }) | Err(_) => {}
+                    Ok(ClientResponse::Error { retry: true, .. }) => {}
+                    // Not answered: the same call is retried at the leader (sessions make
+                    // that safe), and it may have been carried out meanwhile.
+                    Ok(ClientResponse::Unknown { .. }) | Err(_) => {
+                        may_be_done = matches!(request, ClientRequest::Propose(_));
+                        self.mesh.set_leader_hint(0);
+                    }
                     Ok(answer) => {
                         self.mesh.set_leader_hint(local.id);
                         return Ok(answer);
@@ -139,7 +146,10 @@ impl Cluster {
                 }
             }
         }
-        self.mesh.call_hedged(request, deadline, hedge).await
+        match self.mesh.call_hedged(request, deadline, hedge).await {
+            Err(CallError::Unavailable(why)) if may_be_done => Err(CallError::OutcomeUnknown(why)),
+            other => other,
+        }
     }
 
     /// One node's own view (`Status`), in-process when it is this process's node.

@@ -133,29 +133,41 @@ impl MeshClient {
     /// Ask every node at once (only the leader acts on the call; the others redirect):
     /// the first answer wins. Used while the leader is unknown.
     async fn attempt_all(&self, req: &ClientRequest) -> Attempt {
+        let (outcome, maybe) = self.attempt_all_inner(req).await;
+        match outcome {
+            // A node that may have carried the call out makes the whole round uncertain,
+            // whatever the others said.
+            Attempt::Redirect(_) if maybe => Attempt::Failed("a node lost the call".into(), true),
+            other => other,
+        }
+    }
+
+    async fn attempt_all_inner(&self, req: &ClientRequest) -> (Attempt, bool) {
         let mut calls = tokio::task::JoinSet::new();
         for &node in self.inner.nodes.keys() {
             let (client, req) = (self.clone(), req.clone());
             calls.spawn(async move { (node, client.attempt(node, &req).await) });
         }
         let mut outcome = Attempt::Failed("no node answered".into(), false);
+        let mut maybe = false;
         while let Some(joined) = calls.join_next().await {
             let Ok((node, attempt)) = joined else {
                 continue;
             };
+            maybe |= matches!(attempt, Attempt::Failed(_, true));
             match attempt {
                 Attempt::Answer(r) => {
                     self.inner
                         .leader
                         .store(node, std::sync::atomic::Ordering::Relaxed);
-                    return Attempt::Answer(r);
+                    return (Attempt::Answer(r), maybe);
                 }
                 Attempt::Redirect(Some(l)) => outcome = Attempt::Redirect(Some(l)),
                 other if matches!(outcome, Attempt::Failed(..)) => outcome = other,
                 _ => {}
             }
         }
-        outcome
+        (outcome, maybe)
     }
 
     /// The node believed to lead (0: unknown).
@@ -194,21 +206,30 @@ impl MeshClient {
         let mut may_be_done = false;
         while start.elapsed() < deadline {
             let hint = self.inner.leader.load(std::sync::atomic::Ordering::Relaxed);
-            let attempt = if !self.inner.nodes.contains_key(&hint) {
-                self.attempt_all(req).await
-            } else if let Some(after) = hedge {
-                let primary = self.attempt(hint, req);
-                tokio::pin!(primary);
-                tokio::select! {
-                    a = &mut primary => a,
-                    () = tokio::time::sleep(after) => tokio::select! {
+            // No attempt outlives the caller's deadline (a deposed leader may hold a
+            // call until its own timeout).
+            let remaining = deadline.saturating_sub(start.elapsed());
+            let round = async {
+                if !self.inner.nodes.contains_key(&hint) {
+                    self.attempt_all(req).await
+                } else if let Some(after) = hedge {
+                    let primary = self.attempt(hint, req);
+                    tokio::pin!(primary);
+                    tokio::select! {
                         a = &mut primary => a,
-                        a = self.attempt_all(req) => a,
-                    },
+                        () = tokio::time::sleep(after) => tokio::select! {
+                            a = &mut primary => a,
+                            a = self.attempt_all(req) => a,
+                        },
+                    }
+                } else {
+                    self.attempt(hint, req).await
                 }
-            } else {
-                self.attempt(hint, req).await
             };
+            let proposes = matches!(req, ClientRequest::Propose(_));
+            let attempt = tokio::time::timeout(remaining, round)
+                .await
+                .unwrap_or_else(|_| Attempt::Failed("deadline passed".into(), proposes));
             match attempt {
                 Attempt::Answer(r) => return Ok(r),
                 Attempt::Redirect(Some(leader)) => {

@@ -57,26 +57,49 @@ struct Slot {
 /// Calls with sessions, over a [`Cluster`]. Cheap to share.
 pub struct Caller {
     cluster: Cluster,
-    free: Mutex<Vec<Slot>>,
+    free: Arc<Mutex<Vec<Slot>>>,
     permits: Arc<Semaphore>,
 }
 
-/// Withdraws its call when dropped while armed (the caller gave up on it).
-struct WithdrawGuard {
+/// A slot in use. When the call ends it goes back to the free list; if its caller gave
+/// up on it (the future was dropped, or the outcome is unknown), the call is withdrawn
+/// through the log first, and only then is the slot reused: its next call would
+/// acknowledge the abandoned one, and the withdrawal of an acknowledged call is ignored.
+struct SlotGuard {
     cluster: Cluster,
-    call: Option<(u64, u64)>,
+    free: Arc<Mutex<Vec<Slot>>>,
+    slot: Slot,
+    /// The session call to withdraw when the guard drops.
+    withdraw: Option<(u64, u64)>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-impl Drop for WithdrawGuard {
+fn give_back(free: &Mutex<Vec<Slot>>, mut slot: Slot) {
+    if slot.session.is_some() {
+        slot.last_used = Instant::now();
+        free.lock().unwrap_or_else(|p| p.into_inner()).push(slot);
+    }
+}
+
+impl Drop for SlotGuard {
     fn drop(&mut self) {
-        let Some((session, seq)) = self.call.take() else {
+        let Some((session, seq)) = self.withdraw.take() else {
+            give_back(&self.free, self.slot);
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to withdraw with: the slot's session is abandoned, never
+            // acknowledged past the call (the cluster forgets it when idle).
             return;
         };
-        let cluster = self.cluster.clone();
+        let (cluster, free, slot, permit) = (
+            self.cluster.clone(),
+            self.free.clone(),
+            self.slot,
+            self.permit.take(),
+        );
         runtime.spawn(async move {
+            let _permit = permit;
             let command = Command::Withdraw {
                 session,
                 seq,
@@ -88,8 +111,15 @@ impl Drop for WithdrawGuard {
             };
             let request = ClientRequest::Propose(bytes);
             match cluster.call(&request, WITHDRAW_DEADLINE, Some(HEDGE)).await {
-                Ok(_) => tracing::debug!(session, seq, "withdrew an abandoned call"),
-                Err(e) => tracing::warn!(session, seq, "could not withdraw an abandoned call: {e}"),
+                Ok(ClientResponse::Applied { .. }) => {
+                    tracing::debug!(session, seq, "withdrew an abandoned call");
+                    give_back(&free, slot);
+                }
+                other => tracing::warn!(
+                    session,
+                    seq,
+                    "could not withdraw an abandoned call ({other:?}); its session is retired"
+                ),
             }
         });
     }
@@ -124,7 +154,7 @@ impl Caller {
     pub fn new(cluster: Cluster, max_in_flight: usize) -> Self {
         Self {
             cluster,
-            free: Mutex::new(Vec::new()),
+            free: Arc::new(Mutex::new(Vec::new())),
             permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
         }
     }
@@ -134,7 +164,7 @@ impl Caller {
         &self.cluster
     }
 
-    /// Sessions this caller has opened and keeps.
+    /// Sessions this caller keeps open and idle.
     pub fn sessions(&self) -> usize {
         self.free.lock().map_or(0, |f| f.len())
     }
@@ -146,13 +176,6 @@ impl Caller {
             next_seq: 1,
             last_used: Instant::now(),
         })
-    }
-
-    fn give_back(&self, slot: Slot) {
-        if slot.session.is_some() {
-            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-            free.push(slot);
-        }
     }
 
     async fn open_session(&self, deadline: Duration) -> Result<u64, CallError> {
@@ -170,63 +193,63 @@ impl Caller {
 
     /// Replicate `command` and answer what the service replied.
     pub async fn propose(&self, command: Command, opts: CallOptions) -> Result<Outcome, CallError> {
-        let _permit = self
+        let permit = self
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| CallError::Setup("caller closed".into()))?;
-        let mut slot = self.take_slot();
-        let result = self.propose_in(&mut slot, command, opts).await;
-        slot.last_used = Instant::now();
-        self.give_back(slot);
-        result
+        let mut guard = SlotGuard {
+            cluster: self.cluster.clone(),
+            free: self.free.clone(),
+            slot: self.take_slot(),
+            withdraw: None,
+            permit: Some(permit),
+        };
+        self.propose_in(&mut guard, command, opts).await
     }
 
     async fn propose_in(
         &self,
-        slot: &mut Slot,
+        guard: &mut SlotGuard,
         command: Command,
         opts: CallOptions,
     ) -> Result<Outcome, CallError> {
-        for _ in 0..2 {
-            let session = match slot.session {
-                Some(s) if slot.last_used.elapsed() < SLOT_IDLE => s,
-                _ => {
-                    let s = self.open_session(opts.deadline).await?;
-                    *slot = Slot {
-                        session: Some(s),
-                        next_seq: 1,
-                        last_used: Instant::now(),
-                    };
-                    s
-                }
+        let slot = &mut guard.slot;
+        let fresh = !matches!(slot.session, Some(_) if slot.last_used.elapsed() < SLOT_IDLE);
+        if fresh {
+            let session = self.open_session(opts.deadline).await?;
+            *slot = Slot {
+                session: Some(session),
+                next_seq: 1,
+                last_used: Instant::now(),
             };
-            let seq = slot.next_seq;
-            slot.next_seq += 1;
-            let e = Envelope::new(session, seq, seq, command.clone());
-            let bytes = postcard::to_stdvec(&e).map_err(|e| CallError::Setup(e.to_string()))?;
-            let mut guard = WithdrawGuard {
-                cluster: self.cluster.clone(),
-                call: opts.withdraw_if_abandoned.then_some((session, seq)),
-            };
-            let hedge = opts.prompt.then_some(HEDGE);
-            let request = ClientRequest::Propose(bytes);
-            let answer = self.cluster.call(&request, opts.deadline, hedge).await;
-            if !matches!(answer, Err(CallError::OutcomeUnknown(_))) {
-                // Answered, or never carried out: nothing to withdraw.
-                guard.call = None;
-            }
-            let outcome = applied(answer?)?;
-            if let Reply::Session(SessionRefusal::Unknown { .. }) = outcome.reply {
-                // The cluster forgot the session (it refused the call, did not run it).
-                slot.session = None;
-                continue;
-            }
-            return Ok(outcome);
         }
-        Err(CallError::Unavailable(
-            "the cluster keeps forgetting sessions".into(),
-        ))
+        let Some(session) = slot.session else {
+            return Err(CallError::Setup("no session".into()));
+        };
+        let seq = slot.next_seq;
+        slot.next_seq += 1;
+        let e = Envelope::new(session, seq, seq, command);
+        let bytes = postcard::to_stdvec(&e).map_err(|e| CallError::Setup(e.to_string()))?;
+        guard.withdraw = opts.withdraw_if_abandoned.then_some((session, seq));
+        let hedge = opts.prompt.then_some(HEDGE);
+        let request = ClientRequest::Propose(bytes);
+        let answer = self.cluster.call(&request, opts.deadline, hedge).await;
+        if !matches!(answer, Err(CallError::OutcomeUnknown(_))) {
+            // Answered, or never carried out: nothing to withdraw.
+            guard.withdraw = None;
+        }
+        let outcome = applied(answer?)?;
+        if let Reply::Session(SessionRefusal::Unknown { .. }) = outcome.reply {
+            // The cluster forgot the session: the call was not run now, but an earlier
+            // attempt of it may have run before the session was forgotten.
+            guard.slot.session = None;
+            return Err(CallError::OutcomeUnknown(
+                "the cluster forgot this caller's session".into(),
+            ));
+        }
+        Ok(outcome)
     }
 
     /// A linearizable read.

@@ -90,12 +90,17 @@ struct Current {
     history: Option<usize>,
     attempt: u64,
     first_sent: u64,
+    /// For a release: the hold it gives up, which ends when the release is sent.
+    releasing: Option<Held>,
     /// Attempts in flight: (node, call).
     live: Vec<(NodeId, CallId)>,
 }
 
+/// The locks each application (a lock client id) holds, as it was told.
+pub(crate) type AppHolds = BTreeMap<u64, BTreeMap<u64, Held>>;
+
 #[derive(Clone, Copy, Debug)]
-struct Held {
+pub(crate) struct Held {
     mode: Mode,
     token: u64,
     ttl_ms: u64,
@@ -106,23 +111,26 @@ struct Held {
 /// One simulated caller.
 pub(crate) struct Client {
     id: u64,
+    /// The application this caller slot works for: its lock client id. With shared ids,
+    /// two slots serve one application, which then has two calls in flight at once
+    /// (waiting for one lock while asking for another).
+    app: u64,
     target: NodeId,
     seq: u64,
     /// The session the cluster assigned (opened by the first call).
     session: Option<u64>,
     current: Option<Current>,
-    held: BTreeMap<u64, Held>,
 }
 
 impl Client {
-    pub(crate) fn new(id: u64, target: NodeId) -> Self {
+    pub(crate) fn new(id: u64, app: u64, target: NodeId) -> Self {
         Self {
             id,
+            app,
             target,
             seq: 0,
             session: None,
             current: None,
-            held: BTreeMap::new(),
         }
     }
 
@@ -131,8 +139,17 @@ impl Client {
     }
 }
 
-fn lock_client(id: u64) -> String {
-    format!("c{id}")
+fn lock_client(app: u64) -> String {
+    format!("c{app}")
+}
+
+impl Op {
+    fn lock_key(&self) -> Option<u64> {
+        match self {
+            Self::Acquire { key, .. } | Self::Release { key } => Some(*key),
+            _ => None,
+        }
+    }
 }
 
 fn lock_key(key: u64) -> String {
@@ -228,9 +245,20 @@ impl World {
             history,
             attempt: 0,
             first_sent: self.now,
+            releasing: None,
             live: Vec::new(),
         });
         let seq = c.seq;
+        if let Op::Release { key } = op {
+            // The hold ends, as the application sees it, when it sends the release.
+            if let Some(h) = self.holds_of(client).remove(&key) {
+                let now = self.now;
+                self.close_hold(client, key, h, now);
+                if let Some(cur) = self.clients[client as usize].current.as_mut() {
+                    cur.releasing = Some(h);
+                }
+            }
+        }
         if op.wait_ms() > 0 && self.rng.chance(self.params.give_up) {
             let after = self.rng.range(1, op.wait_ms());
             self.schedule(after, Event::Client(ClientEvent::GiveUp { client, seq }));
@@ -238,8 +266,34 @@ impl World {
         self.send_attempt(client);
     }
 
+    /// The holds of the application `client` works for.
+    fn holds_of(&mut self, client: u64) -> &mut BTreeMap<u64, Held> {
+        let app = self.clients[client as usize].app;
+        self.app_holds.entry(app).or_default()
+    }
+
+    /// Keys another slot of `client`'s application has a call in flight on.
+    fn busy_keys(&self, client: u64) -> Vec<u64> {
+        let app = self.clients[client as usize].app;
+        self.clients
+            .iter()
+            .filter(|c| c.app == app && c.id != client)
+            .filter_map(|c| c.current.as_ref().and_then(|cur| cur.op.lock_key()))
+            .collect()
+    }
+
     fn pick_lock_op(&mut self, client: u64) -> Op {
-        let held: Vec<u64> = self.clients[client as usize].held.keys().copied().collect();
+        let op = self.pick_lock_op_any(client);
+        // One call per application and key at a time: an application that releases a
+        // key while asking for it again cannot know what it holds.
+        match op.lock_key() {
+            Some(k) if self.busy_keys(client).contains(&k) => Op::Renew,
+            _ => op,
+        }
+    }
+
+    fn pick_lock_op_any(&mut self, client: u64) -> Op {
+        let held: Vec<u64> = self.holds_of(client).keys().copied().collect();
         if !held.is_empty() && self.rng.chance(0.35) {
             return Op::Release {
                 key: self.rng.pick(&held),
@@ -252,8 +306,8 @@ impl World {
         if self.rng.chance(0.05) {
             return Op::Release { key };
         }
-        let holds_s = self.clients[client as usize]
-            .held
+        let holds_s = self
+            .holds_of(client)
             .get(&key)
             .is_some_and(|h| h.mode == Mode::S);
         let mode = if (holds_s && self.rng.chance(0.5)) || self.rng.chance(0.5) {
@@ -300,17 +354,17 @@ impl World {
                 wait_ms,
             } => Command::Lock(LockCommand::Acquire {
                 key: lock_key(key),
-                client: lock_client(c.id),
+                client: lock_client(c.app),
                 mode,
                 ttl_ms,
                 wait_ms,
             }),
             Op::Release { key } => Command::Lock(LockCommand::Release {
                 key: lock_key(key),
-                client: lock_client(c.id),
+                client: lock_client(c.app),
             }),
             Op::Renew => Command::Lock(LockCommand::Renew {
-                client: lock_client(c.id),
+                client: lock_client(c.app),
             }),
         };
         // One call in flight per session: every call acknowledges all before it.
@@ -513,7 +567,7 @@ impl World {
                 // The lease left when the grant applied (an acquire of what one holds
                 // answers the same grant, not a fresh lease), counted from the send.
                 let lease_end = cur.first_sent + self.client_lease(expires_in_ms);
-                let held = &mut self.clients[client as usize].held;
+                let held = self.holds_of(client);
                 if held.get(&key).is_some_and(|h| h.token == token) {
                     return;
                 }
@@ -527,19 +581,15 @@ impl World {
                     start: now,
                     lease_end,
                 };
-                self.clients[client as usize].held.insert(key, h);
+                self.holds_of(client).insert(key, h);
             }
             (Op::Acquire { .. }, LockReply::Invalid(why)) => {
                 self.violation = Some(format!("client {client}: acquire invalid: {why}"));
             }
             (Op::Acquire { .. }, _) => {}
-            (Op::Release { key }, LockReply::Released) => {
-                if let Some(old) = self.clients[client as usize].held.remove(&key) {
-                    self.close_hold(client, key, old, cur.first_sent);
-                }
-            }
+            (Op::Release { .. }, LockReply::Released) => {}
             (Op::Release { key }, LockReply::NotHeld { .. }) => {
-                if let Some(old) = self.clients[client as usize].held.remove(&key) {
+                if let Some(old) = cur.releasing {
                     // The release applied before its answer came; if that was still
                     // inside the lease by the holder's clock, the lease ended early.
                     if old.lease_end > now {
@@ -548,19 +598,21 @@ impl World {
                             old.token, old.lease_end
                         ));
                     }
-                    self.close_hold(client, key, old, cur.first_sent);
                 }
             }
             (Op::Renew, LockReply::Renewed { .. }) => {
-                let lease = |ttl| cur.first_sent + self.client_lease(ttl);
-                let renewed: Vec<(u64, u64)> = self.clients[client as usize]
-                    .held
+                let live: Vec<(u64, u64)> = self
+                    .holds_of(client)
                     .iter()
                     .filter(|(_, h)| h.lease_end > now)
-                    .map(|(k, h)| (*k, lease(h.ttl_ms)))
+                    .map(|(k, h)| (*k, h.ttl_ms))
+                    .collect();
+                let renewed: Vec<(u64, u64)> = live
+                    .into_iter()
+                    .map(|(k, ttl)| (k, cur.first_sent + self.client_lease(ttl)))
                     .collect();
                 for (key, end) in renewed {
-                    if let Some(h) = self.clients[client as usize].held.get_mut(&key) {
+                    if let Some(h) = self.holds_of(client).get_mut(&key) {
                         h.lease_end = h.lease_end.max(end);
                     }
                 }
@@ -572,9 +624,10 @@ impl World {
     }
 
     fn close_hold(&mut self, client: u64, key: u64, h: Held, at: u64) {
+        let app = self.clients[client as usize].app;
         self.holds.push(HoldInterval {
             key,
-            client,
+            client: app,
             mode: h.mode,
             token: h.token,
             start: h.start,
@@ -585,14 +638,14 @@ impl World {
     /// Holds whose lease ran out by the client's clock end there.
     fn drop_lapsed_holds(&mut self, client: u64) {
         let now = self.now;
-        let lapsed: Vec<(u64, Held)> = self.clients[client as usize]
-            .held
+        let lapsed: Vec<(u64, Held)> = self
+            .holds_of(client)
             .iter()
             .filter(|(_, h)| h.lease_end <= now)
             .map(|(k, h)| (*k, *h))
             .collect();
         for (key, h) in lapsed {
-            self.clients[client as usize].held.remove(&key);
+            self.holds_of(client).remove(&key);
             self.close_hold(client, key, h, h.lease_end);
         }
     }
@@ -600,7 +653,7 @@ impl World {
     /// At the end of a run, every hold still open ends with its lease.
     pub(crate) fn finish_holds(&mut self) {
         for client in 0..self.clients.len() as u64 {
-            let held = std::mem::take(&mut self.clients[client as usize].held);
+            let held = std::mem::take(self.holds_of(client));
             for (key, h) in held {
                 self.close_hold(client, key, h, h.lease_end);
             }

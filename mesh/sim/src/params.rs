@@ -55,6 +55,8 @@ pub struct SimParams {
     pub hedge: f64,
     /// Probability that a waiting acquire's caller gives up before its wait ends.
     pub give_up: f64,
+    /// Two caller slots share one lock client id (an application with two threads).
+    pub shared_ids: bool,
 }
 
 impl SimParams {
@@ -98,6 +100,7 @@ impl SimParams {
             answer_loss: rng.pick(&[0.0, 0.02, 0.1]),
             hedge: rng.pick(&[0.0, 0.1, 0.3]),
             give_up: rng.pick(&[0.0, 0.1, 0.3]),
+            shared_ids: rng.chance(0.5),
         }
     }
 }

@@ -93,6 +93,9 @@ struct SimNode {
     disk: MemLog,
     incarnation: u64,
     pending: Option<Persist>,
+    /// Compactions ordered after the pending persist (the storage thread runs them in
+    /// order).
+    compactions: Vec<mesh_core::raft::Snapshot>,
     clock: SimClock,
     wake_generation: u64,
     marks: NodeMarks,
@@ -172,6 +175,8 @@ pub struct World {
     pub(crate) clock: u64,
     pub(crate) history: Vec<Operation>,
     pub(crate) holds: Vec<HoldInterval>,
+    /// What each application holds, as it was told.
+    pub(crate) app_holds: crate::client::AppHolds,
     /// A client saw an answer no correct cluster gives; reported at the next step.
     pub(crate) violation: Option<String>,
     invariants: Invariants,
@@ -201,6 +206,7 @@ impl World {
                 disk: MemLog::new(),
                 incarnation: 0,
                 pending: None,
+                compactions: Vec::new(),
                 clock: SimClock {
                     drift_ppm: rng.range(0, 2 * drift) as i64 - drift as i64,
                     wall_offset_ms: 0,
@@ -210,7 +216,10 @@ impl World {
             })
             .collect();
         let clients = (0..params.clients)
-            .map(|c| Client::new(c, 1 + c % params.nodes))
+            .map(|c| {
+                let app = if params.shared_ids { c / 2 } else { c };
+                Client::new(c, app, 1 + c % params.nodes)
+            })
             .collect();
         let mut world = Self {
             rng,
@@ -226,6 +235,7 @@ impl World {
             clock: 0,
             history: Vec::new(),
             holds: Vec::new(),
+            app_holds: BTreeMap::new(),
             violation: None,
             invariants: Invariants::default(),
             trace: Fnv::default(),
@@ -286,6 +296,7 @@ impl World {
         n.node = Some(node);
         n.incarnation += 1;
         n.pending = None;
+        n.compactions.clear();
         n.marks = NodeMarks {
             term,
             ..NodeMarks::default()
@@ -297,6 +308,7 @@ impl World {
         let n = &mut self.nodes[(id - 1) as usize];
         n.node = None;
         n.pending = None;
+        n.compactions.clear();
         n.incarnation += 1;
     }
 
@@ -559,6 +571,9 @@ impl World {
         n.disk
             .persist(p.snapshot.as_ref(), &p.entries, p.hard_state)
             .map_err(|e| format!("node {id}: {e}"))?;
+        for s in std::mem::take(&mut n.compactions) {
+            n.disk.compact(&s).map_err(|e| format!("node {id}: {e}"))?;
+        }
         let time = self.time_of(id);
         Ok(self
             .node_mut(id)
@@ -616,10 +631,14 @@ impl World {
                     n.snapshot_encoded(time, view.index, data);
                 }
             }
-            Action::Compact(s) => self.nodes[idx]
-                .disk
-                .compact(&s)
-                .map_err(|e| format!("node {id}: {e}"))?,
+            Action::Compact(s) => {
+                let n = &mut self.nodes[idx];
+                if n.pending.is_some() {
+                    n.compactions.push(s);
+                } else {
+                    n.disk.compact(&s).map_err(|e| format!("node {id}: {e}"))?;
+                }
+            }
             Action::WakeAt(mono) => {
                 let n = &mut self.nodes[idx];
                 n.wake_generation += 1;
@@ -644,10 +663,16 @@ impl World {
                 term,
                 digest,
             } => {
-                if let Some(n) = self.nodes[(id - 1) as usize].node.as_ref() {
-                    let c = n.services().clock();
-                    let mono = self.nodes[(id - 1) as usize].clock.mono(self.now);
-                    self.log(|| format!("n{id} applied {index}@t{term}: lock time {} (base {} of t{}), mono {mono}", c.now_ms, c.base_ms, c.term));
+                if self.verbose {
+                    if let Some(n) = self.nodes[(id - 1) as usize].node.as_ref() {
+                        let c = n.services().clock();
+                        self.log(|| {
+                            format!(
+                                "n{id} applied {index}@t{term}: lock time {} (base {} of t{})",
+                                c.now_ms, c.base_ms, c.term
+                            )
+                        });
+                    }
                 }
                 let entry = self.nodes[(id - 1) as usize]
                     .node

@@ -239,6 +239,15 @@ impl CallTable {
         ids
     }
 
+    /// Every waiting call, removed (the node stopped leading).
+    pub(super) fn waiting_all(&mut self) -> Vec<CallId> {
+        let ids: Vec<CallId> = self.waiting.values().flatten().copied().collect();
+        for id in &ids {
+            self.remove(*id);
+        }
+        ids
+    }
+
     /// The session calls waited for, with their calls.
     pub(super) fn waiting_refs(&self) -> Vec<(CallRef, Vec<CallId>)> {
         self.waiting

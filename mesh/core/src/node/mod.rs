@@ -736,6 +736,11 @@ impl Node {
                 for id in self.calls.reads() {
                     self.reply(id, refusal(ProposeError::NotLeader { leader }));
                 }
+                // Waiting calls learn their outcome at the new leader: a retry of the same
+                // session call finds it waiting there, or its final answer.
+                for id in self.calls.waiting_all() {
+                    self.reply(id, unknown("leadership changed while the call waited"));
+                }
             }
             None => {}
         }
@@ -790,7 +795,11 @@ impl Node {
             self.services.next_deadline_ms(),
             self.tick_proposed,
         ) {
-            wake = wake.min(self.now.mono_ms + deadline.saturating_sub(now));
+            // A deadline already passed means the Tick was refused (a transfer, or too
+            // many uncommitted bytes): try again at the next Raft tick, never spin.
+            if deadline > now {
+                wake = wake.min(self.now.mono_ms + (deadline - now));
+            }
         }
         if self.last_wake != Some(wake) {
             self.last_wake = Some(wake);

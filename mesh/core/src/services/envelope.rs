@@ -332,11 +332,14 @@ fn complete(
     reply: &Reply,
     out: &mut Vec<Completion>,
 ) {
+    let calls = waits.remove(&wait).unwrap_or_default();
+    // A grant heard by several calls (the same request made twice) belongs to none of
+    // them alone: withdrawing one of them must not release it.
     let token = match reply {
-        Reply::Lock(LockReply::Granted { token, .. }) => Some(*token),
+        Reply::Lock(LockReply::Granted { token, .. }) if calls.len() == 1 => Some(*token),
         _ => None,
     };
-    for call in waits.remove(&wait).unwrap_or_default() {
+    for call in calls {
         if let Some(kept) = sessions
             .get_mut(&call.0)
             .and_then(|s| s.calls.get_mut(&call.1))
@@ -666,14 +669,19 @@ impl Services {
         };
         let events = match previous {
             Reply::Lock(LockReply::Queued { wait }) => {
-                complete(
-                    &mut self.waits,
-                    &mut self.sessions,
-                    wait,
-                    &Reply::Withdrawn,
-                    completions,
-                );
-                self.locks.withdraw_wait(index, &key, wait)
+                // Only this call gives up; another call of the same request still waits.
+                completions.push(Completion {
+                    call: target,
+                    reply: Reply::Withdrawn,
+                });
+                let calls = self.waits.entry(wait).or_default();
+                calls.retain(|c| *c != target);
+                if calls.is_empty() {
+                    self.waits.remove(&wait);
+                    self.locks.withdraw_wait(index, &key, wait)
+                } else {
+                    None
+                }
             }
             Reply::Lock(LockReply::Granted { .. }) => match granted {
                 Some(token) => self.locks.withdraw_grant(index, &key, &client, token),

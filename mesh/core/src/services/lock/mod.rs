@@ -211,6 +211,7 @@ impl Hold {
             ttl_ms: upgrades.map_or(ttl_ms, |h| h.ttl_ms.max(ttl_ms)),
             expires_ms: upgrades.map_or(expires_ms, |h| h.expires_ms.max(expires_ms)),
             upgraded_from: upgrades.map(|h| (h.token, h.ttl_ms)),
+            reported_again: false,
         }
     }
 }
@@ -224,6 +225,10 @@ struct Hold {
     /// For an X hold that upgraded an S hold: that S hold's token and lease length,
     /// restored if the upgrade is withdrawn.
     upgraded_from: Option<(u64, u64)>,
+    /// This grant was also answered to a later call of the same client (an acquire of
+    /// what it holds): withdrawing the call it was made for must not release it.
+    #[serde(default)]
+    reported_again: bool,
 }
 
 /// A queued request.
@@ -490,7 +495,8 @@ impl LockTable {
         token: u64,
     ) -> Option<Vec<LockEvent>> {
         let state = self.keys.get_mut(key)?;
-        if state.holders.get(client).map(|h| h.token) != Some(token) {
+        let hold = state.holders.get(client)?;
+        if hold.token != token || hold.reported_again {
             return None;
         }
         let downgrade = state.holders.get_mut(client).and_then(|h| {
@@ -643,14 +649,16 @@ impl LockTable {
     /// The answer to an acquire that `client` already holds (an idempotent re-acquire,
     /// or S asked by an X holder: the same grant) or already waits for (another call of
     /// the same request).
-    fn already(&self, key: &str, client: &str, mode: Mode) -> Option<LockReply> {
-        let state = self.keys.get(key)?;
-        if let Some(hold) = state.holders.get(client).filter(|h| h.mode >= mode) {
+    fn already(&mut self, key: &str, client: &str, mode: Mode) -> Option<LockReply> {
+        let now_ms = self.now_ms;
+        let state = self.keys.get_mut(key)?;
+        if let Some(hold) = state.holders.get_mut(client).filter(|h| h.mode >= mode) {
+            hold.reported_again = true;
             return Some(LockReply::Granted {
                 token: hold.token,
                 mode: hold.mode,
                 expires_ms: hold.expires_ms,
-                expires_in_ms: hold.expires_ms.saturating_sub(self.now_ms),
+                expires_in_ms: hold.expires_ms.saturating_sub(now_ms),
                 ttl_ms: hold.ttl_ms,
             });
         }
@@ -763,6 +771,27 @@ impl LockTable {
             let Some(w) = state.waiters.pop_front() else {
                 break;
             };
+            if let Some(h) = state
+                .holders
+                .get_mut(&w.client)
+                .filter(|h| h.mode >= w.mode)
+            {
+                // It came to hold what it waited for by another call (an upgrade, or the
+                // same client's other request): the same grant answers it, and is never
+                // replaced by a weaker one.
+                h.reported_again = true;
+                events.push(LockEvent::Granted {
+                    wait: w.id,
+                    key: key.to_string(),
+                    client: w.client.clone(),
+                    token: h.token,
+                    mode: h.mode,
+                    expires_ms: h.expires_ms,
+                    expires_in_ms: h.expires_ms.saturating_sub(now),
+                    ttl_ms: h.ttl_ms,
+                });
+                continue;
+            }
             let hold = Hold::granted(w.mode, index, w.ttl_ms, now, state.holders.get(&w.client));
             let (expires_ms, ttl_ms) = (hold.expires_ms, hold.ttl_ms);
             events.push(LockEvent::Granted {
