@@ -208,7 +208,11 @@ impl World {
         }
         let op = if self.clients[client as usize].session.is_none() {
             Op::OpenSession
-        } else if self.params.locks && self.rng.chance(0.6) {
+        } else if self.params.locks
+            && self
+                .rng
+                .chance(if self.params.shared_ids { 0.85 } else { 0.6 })
+        {
             self.pick_lock_op(client)
         } else {
             let key = self.rng.range(0, self.params.keys - 1);
@@ -282,6 +286,18 @@ impl World {
             .collect()
     }
 
+    /// Whether another slot of `client`'s application waits for a key other than `key`.
+    fn app_waits_elsewhere(&self, client: u64, key: u64) -> bool {
+        let app = self.clients[client as usize].app;
+        self.clients.iter().any(|c| {
+            c.app == app
+                && c.id != client
+                && c.current.as_ref().is_some_and(|cur| {
+                    matches!(cur.op, Op::Acquire { key: k, wait_ms, .. } if k != key && wait_ms > 0)
+                })
+        })
+    }
+
     fn pick_lock_op(&mut self, client: u64) -> Op {
         let op = self.pick_lock_op_any(client);
         // One call per application and key at a time: an application that releases a
@@ -310,11 +326,29 @@ impl World {
             .holds_of(client)
             .get(&key)
             .is_some_and(|h| h.mode == Mode::S);
-        let mode = if (holds_s && self.rng.chance(0.5)) || self.rng.chance(0.5) {
+        let mut mode = if (holds_s && self.rng.chance(0.5)) || self.rng.chance(0.5) {
             Mode::X
         } else {
             Mode::S
         };
+        // Applications that hold one lock and wait for another, in both modes: the
+        // orders that make wait-for cycles, real ones and ones that only look like it.
+        let holds_x = self
+            .holds_of(client)
+            .iter()
+            .any(|(k, h)| *k != key && h.mode == Mode::X);
+        let other_waits = self.app_waits_elsewhere(client, key);
+        if self.params.shared_ids && (holds_x || other_waits) && self.rng.chance(0.9) {
+            mode = if other_waits { Mode::X } else { Mode::S };
+            let ttl_ms = self.rng.pick(&[2_000, 60_000]);
+            let wait_ms = self.rng.range(200, 600);
+            return Op::Acquire {
+                key,
+                mode,
+                ttl_ms,
+                wait_ms,
+            };
+        }
         let ttl_ms = self.rng.pick(&[30, 100, 400, 2_000, 60_000]);
         let wait_ms = if self.rng.chance(0.4) {
             0

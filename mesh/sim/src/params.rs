@@ -71,6 +71,7 @@ impl SimParams {
             nodes
         };
         let hostile = rng.chance(0.3);
+        let shared_ids = rng.chance(0.7);
         Self {
             nodes,
             initial_voters,
@@ -92,15 +93,23 @@ impl SimParams {
             max_entries_per_msg: rng.pick(&[1, 3, 64]),
             max_inflight: rng.pick(&[1, 4, 32]),
             snapshot_chunk_bytes: rng.pick(&[7, 64, 4096]),
-            clients: rng.range(2, 6),
-            keys: rng.range(1, 4),
-            locks: rng.chance(0.7),
+            clients: if shared_ids {
+                rng.range(4, 8)
+            } else {
+                rng.range(2, 6)
+            },
+            keys: if shared_ids {
+                rng.range(2, 3)
+            } else {
+                rng.range(1, 4)
+            },
+            locks: shared_ids || rng.chance(0.5),
             drift_ppm: rng.pick(&[0, 1_000, 10_000]),
             wall_steps: rng.chance(0.6),
             answer_loss: rng.pick(&[0.0, 0.02, 0.1]),
             hedge: rng.pick(&[0.0, 0.1, 0.3]),
             give_up: rng.pick(&[0.0, 0.1, 0.3]),
-            shared_ids: rng.chance(0.5),
+            shared_ids,
         }
     }
 }
