@@ -97,6 +97,7 @@ fn call_error(e: CallError) -> ApiError {
     match e {
         CallError::OutcomeUnknown(why) => ApiError::outcome_unknown(why),
         CallError::Unavailable(why) => ApiError::unavailable("no_leader", why),
+        CallError::Refused(why) => ApiError::bad_request("refused", why),
         CallError::Setup(why) => ApiError::internal(why),
     }
 }

@@ -37,6 +37,9 @@ pub enum CallError {
     /// have been carried out.
     #[error("the outcome is unknown: {0}")]
     OutcomeUnknown(String),
+    /// A node refused the call as invalid (malformed, or too large): not retried.
+    #[error("refused: {0}")]
+    Refused(String),
     /// The client could not be set up.
     #[error("client setup: {0}")]
     Setup(String),

@@ -141,6 +141,10 @@ fn applied(response: ClientResponse) -> Result<Outcome, CallError> {
                 wall_ms,
             })
         }
+        ClientResponse::Error {
+            message,
+            retry: false,
+        } => Err(CallError::Refused(message)),
         ClientResponse::Error { message, .. } => Err(CallError::Unavailable(message)),
         ClientResponse::Unknown { message } => Err(CallError::OutcomeUnknown(message)),
         other => Err(CallError::Unavailable(format!(

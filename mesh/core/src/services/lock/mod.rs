@@ -805,8 +805,34 @@ impl LockTable {
                 ttl_ms,
             });
             self.stats.waits_granted += 1;
-            state.holders.insert(w.client, hold);
+            let (held_mode, token) = (hold.mode, hold.token);
+            let client = w.client;
+            state.holders.insert(client.clone(), hold);
             self.deadlines.insert((expires_ms, key.to_string()));
+            // The same client's other requests for no more than it now holds are
+            // answered with this grant at once, wherever they wait in the queue.
+            let mut i = 0;
+            while i < state.waiters.len() {
+                if state.waiters[i].client == client && state.waiters[i].mode <= held_mode {
+                    if let Some(other) = state.waiters.remove(i) {
+                        events.push(LockEvent::Granted {
+                            wait: other.id,
+                            key: key.to_string(),
+                            client: client.clone(),
+                            token,
+                            mode: held_mode,
+                            expires_ms,
+                            expires_in_ms: expires_ms - now,
+                            ttl_ms,
+                        });
+                    }
+                    if let Some(h) = state.holders.get_mut(&client) {
+                        h.reported_again = true;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
         }
         self.drop_if_idle(key);
     }
