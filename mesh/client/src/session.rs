@@ -220,7 +220,7 @@ impl Caller {
         opts: CallOptions,
     ) -> Result<Outcome, CallError> {
         let slot = &mut guard.slot;
-        let fresh = !matches!(slot.session, Some(_) if slot.last_used.elapsed() < SLOT_IDLE);
+        let fresh = slot.session.is_none() || slot.last_used.elapsed() >= SLOT_IDLE;
         if fresh {
             let session = self.open_session(opts.deadline).await?;
             *slot = Slot {
