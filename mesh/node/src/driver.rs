@@ -214,6 +214,8 @@ impl Driver {
                 }
                 _ = sweep.tick() => {
                     self.sweep_cancelled();
+                    // Health and gauges every 50 ms, not on every message.
+                    self.publish();
                     self.metrics.set_services(&self.node.gauges());
                 }
                 Some(m) = raft_rx.recv() => {
@@ -243,7 +245,6 @@ impl Driver {
                 }
             }
             self.execute()?;
-            self.publish();
             if let Some(since) = stopping {
                 let leads = self.node.raft().role() == Role::Leader;
                 if !leads || since.elapsed() > Duration::from_secs(1) {

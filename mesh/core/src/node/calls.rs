@@ -64,6 +64,8 @@ pub(super) struct CallTable {
     proposals: BTreeMap<LogIndex, CallId>,
     waiting: BTreeMap<CallRef, BTreeSet<CallId>>,
     deadlines: BTreeSet<(u64, CallId)>,
+    /// Reads in flight (so serving them costs nothing when there are none).
+    reads_in_flight: usize,
 }
 
 impl CallTable {
@@ -96,7 +98,7 @@ impl CallTable {
                     }
                 }
             }
-            CallState::Reading { .. } => {}
+            CallState::Reading { .. } => self.reads_in_flight -= 1,
         }
         Some(call.state)
     }
@@ -130,6 +132,7 @@ impl CallTable {
 
     /// A read waiting for its index to be confirmed.
     pub(super) fn read(&mut self, id: CallId, query: Vec<u8>, started_ms: u64, deadline_ms: u64) {
+        self.reads_in_flight += 1;
         let call = Call {
             started_ms,
             deadline_ms,
@@ -153,6 +156,9 @@ impl CallTable {
 
     /// Reads that can be served with `applied` entries applied: removed, with their query.
     pub(super) fn reads_ready(&mut self, applied: LogIndex) -> Vec<(CallId, Vec<u8>)> {
+        if self.reads_in_flight == 0 {
+            return Vec::new();
+        }
         let ready: Vec<CallId> = self
             .calls
             .iter()
@@ -172,6 +178,9 @@ impl CallTable {
 
     /// Every read in flight, removed (the node stopped leading).
     pub(super) fn reads(&mut self) -> Vec<CallId> {
+        if self.reads_in_flight == 0 {
+            return Vec::new();
+        }
         let ids: Vec<CallId> = self
             .calls
             .iter()

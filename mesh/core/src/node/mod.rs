@@ -730,6 +730,7 @@ impl Node {
                 self.office = None;
                 self.tick_proposed = None;
                 let commit = self.raft.status().commit;
+                // (Only on losing leadership: status() copies the membership.)
                 for id in self.calls.proposed_after(commit) {
                     self.reply(id, unknown("leadership changed before the entry committed"));
                 }
@@ -774,7 +775,7 @@ impl Node {
     fn maybe_snapshot(&mut self) {
         let every = self.cfg.snapshot_every;
         let applied = self.services.applied();
-        if every == 0 || self.snapshotting || applied < self.raft.status().snapshot_index + every {
+        if every == 0 || self.snapshotting || applied < self.raft.snapshot_index() + every {
             return;
         }
         self.snapshotting = true;

@@ -426,6 +426,11 @@ impl Raft {
         self.snapshot.as_ref()
     }
 
+    /// Index of the latest snapshot (cheaper than [`Raft::status`]).
+    pub fn snapshot_index(&self) -> LogIndex {
+        self.log.snapshot.index
+    }
+
     /// Where the node stands.
     pub fn status(&self) -> Status {
         Status {
