@@ -219,18 +219,32 @@ impl Driver {
                     self.metrics.set_services(&self.node.gauges());
                 }
                 Some(m) = raft_rx.recv() => {
+                    self.node.begin_batch();
                     self.on_message(m);
                     for _ in 0..INPUT_BATCH {
                         let Ok(m) = raft_rx.try_recv() else { break };
                         self.on_message(m);
                     }
+                    for _ in 0..INPUT_BATCH {
+                        let Ok(call) = client_rx.try_recv() else { break };
+                        self.on_call(call);
+                    }
+                    let now = self.clock.now();
+                    self.node.end_batch(now);
                 }
                 Some(call) = client_rx.recv() => {
+                    self.node.begin_batch();
                     self.on_call(call);
                     for _ in 0..INPUT_BATCH {
                         let Ok(call) = client_rx.try_recv() else { break };
                         self.on_call(call);
                     }
+                    for _ in 0..INPUT_BATCH {
+                        let Ok(m) = raft_rx.try_recv() else { break };
+                        self.on_message(m);
+                    }
+                    let now = self.clock.now();
+                    self.node.end_batch(now);
                 }
                 Some(done) = self.storage_rx.recv() => match done {
                     StorageDone::Persisted(token) => {

@@ -227,6 +227,8 @@ pub struct Node {
     last_leader: Option<NodeId>,
     last_wake: Option<u64>,
     actions: Vec<Action>,
+    /// Inside [`Node::begin_batch`]: inputs feed Raft, one Ready comes at the end.
+    batching: bool,
 }
 
 /// Messages that may leave before this node's own persist completes: a leader's
@@ -292,6 +294,7 @@ impl Node {
             last_leader: None,
             last_wake: None,
             actions: Vec::new(),
+            batching: false,
             cfg,
         })
     }
@@ -324,6 +327,19 @@ impl Node {
     /// Calls in flight.
     pub fn calls_in_flight(&self) -> usize {
         self.calls.len()
+    }
+
+    /// Start a batch: the inputs until [`Node::end_batch`] go into one Ready (the
+    /// shell's group commit: everything that arrived while it was busy is one round).
+    pub fn begin_batch(&mut self) {
+        self.batching = true;
+    }
+
+    /// End a batch and act on everything in it.
+    pub fn end_batch(&mut self, now: Time) {
+        self.now = now;
+        self.batching = false;
+        self.drive();
     }
 
     /// A message from a peer.
@@ -556,6 +572,9 @@ impl Node {
     /// Take and execute Readies until Raft has nothing more or waits on a persist; then
     /// do the leader's duties and say when to wake.
     fn drive(&mut self) {
+        if self.batching {
+            return;
+        }
         loop {
             self.note_leadership();
             self.leader_duties();
