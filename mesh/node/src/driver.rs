@@ -39,6 +39,9 @@ pub enum DriverError {
     /// The storage thread is gone.
     #[error("storage thread stopped")]
     StorageGone,
+    /// The node core cannot go on (e.g. a snapshot from the leader that does not decode).
+    #[error("{0}")]
+    Fatal(String),
 }
 
 /// Driver construction parameters.
@@ -308,6 +311,9 @@ impl Driver {
 
     /// Execute the core's actions in order until it has none.
     fn execute(&mut self) -> Result<(), DriverError> {
+        if let Some(why) = self.node.fatal() {
+            return Err(DriverError::Fatal(why.to_string()));
+        }
         loop {
             let actions = self.node.take_actions();
             if actions.is_empty() {

@@ -248,7 +248,7 @@ impl World {
         for id in 1..=world.params.nodes {
             let offset = world.rng.range(0, TICK_MS - 1);
             world.now = offset;
-            // Cannot fail: a fresh disk and the simulator's own config.
+            // Cannot fail: a fresh, empty disk and the simulator's own valid config.
             world.start_node(id).expect("a fresh node starts");
         }
         world.now = 0;
@@ -587,6 +587,9 @@ impl World {
             let Some(node) = self.node_mut(id) else {
                 return Ok(());
             };
+            if let Some(why) = node.fatal() {
+                return Err(format!("node {id} stopped: {why}"));
+            }
             let actions = node.take_actions();
             if actions.is_empty() {
                 return Ok(());

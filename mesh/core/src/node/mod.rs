@@ -229,6 +229,8 @@ pub struct Node {
     actions: Vec<Action>,
     /// Inside [`Node::begin_batch`]: inputs feed Raft, one Ready comes at the end.
     batching: bool,
+    /// Why the node must stop, if it must: the shell stops it with this error.
+    fatal: Option<String>,
 }
 
 /// Messages that may leave before this node's own persist completes: a leader's
@@ -295,6 +297,7 @@ impl Node {
             last_wake: None,
             actions: Vec::new(),
             batching: false,
+            fatal: None,
             cfg,
         })
     }
@@ -302,6 +305,12 @@ impl Node {
     /// The actions produced so far, in order; the shell executes them all.
     pub fn take_actions(&mut self) -> Vec<Action> {
         std::mem::take(&mut self.actions)
+    }
+
+    /// Why the node must stop (a state it cannot continue from); the shell stops it
+    /// with this error. Once set, the node does nothing more.
+    pub fn fatal(&self) -> Option<&str> {
+        self.fatal.as_deref()
     }
 
     /// The Raft core (read only).
@@ -572,7 +581,7 @@ impl Node {
     /// Take and execute Readies until Raft has nothing more or waits on a persist; then
     /// do the leader's duties and say when to wake.
     fn drive(&mut self) {
-        if self.batching {
+        if self.batching || self.fatal.is_some() {
             return;
         }
         loop {
@@ -594,7 +603,9 @@ impl Node {
         let (now, held): (Vec<Message>, Vec<Message>) =
             rd.messages.into_iter().partition(may_send_before_persist);
         if let Some(s) = &rd.snapshot {
-            self.install_snapshot(s);
+            if !self.install_snapshot(s) {
+                return;
+            }
         }
         if needs_persist {
             self.next_token += 1;
@@ -632,15 +643,19 @@ impl Node {
         }
     }
 
-    fn install_snapshot(&mut self, s: &Snapshot) {
+    /// Restore the services from a snapshot the leader sent. False if it does not
+    /// decode: the node stops (see [`Node::fatal`]) before anything of it is persisted.
+    fn install_snapshot(&mut self, s: &Snapshot) -> bool {
         let mut restored = Services::default();
         if let Err(e) = restored.restore(&s.data) {
             // The leader's snapshot is produced by the same code; bytes that do not
-            // decode mean a corrupted transfer or a bug, and a node must not run on.
-            panic!(
-                "snapshot from the leader at {} does not decode: {e}",
+            // decode mean a corrupted transfer or a bug: the node must not run on, but
+            // it stops with an error, never a panic, and its disk is untouched.
+            self.fatal = Some(format!(
+                "the snapshot from the leader at index {} does not decode: {e}",
                 s.meta.index
-            );
+            ));
+            return false;
         }
         self.services = restored;
         self.actions
@@ -669,6 +684,7 @@ impl Node {
                 }
             }
         }
+        true
     }
 
     fn apply(&mut self, entry: &Entry) {

@@ -296,3 +296,39 @@ fn wall_clock_steps_change_no_lease() {
         "expired by its ttl"
     );
 }
+
+/// A snapshot from the leader that does not decode stops the node with an error (the
+/// shell exits cleanly) instead of a panic, and nothing of it is persisted.
+#[test]
+fn an_undecodable_snapshot_from_the_leader_is_an_error_not_a_panic() {
+    use crate::raft::SnapshotMeta;
+    let mut c = Cluster::new(3);
+    let l = c.elect();
+    let f = if l == 1 { 2 } else { 1 };
+    let meta = SnapshotMeta {
+        index: 50,
+        term: c.nodes[(l - 1) as usize].raft().term(),
+        membership: Membership::with_voters(1..=3),
+    };
+    let m = Message {
+        from: l,
+        to: f,
+        term: meta.term,
+        body: MessageBody::InstallSnapshot {
+            meta,
+            offset: 0,
+            data: vec![0xFF; 16],
+            done: true,
+        },
+    };
+    let now = t(c.now);
+    c.node(f).step(now, m);
+    let actions = c.node(f).take_actions();
+    assert!(c.nodes[(f - 1) as usize]
+        .fatal()
+        .is_some_and(|w| w.contains("does not decode")));
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Persist(_))),
+        "nothing persisted: {actions:?}"
+    );
+}
