@@ -42,6 +42,8 @@ pub const MAX_IN_FLIGHT: usize = 4096;
 
 /// Default request body limit.
 pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+/// How much of a body over the limit is read and dropped before answering 413.
+const DRAIN_LIMIT: usize = 16 << 20;
 
 /// Settings of a gateway.
 #[derive(Clone, Debug)]
@@ -103,11 +105,39 @@ fn call_error(e: CallError) -> ApiError {
 }
 
 impl AppState {
+    /// The body, up to the limit. A body over it is still read (up to
+    /// [`DRAIN_LIMIT`]) and dropped before the 413 goes out, so a client that is still
+    /// sending sees the answer instead of a reset connection.
+    async fn read_body(&self, mut body: Body) -> Result<Vec<u8>, ApiError> {
+        use http_body_util::BodyExt;
+        let mut bytes = Vec::new();
+        let mut seen = 0usize;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return Err(ApiError::bad_request(
+                    "malformed_body",
+                    "the body could not be read",
+                ));
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            seen += data.len();
+            if seen <= self.max_body {
+                bytes.extend_from_slice(&data);
+            } else if seen > DRAIN_LIMIT {
+                break;
+            }
+        }
+        if seen > self.max_body {
+            return Err(ApiError::too_large(self.max_body));
+        }
+        Ok(bytes)
+    }
+
     /// Read and parse a JSON body, with the errors of DESIGN.md section 4.
     pub(crate) async fn json<T: DeserializeOwned>(&self, body: Body) -> Result<T, ApiError> {
-        let bytes = axum::body::to_bytes(body, self.max_body)
-            .await
-            .map_err(|_| ApiError::too_large(self.max_body))?;
+        let bytes = self.read_body(body).await?;
         if bytes.is_empty() {
             return Err(ApiError::bad_request(
                 "malformed_json",
