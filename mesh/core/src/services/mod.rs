@@ -7,6 +7,7 @@
 
 pub mod envelope;
 pub mod lock;
+pub mod queue;
 pub mod register;
 
 use crate::raft::LogIndex;
