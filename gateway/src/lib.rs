@@ -13,6 +13,7 @@
 
 mod error;
 mod locks;
+mod queues;
 
 pub use error::ApiError;
 
@@ -108,7 +109,7 @@ impl AppState {
     /// The body, up to the limit. A body over it is still read (up to
     /// [`DRAIN_LIMIT`]) and dropped before the 413 goes out, so a client that is still
     /// sending sees the answer instead of a reset connection.
-    async fn read_body(&self, mut body: Body) -> Result<Vec<u8>, ApiError> {
+    pub(crate) async fn read_body(&self, mut body: Body) -> Result<Vec<u8>, ApiError> {
         use http_body_util::BodyExt;
         let mut bytes = Vec::new();
         let mut seen = 0usize;
@@ -211,6 +212,17 @@ pub fn router_over(
         .route("/lock/renew", post(locks::renew))
         .route("/lock/state", get(locks::state))
         .route("/lock/list", get(locks::list))
+        .route("/queue/enq", post(queues::enqueue))
+        .route("/queue/enqueue", post(queues::enqueue))
+        .route("/queue/deq", post(queues::dequeue))
+        .route("/queue/dequeue", post(queues::dequeue))
+        .route("/queue/ack", post(queues::ack))
+        .route("/queue/nack", post(queues::nack))
+        .route("/queue/extend", post(queues::extend))
+        .route("/queue/create", post(queues::create))
+        .route("/queue/stats", get(queues::stats))
+        .route("/queue/dead", get(queues::dead))
+        .route("/queue/dead/requeue", post(queues::requeue))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::extract::DefaultBodyLimit::disable())

@@ -114,7 +114,7 @@ impl NodeMetrics {
             let metric = match known.get(g.name) {
                 Some(m) => m.clone(),
                 None => {
-                    let labels: Vec<&str> = g.label.iter().map(|(k, _)| *k).collect();
+                    let labels: Vec<&str> = g.labels.iter().map(|(k, _)| *k).collect();
                     let opts = Opts::new(g.name, g.help);
                     let m = if g.counter {
                         IntCounterVec::new(opts, &labels).map(ServiceMetric::Counter)
@@ -133,7 +133,7 @@ impl NodeMetrics {
                     m
                 }
             };
-            let values: Vec<&str> = g.label.iter().map(|(_, v)| *v).collect();
+            let values: Vec<&str> = g.labels.iter().map(|(_, v)| v.as_str()).collect();
             match metric {
                 ServiceMetric::Gauge(v) => {
                     if let Ok(x) = v.get_metric_with_label_values(&values) {

@@ -23,6 +23,7 @@
 //! failover only lengthens leases, and no node's wall clock enters it.
 
 use super::lock::{KeyView, LockCommand, LockEvent, LockReply, LockStats, LockTable, WaitId};
+use super::queue::{DeadView, MsgId, QueueCommand, QueueEvent, QueueReply, QueueSet, QueueView};
 use super::register::{Register, RegisterCommand, RegisterQuery, RegisterReply};
 use super::StateMachine;
 use crate::raft::{LogIndex, Term};
@@ -33,6 +34,8 @@ use std::collections::{BTreeMap, BTreeSet};
 pub const SESSION_IDLE_MS: u64 = 3_600_000;
 /// Sessions kept at most; beyond it the least recently used is forgotten.
 pub const MAX_SESSIONS: usize = 100_000;
+/// Queues whose partitions get a `queue_depth` series each.
+const MAX_QUEUES_IN_METRICS: usize = 32;
 /// Unacknowledged calls one session may have at most.
 pub const MAX_CALLS_PER_SESSION: usize = 1024;
 
@@ -43,6 +46,8 @@ pub enum Command {
     Register(RegisterCommand),
     /// The lock service.
     Lock(LockCommand),
+    /// The queue service.
+    Queue(QueueCommand),
     /// Withdraw call (`session`, `seq`): what it waits for is given up.
     ///
     /// With `release_grant` its caller gave up on it for good (the gateway's HTTP caller
@@ -130,6 +135,8 @@ pub enum Reply {
     Register(RegisterReply),
     /// From the lock table.
     Lock(LockReply),
+    /// From the queues.
+    Queue(QueueReply),
     /// The call was withdrawn (its caller went away), or a withdrawal was applied.
     Withdrawn,
     /// Time advanced.
@@ -148,7 +155,11 @@ pub enum Reply {
 impl Reply {
     /// Whether the call that got this reply still waits for its outcome.
     pub fn is_waiting(&self) -> bool {
-        matches!(self, Self::Lock(r) if r.is_waiting())
+        match self {
+            Self::Lock(r) => r.is_waiting(),
+            Self::Queue(r) => r.is_waiting(),
+            _ => false,
+        }
     }
 }
 
@@ -169,6 +180,18 @@ pub enum Query {
     },
     /// Counts of holders, waiters and deadlocks.
     LockStats,
+    /// Queues (one, or every queue) with their partitions and ring.
+    QueueStats {
+        /// Only this queue.
+        queue: Option<String>,
+    },
+    /// Dead letters of a queue, oldest first.
+    QueueDead {
+        /// Queue.
+        queue: String,
+        /// Most returned.
+        limit: usize,
+    },
 }
 
 /// The answer to a query.
@@ -182,6 +205,15 @@ pub enum QueryReply {
     LockList(Vec<KeyView>),
     /// The query did not decode.
     Invalid(String),
+    /// Queues.
+    QueueStats {
+        /// Per queue.
+        queues: Vec<QueueView>,
+        /// The ring of the queue asked for: (point, partition) in ring order.
+        ring: Vec<(u64, u32)>,
+    },
+    /// Dead letters.
+    QueueDead(Vec<DeadView>),
     /// Lock counts.
     LockStats {
         /// Shared holds.
@@ -227,8 +259,8 @@ pub struct Gauge {
     pub counter: bool,
     /// Help text.
     pub help: &'static str,
-    /// One label (name, value), if any.
-    pub label: Option<(&'static str, &'static str)>,
+    /// Labels (name, value); every gauge of one name has the same label names.
+    pub labels: Vec<(&'static str, String)>,
     /// Value.
     pub value: f64,
 }
@@ -243,6 +275,12 @@ enum Handle {
         key: String,
         client: String,
         granted: Option<u64>,
+    },
+    /// A dequeue; `delivered` is what was leased to this call alone (a withdrawal makes
+    /// it visible again).
+    Queue {
+        queue: String,
+        delivered: Vec<(MsgId, u64)>,
     },
 }
 
@@ -276,10 +314,12 @@ pub struct LockClock {
 pub struct Services {
     register: Register,
     locks: LockTable,
+    queues: QueueSet,
     sessions: BTreeMap<u64, Session>,
     /// (last use, session): the least recently used session first.
     sessions_by_use: BTreeSet<(u64, u64)>,
-    /// The calls each queued lock request answers.
+    /// The calls each queued lock request or waiting dequeue answers (both are named
+    /// by the index of the entry that queued them, so they never collide).
     waits: BTreeMap<WaitId, Vec<CallRef>>,
     clock: LockClock,
     applied: LogIndex,
@@ -324,6 +364,28 @@ fn lock_completions(
     }
 }
 
+/// Fold queue events into completions of the calls they answer.
+fn queue_completions(
+    waits: &mut BTreeMap<WaitId, Vec<CallRef>>,
+    sessions: &mut BTreeMap<u64, Session>,
+    events: Vec<QueueEvent>,
+    out: &mut Vec<Completion>,
+) {
+    for event in events {
+        let (wait, messages) = match event {
+            QueueEvent::Delivered { wait, messages } => (wait, messages),
+            QueueEvent::TimedOut { wait } => (wait, Vec::new()),
+        };
+        complete(
+            waits,
+            sessions,
+            wait,
+            &Reply::Queue(QueueReply::Delivered { messages }),
+            out,
+        );
+    }
+}
+
 /// Answer every call waiting on `wait` with `reply`, and keep it as their answer.
 fn complete(
     waits: &mut BTreeMap<WaitId, Vec<CallRef>>,
@@ -335,8 +397,9 @@ fn complete(
     let calls = waits.remove(&wait).unwrap_or_default();
     // A grant heard by several calls (the same request made twice) belongs to none of
     // them alone: withdrawing one of them must not release it.
+    let single = calls.len() == 1;
     let token = match reply {
-        Reply::Lock(LockReply::Granted { token, .. }) if calls.len() == 1 => Some(*token),
+        Reply::Lock(LockReply::Granted { token, .. }) if single => Some(*token),
         _ => None,
     };
     for call in calls {
@@ -345,8 +408,15 @@ fn complete(
             .and_then(|s| s.calls.get_mut(&call.1))
         {
             kept.reply = reply.clone();
-            if let Some(Handle::Lock { granted, .. }) = &mut kept.handle {
-                *granted = token;
+            match (&mut kept.handle, reply) {
+                (Some(Handle::Lock { granted, .. }), _) => *granted = token,
+                (
+                    Some(Handle::Queue { delivered, .. }),
+                    Reply::Queue(QueueReply::Delivered { messages }),
+                ) if single => {
+                    *delivered = messages.iter().map(|m| (m.id, m.receipt)).collect();
+                }
+                _ => {}
             }
         }
         out.push(Completion {
@@ -383,6 +453,11 @@ impl Services {
         self.locks.set_audit(on);
     }
 
+    /// The queues (for reads).
+    pub fn queues(&self) -> &QueueSet {
+        &self.queues
+    }
+
     /// Lock statistics.
     pub fn lock_stats(&self) -> &LockStats {
         self.locks.stats()
@@ -415,46 +490,100 @@ impl Services {
     /// The earliest lock time at which some service has something to expire: the leader
     /// proposes a [`Command::Tick`] once it has passed.
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        self.locks.next_deadline_ms()
+        [
+            self.locks.next_deadline_ms(),
+            self.queues.next_deadline_ms(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Gauges for metrics.
     pub fn gauges(&self) -> Vec<Gauge> {
         let (shared, exclusive, waiters) = self.locks.counts();
-        let g = |name: &'static str, help, label, value: usize| Gauge {
+        let g = |name: &'static str, help, labels: &[(&'static str, &str)], value: f64| Gauge {
             name,
             counter: name.ends_with("_total"),
             help,
-            label,
-            value: value as f64,
+            labels: labels.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(),
+            value,
         };
-        vec![
+        let (_, inflight, dead) = self.queues.counts();
+        let q = self.queues.stats();
+        let mut out = vec![
             g(
                 "lock_held",
                 "Locks held, by mode",
-                Some(("mode", "S")),
-                shared,
+                &[("mode", "S")],
+                shared as f64,
             ),
             g(
                 "lock_held",
                 "Locks held, by mode",
-                Some(("mode", "X")),
-                exclusive,
+                &[("mode", "X")],
+                exclusive as f64,
             ),
-            g("lock_waiters", "Queued lock requests", None, waiters),
+            g("lock_waiters", "Queued lock requests", &[], waiters as f64),
             g(
                 "lock_deadlocks_total",
                 "Lock requests refused for deadlock",
-                None,
-                self.locks.deadlocks() as usize,
+                &[],
+                self.locks.deadlocks() as f64,
             ),
             g(
                 "sessions",
                 "Client sessions kept",
-                None,
-                self.sessions.len(),
+                &[],
+                self.sessions.len() as f64,
             ),
-        ]
+            g(
+                "queue_inflight",
+                "Messages leased and not yet acked",
+                &[],
+                inflight as f64,
+            ),
+            g(
+                "queue_dead_letters",
+                "Messages in the dead-letter lists",
+                &[],
+                dead as f64,
+            ),
+            g(
+                "queue_enqueued_total",
+                "Messages stored",
+                &[],
+                q.enqueued as f64,
+            ),
+            g("queue_acked_total", "Messages acked", &[], q.acked as f64),
+            g(
+                "queue_redeliveries_total",
+                "Deliveries after a message's first",
+                &[],
+                q.redeliveries as f64,
+            ),
+        ];
+        self.queue_depths(&mut out);
+        out
+    }
+
+    /// `queue_depth` per partition, for the first queues only: a series per partition
+    /// of a thousand queues would swamp a scrape.
+    fn queue_depths(&self, out: &mut Vec<Gauge>) {
+        for view in self.queues.views().into_iter().take(MAX_QUEUES_IN_METRICS) {
+            for p in &view.partitions {
+                out.push(Gauge {
+                    name: "queue_depth",
+                    counter: false,
+                    help: "Visible messages, by queue and partition",
+                    labels: vec![
+                        ("queue", view.name.clone()),
+                        ("partition", p.partition.to_string()),
+                    ],
+                    value: p.depth as f64,
+                });
+            }
+        }
     }
 
     /// Apply the entry at `index` of `term`; `payload` is its command bytes (`None`: an
@@ -495,6 +624,21 @@ impl Services {
                     deadlocks: self.locks.deadlocks(),
                 }
             }
+            Ok(Query::QueueStats { queue }) => {
+                let queues = match &queue {
+                    Some(name) => self.queues.view(name).into_iter().collect(),
+                    None => self.queues.views(),
+                };
+                let ring = queue
+                    .as_deref()
+                    .and_then(|name| self.queues.ring(name))
+                    .map(|r| r.points().to_vec())
+                    .unwrap_or_default();
+                QueryReply::QueueStats { queues, ring }
+            }
+            Ok(Query::QueueDead { queue, limit }) => {
+                QueryReply::QueueDead(self.queues.dead(&queue, limit.min(1_000)))
+            }
             Err(e) => QueryReply::Invalid(e.to_string()),
         }
     }
@@ -507,6 +651,13 @@ impl Services {
         self.expire_sessions(index, now, &mut completions);
         let events = self.locks.advance(index, now);
         lock_completions(
+            &mut self.waits,
+            &mut self.sessions,
+            events,
+            &mut completions,
+        );
+        let events = self.queues.advance(index, now);
+        queue_completions(
             &mut self.waits,
             &mut self.sessions,
             events,
@@ -609,6 +760,27 @@ impl Services {
                 lock_completions(&mut self.waits, &mut self.sessions, events, completions);
                 (Reply::Lock(reply), handle)
             }
+            Command::Queue(cmd) => {
+                let mut handle = match &cmd {
+                    QueueCommand::Dequeue { queue, .. } => Some(Handle::Queue {
+                        queue: queue.clone(),
+                        delivered: Vec::new(),
+                    }),
+                    _ => None,
+                };
+                let (reply, events) = self.queues.apply(index, now, cmd);
+                match (&reply, &mut handle) {
+                    (QueueReply::Delivered { messages }, Some(Handle::Queue { delivered, .. })) => {
+                        *delivered = messages.iter().map(|m| (m.id, m.receipt)).collect();
+                    }
+                    (QueueReply::Waiting { wait }, _) => {
+                        self.waits.entry(*wait).or_default().push(call);
+                    }
+                    _ => {}
+                }
+                queue_completions(&mut self.waits, &mut self.sessions, events, completions);
+                (Reply::Queue(reply), handle)
+            }
             Command::Withdraw {
                 session,
                 seq,
@@ -658,15 +830,34 @@ impl Services {
         };
         let previous = std::mem::replace(&mut kept.reply, Reply::Withdrawn);
         let handle = kept.handle.take();
-        let Some(Handle::Lock {
-            key,
-            client,
-            granted,
-        }) = handle
-        else {
-            kept.reply = previous;
-            return;
-        };
+        match handle {
+            Some(Handle::Lock {
+                key,
+                client,
+                granted,
+            }) => {
+                let grant = granted.map(|token| (client, token));
+                self.withdraw_lock(index, target, previous, &key, grant, completions);
+            }
+            Some(Handle::Queue { queue, delivered }) => {
+                self.withdraw_dequeue(index, target, previous, &queue, &delivered, completions);
+            }
+            None => kept.reply = previous,
+        }
+    }
+
+    /// Withdraw a lock acquire whose kept answer was `previous`; `grant` is the
+    /// (client, token) of a grant made for this call alone.
+    fn withdraw_lock(
+        &mut self,
+        index: LogIndex,
+        target: CallRef,
+        previous: Reply,
+        key: &str,
+        grant: Option<(String, u64)>,
+        completions: &mut Vec<Completion>,
+    ) {
+        let (session_id, seq) = target;
         let events = match previous {
             Reply::Lock(LockReply::Queued { wait }) => {
                 // Only this call gives up; another call of the same request still waits.
@@ -678,13 +869,13 @@ impl Services {
                 calls.retain(|c| *c != target);
                 if calls.is_empty() {
                     self.waits.remove(&wait);
-                    self.locks.withdraw_wait(index, &key, wait)
+                    self.locks.withdraw_wait(index, key, wait)
                 } else {
                     None
                 }
             }
-            Reply::Lock(LockReply::Granted { .. }) => match granted {
-                Some(token) => self.locks.withdraw_grant(index, &key, &client, token),
+            Reply::Lock(LockReply::Granted { .. }) => match grant {
+                Some((client, token)) => self.locks.withdraw_grant(index, key, &client, token),
                 // It answered a grant made before it: that one belongs to another call.
                 None => None,
             },
@@ -705,6 +896,46 @@ impl Services {
             events.unwrap_or_default(),
             completions,
         );
+    }
+
+    /// Withdraw a dequeue whose kept answer was `previous`: a waiting one stops waiting;
+    /// one that was delivered gives its messages back (nobody received them).
+    fn withdraw_dequeue(
+        &mut self,
+        index: LogIndex,
+        target: CallRef,
+        previous: Reply,
+        queue: &str,
+        delivered: &[(MsgId, u64)],
+        completions: &mut Vec<Completion>,
+    ) {
+        match previous {
+            Reply::Queue(QueueReply::Waiting { wait }) => {
+                completions.push(Completion {
+                    call: target,
+                    reply: Reply::Withdrawn,
+                });
+                let calls = self.waits.entry(wait).or_default();
+                calls.retain(|c| *c != target);
+                if calls.is_empty() {
+                    self.waits.remove(&wait);
+                    self.queues.withdraw_wait(queue, wait);
+                }
+            }
+            Reply::Queue(QueueReply::Delivered { .. }) => {
+                let events = self.queues.withdraw_deliveries(index, queue, delivered);
+                queue_completions(&mut self.waits, &mut self.sessions, events, completions);
+            }
+            other => {
+                if let Some(kept) = self
+                    .sessions
+                    .get_mut(&target.0)
+                    .and_then(|s| s.calls.get_mut(&target.1))
+                {
+                    kept.reply = other;
+                }
+            }
+        }
     }
 
     /// The client saw every answer below `ack`: drop them. A call dropped while it still
@@ -738,10 +969,21 @@ impl Services {
         kept: KeptCall,
         completions: &mut Vec<Completion>,
     ) {
-        let (Reply::Lock(LockReply::Queued { wait }), Some(Handle::Lock { key, .. })) =
-            (kept.reply, kept.handle)
-        else {
-            return;
+        let (wait, key) = match (kept.reply, kept.handle) {
+            (Reply::Lock(LockReply::Queued { wait }), Some(Handle::Lock { key, .. })) => {
+                (wait, key)
+            }
+            (Reply::Queue(QueueReply::Waiting { wait }), Some(Handle::Queue { queue, .. })) => {
+                if let Some(calls) = self.waits.get_mut(&wait) {
+                    calls.retain(|c| *c != call);
+                    if calls.is_empty() {
+                        self.waits.remove(&wait);
+                        self.queues.withdraw_wait(&queue, wait);
+                    }
+                }
+                return;
+            }
+            _ => return,
         };
         let Some(calls) = self.waits.get_mut(&wait) else {
             return;

@@ -108,7 +108,8 @@ pub enum Field {
 /// a later `Configure` (the rest).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueSettings {
-    /// Partitions (fixed at creation; see docs/queue.md for the migration).
+    /// Partitions (fixed at creation; see docs/queue.md for the migration). 0 in a
+    /// `Configure`: keep the queue's count, or the default for a new queue.
     pub partitions: u32,
     /// Lease of a delivery when the dequeue names none.
     pub visibility_ms: u64,
@@ -394,7 +395,7 @@ pub struct QueueStats {
 }
 
 /// One partition, for `GET /queue/stats`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionView {
     /// Partition.
     pub partition: u32,
@@ -404,12 +405,12 @@ pub struct PartitionView {
     pub inflight: u64,
     /// Age of the oldest live message in lock time (0: none).
     pub oldest_age_ms: u64,
-    /// Share of the hash ring this partition owns.
-    pub ring_share: f64,
+    /// Share of the hash ring this partition owns, in parts per million.
+    pub ring_share_ppm: u32,
 }
 
 /// One queue, for `GET /queue/stats`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueView {
     /// Name.
     pub name: String,
@@ -467,6 +468,23 @@ fn check_name(what: &str, name: &str) -> Result<(), String> {
     }
     if name.len() > MAX_KEY_BYTES {
         return Err(format!("{what} is over {MAX_KEY_BYTES} bytes"));
+    }
+    Ok(())
+}
+
+/// Check messages to enqueue before anything is stored.
+fn check_new(messages: &[NewMessage]) -> Result<(), String> {
+    if messages.is_empty() || messages.len() > MAX_BATCH {
+        return Err(format!("an enqueue carries 1..={MAX_BATCH} messages"));
+    }
+    for m in messages {
+        check_name("key", &m.key)?;
+        if m.value.len() > MAX_VALUE_BYTES {
+            return Err(format!("value is over {MAX_VALUE_BYTES} bytes"));
+        }
+        if let Some(d) = &m.dedup_id {
+            check_name("dedup_id", d)?;
+        }
     }
     Ok(())
 }
@@ -596,6 +614,44 @@ impl Queue {
         }
     }
 
+    /// Store messages that fit: per message its id and whether it repeated a dedup id;
+    /// then how many were stored and their bytes.
+    fn store(&mut self, messages: Vec<NewMessage>, now: u64) -> (Vec<(MsgId, bool)>, u64, u64) {
+        let window = self.settings.dedup_window_ms;
+        let mut ids = Vec::with_capacity(messages.len());
+        let (mut stored, mut bytes) = (0u64, 0u64);
+        for m in messages {
+            if let Some(&(first, _)) = m.dedup_id.as_ref().and_then(|d| self.dedup.get(d)) {
+                ids.push((first, true));
+                continue;
+            }
+            let p = self.ring.partition(&m.key);
+            let Some(part) = self.partitions.get_mut(p as usize) else {
+                continue;
+            };
+            let message = Message {
+                key: m.key,
+                value: m.value,
+                field: m.field,
+                deliveries: 0,
+                receipt: 0,
+                lease: None,
+                enqueued_ms: now,
+            };
+            bytes += message.size();
+            let seq = part.push(message);
+            let id = MsgId { partition: p, seq };
+            if let Some(d) = m.dedup_id {
+                let end = now.saturating_add(window);
+                self.dedup_ends.insert((end, d.clone()));
+                self.dedup.insert(d, (id, end));
+            }
+            stored += 1;
+            ids.push((id, false));
+        }
+        (ids, stored, bytes)
+    }
+
     fn next_deadline_ms(&self) -> Option<u64> {
         let leases = self
             .partitions
@@ -723,7 +779,14 @@ impl QueueSet {
         events
     }
 
-    fn configure(&mut self, name: String, settings: QueueSettings) -> QueueReply {
+    fn configure(&mut self, name: String, mut settings: QueueSettings) -> QueueReply {
+        // Partitions 0: keep the queue's count (or the default for a new queue).
+        if settings.partitions == 0 {
+            settings.partitions = self
+                .queues
+                .get(&name)
+                .map_or(DEFAULT_PARTITIONS, |q| q.settings.partitions);
+        }
         if let Err(e) = check_queue_name(&name).and_then(|()| settings.check()) {
             return QueueReply::Invalid(e);
         }
@@ -758,21 +821,8 @@ impl QueueSet {
         messages: Vec<NewMessage>,
         events: &mut Vec<QueueEvent>,
     ) -> QueueReply {
-        if messages.is_empty() || messages.len() > MAX_BATCH {
-            return QueueReply::Invalid(format!("an enqueue carries 1..={MAX_BATCH} messages"));
-        }
-        for m in &messages {
-            if let Err(e) = check_name("key", &m.key) {
-                return QueueReply::Invalid(e);
-            }
-            if m.value.len() > MAX_VALUE_BYTES {
-                return QueueReply::Invalid(format!("value is over {MAX_VALUE_BYTES} bytes"));
-            }
-            if let Some(d) = &m.dedup_id {
-                if let Err(e) = check_name("dedup_id", d) {
-                    return QueueReply::Invalid(e);
-                }
-            }
+        if let Err(e) = check_new(&messages) {
+            return QueueReply::Invalid(e);
         }
         let now = self.now_ms;
         let (total_messages, total_bytes) = (self.messages, self.bytes);
@@ -814,40 +864,11 @@ impl QueueSet {
                 ),
             };
         }
-        let window = queue.settings.dedup_window_ms;
-        let mut ids = Vec::with_capacity(messages.len());
-        let mut stored = 0u64;
-        for m in messages {
-            if let Some(&(first, _)) = m.dedup_id.as_ref().and_then(|d| queue.dedup.get(d)) {
-                ids.push((first, true));
-                continue;
-            }
-            let p = queue.ring.partition(&m.key);
-            let Some(part) = queue.partitions.get_mut(p as usize) else {
-                continue;
-            };
-            let seq = part.push(Message {
-                key: m.key,
-                value: m.value,
-                field: m.field,
-                deliveries: 0,
-                receipt: 0,
-                lease: None,
-                enqueued_ms: now,
-            });
-            let id = MsgId { partition: p, seq };
-            if let Some(d) = m.dedup_id {
-                let end = now.saturating_add(window);
-                queue.dedup_ends.insert((end, d.clone()));
-                queue.dedup.insert(d, (id, end));
-            }
-            stored += 1;
-            ids.push((id, false));
-        }
+        let (ids, stored, stored_bytes) = queue.store(messages, now);
         let deduplicated = ids.len() as u64 - stored;
         queue.serve_waiters_at(index, now, &mut self.stats, events);
-        self.messages += add.0;
-        self.bytes += add.1;
+        self.messages += stored;
+        self.bytes += stored_bytes;
         self.stats.enqueued += stored;
         self.stats.deduplicated += deduplicated;
         QueueReply::Enqueued { ids }
@@ -1174,7 +1195,7 @@ impl QueueSet {
                     depth: p.visible_count() as u64,
                     inflight: p.leased_count() as u64,
                     oldest_age_ms: p.oldest_ms().map_or(0, |t| self.now_ms.saturating_sub(t)),
-                    ring_share: shares.get(i).copied().unwrap_or(0.0),
+                    ring_share_ppm: (shares.get(i).copied().unwrap_or(0.0) * 1e6).round() as u32,
                 })
                 .collect(),
             dead: q.dead.len() as u64,

@@ -429,7 +429,7 @@ fn bad_input_is_refused_with_a_reason() {
         QueueCommand::Configure {
             queue: Q.into(),
             settings: QueueSettings {
-                partitions: 0,
+                partitions: MAX_PARTITIONS + 1,
                 ..QueueSettings::default()
             },
         },
