@@ -109,6 +109,11 @@ async fn propose(
         prompt: !waits,
         withdraw_if_abandoned: acquires,
     };
+    // What is left of the wait is counted from what was asked, once.
+    let asked = match &command {
+        LockCommand::Acquire { wait_ms, .. } => *wait_ms,
+        _ => 0,
+    };
     let started = std::time::Instant::now();
     let mut command = command;
     loop {
@@ -119,7 +124,7 @@ async fn propose(
             // call was not granted. Ask again for the time that is left.
             Reply::Withdrawn if started.elapsed() < deadline => {
                 if let LockCommand::Acquire { wait_ms, .. } = &mut command {
-                    *wait_ms = wait_ms.saturating_sub(started.elapsed().as_millis() as u64);
+                    *wait_ms = asked.saturating_sub(started.elapsed().as_millis() as u64);
                 }
             }
             Reply::Withdrawn => {

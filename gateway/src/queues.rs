@@ -161,6 +161,11 @@ async fn propose(
         // leaving them leased to nobody for the whole visibility timeout.
         withdraw_if_abandoned: dequeues,
     };
+    // What is left of the wait is counted from what was asked, once.
+    let asked = match &command {
+        QueueCommand::Dequeue { wait_ms, .. } => *wait_ms,
+        _ => 0,
+    };
     let started = Instant::now();
     let mut command = command;
     loop {
@@ -169,7 +174,7 @@ async fn propose(
             Reply::Queue(r) => return Ok(r),
             Reply::Withdrawn if started.elapsed() < deadline => {
                 if let QueueCommand::Dequeue { wait_ms, .. } = &mut command {
-                    *wait_ms = wait_ms.saturating_sub(started.elapsed().as_millis() as u64);
+                    *wait_ms = asked.saturating_sub(started.elapsed().as_millis() as u64);
                 }
             }
             Reply::Withdrawn => {

@@ -4,6 +4,7 @@ mod bench_cli;
 mod contention;
 mod gateway;
 mod mesh;
+mod queue;
 mod regressions;
 mod security;
 mod support;

@@ -2,7 +2,7 @@
 //! real cluster the way a new user found it; every test here failed on the code before
 //! the node core.
 
-use crate::support::{http, TestCluster};
+use crate::support::{eventually, http, TestCluster};
 use mesh_client::{CallOptions, Caller, Cluster, MeshClient};
 use mesh_core::services::envelope::{Command, Envelope, Reply};
 use mesh_core::services::lock::{LockCommand, LockReply, Mode};
@@ -43,15 +43,6 @@ fn holders(api: SocketAddr, key: &str) -> Vec<String> {
 fn waiters(api: SocketAddr, key: &str) -> usize {
     let (_, state) = http(api, "GET", &format!("/lock/state?key={key}"), b"");
     state["waiters"].as_array().map_or(0, Vec::len)
-}
-
-/// Wait (not sleep) until `cond` holds.
-fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn in_background<T: Send + 'static>(
@@ -309,7 +300,22 @@ fn wall_clock_steps_neither_shorten_nor_freeze_a_lease() {
     assert_eq!(status, 200, "{granted}");
     let held_at = Instant::now();
     std::fs::write(&clock, "+3600s\n").expect("step forward");
-    std::thread::sleep(Duration::from_millis(300));
+    // The step took effect: a grant's wall-clock estimate, read off the answering
+    // node's clock, is an hour ahead of ours (if faketime did not load, this fails).
+    let real_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    eventually(
+        "the nodes' wall clocks to step",
+        Duration::from_secs(5),
+        || {
+            let body = acquire_body("probe", "prober", "S", 0, 1_000);
+            let (status, v) = http(gw, "POST", "/lock/acquire", body.as_bytes());
+            status == 200 && v["expires_at_ms"].as_u64().unwrap_or(0) > real_ms() + 3_000_000
+        },
+    );
     assert_eq!(
         holders(gw, "W"),
         vec!["holder".to_string()],

@@ -369,3 +369,12 @@ pub(crate) fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (
         .unwrap_or_default();
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
+
+/// Wait (not sleep) until `cond` holds.
+pub(crate) fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -75,16 +75,24 @@ pub struct LocalNode {
     pub calls: mpsc::Sender<ClientCall>,
 }
 
+/// Why an in-process call got no answer.
+enum LocalError {
+    /// The node's inbox was full: the call never reached it.
+    Overloaded,
+    /// Handed over, then no answer: it may have been carried out.
+    Lost(&'static str),
+}
+
 impl LocalNode {
-    async fn call(&self, request: ClientRequest) -> Result<ClientResponse, String> {
+    async fn call(&self, request: ClientRequest) -> Result<ClientResponse, LocalError> {
         let (tx, rx) = oneshot::channel();
         self.calls
             .try_send((request, tx))
-            .map_err(|_| "node is overloaded".to_string())?;
+            .map_err(|_| LocalError::Overloaded)?;
         match tokio::time::timeout(CALL_TIMEOUT, rx).await {
             Ok(Ok(r)) => Ok(r),
-            Ok(Err(_)) => Err("node stopped before answering".into()),
-            Err(_) => Err("no answer in time".into()),
+            Ok(Err(_)) => Err(LocalError::Lost("node stopped before answering")),
+            Err(_) => Err(LocalError::Lost("no answer in time")),
         }
     }
 }
@@ -135,10 +143,12 @@ impl Cluster {
                     Ok(ClientResponse::Error { retry: true, .. }) => {}
                     // Not answered: the same call is retried at the leader (sessions make
                     // that safe), and it may have been carried out meanwhile.
-                    Ok(ClientResponse::Unknown { .. }) | Err(_) => {
-                        may_be_done = matches!(request, ClientRequest::Propose(_));
+                    Ok(ClientResponse::Unknown { .. }) | Err(LocalError::Lost(_)) => {
+                        may_be_done |= matches!(request, ClientRequest::Propose(_));
                         self.mesh.set_leader_hint(0);
                     }
+                    // Never handed to the node: not done.
+                    Err(LocalError::Overloaded) => {}
                     Ok(answer) => {
                         self.mesh.set_leader_hint(local.id);
                         return Ok(answer);
@@ -155,7 +165,15 @@ impl Cluster {
     /// One node's own view (`Status`), in-process when it is this process's node.
     pub async fn status_of(&self, node: NodeId) -> Result<ClientResponse, String> {
         match &self.local {
-            Some(local) if local.id == node => local.call(ClientRequest::Status).await,
+            Some(local) if local.id == node => {
+                local
+                    .call(ClientRequest::Status)
+                    .await
+                    .map_err(|e| match e {
+                        LocalError::Overloaded => "node is overloaded".to_string(),
+                        LocalError::Lost(why) => why.to_string(),
+                    })
+            }
             _ => self.mesh.call_node(node, &ClientRequest::Status).await,
         }
     }

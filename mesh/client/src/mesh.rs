@@ -141,6 +141,8 @@ impl MeshClient {
             // A node that may have carried the call out makes the whole round uncertain,
             // whatever the others said.
             Attempt::Redirect(_) if maybe => Attempt::Failed("a node lost the call".into(), true),
+            // Nor may a later "not done" hide an earlier "may be done".
+            Attempt::Failed(m, f) => Attempt::Failed(m, f || maybe),
             other => other,
         }
     }

@@ -657,6 +657,7 @@ impl Node {
             ));
             return false;
         }
+        restored.set_audit(self.cfg.trace_applies);
         self.services = restored;
         self.actions
             .push(Action::Event(NodeEvent::SnapshotInstalled {

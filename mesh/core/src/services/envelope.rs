@@ -1039,6 +1039,13 @@ impl Services {
         };
         self.sessions_by_use.remove(&(s.last_ms, session));
         for (seq, call) in s.calls {
+            // A call still waiting is answered now: nobody would answer it later.
+            if call.reply.is_waiting() {
+                completions.push(Completion {
+                    call: (session, seq),
+                    reply: Reply::Session(SessionRefusal::Unknown { session }),
+                });
+            }
             self.abandon(index, (session, seq), call, completions);
         }
     }

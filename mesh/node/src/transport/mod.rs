@@ -527,9 +527,9 @@ async fn serve_call(mut send: quinn::SendStream, mut reader: FrameReader, inboun
         tokio::select! {
             answer = tokio::time::timeout(CALL_TIMEOUT, rx) => match answer {
                 Ok(Ok(r)) => r,
-                Ok(Err(_)) => ClientResponse::Error {
+                // The driver may have proposed the call before it stopped.
+                Ok(Err(_)) => ClientResponse::Unknown {
                     message: "node stopped before answering".into(),
-                    retry: true,
                 },
                 Err(_) => ClientResponse::Unknown {
                     message: "no answer in time".into(),

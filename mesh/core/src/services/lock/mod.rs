@@ -533,7 +533,7 @@ impl LockTable {
             ttl_ms.min(MAX_TTL_MS)
         };
         let now = self.now_ms;
-        if let Some(reply) = self.already(&key, &client, mode) {
+        if let Some(reply) = self.already(&key, &client, mode, wait_ms) {
             return reply;
         }
         let state = self.keys.entry(key.clone()).or_default();
@@ -649,7 +649,7 @@ impl LockTable {
     /// The answer to an acquire that `client` already holds (an idempotent re-acquire,
     /// or S asked by an X holder: the same grant) or already waits for (another call of
     /// the same request).
-    fn already(&mut self, key: &str, client: &str, mode: Mode) -> Option<LockReply> {
+    fn already(&mut self, key: &str, client: &str, mode: Mode, wait_ms: u64) -> Option<LockReply> {
         let now_ms = self.now_ms;
         let state = self.keys.get_mut(key)?;
         if let Some(hold) = state.holders.get_mut(client).filter(|h| h.mode >= mode) {
@@ -662,11 +662,25 @@ impl LockTable {
                 ttl_ms: hold.ttl_ms,
             });
         }
-        state
+        let holders = state.holders();
+        let w = state
             .waiters
-            .iter()
-            .find(|w| w.client == client && w.mode == mode)
-            .map(|w| LockReply::Queued { wait: w.id })
+            .iter_mut()
+            .find(|w| w.client == client && w.mode == mode)?;
+        if wait_ms == 0 {
+            // A caller that would not wait is told the lock is taken, not handed the
+            // other request's wait.
+            return Some(LockReply::Conflict { holders });
+        }
+        // The request waits as long as its longest caller wants; a shorter caller's own
+        // deadline withdraws only its call.
+        let until = now_ms.saturating_add(wait_ms.min(MAX_TTL_MS));
+        let id = w.id;
+        if until > w.deadline_ms {
+            w.deadline_ms = until;
+            self.deadlines.insert((until, key.to_owned()));
+        }
+        Some(LockReply::Queued { wait: id })
     }
 
     /// If `client` queued on `key` in `mode` now, would the wait-for graph get a cycle?
@@ -750,9 +764,21 @@ impl LockTable {
             if let Some(hold) = state.holders.get_mut(client) {
                 // A renewal extends, never shortens (an upgraded hold may have kept a
                 // longer lease than its own ttl).
-                hold.expires_ms = hold.expires_ms.max(now.saturating_add(hold.ttl_ms));
-                self.deadlines.insert((hold.expires_ms, key.clone()));
+                let old = hold.expires_ms;
+                hold.expires_ms = old.max(now.saturating_add(hold.ttl_ms));
+                let new = hold.expires_ms;
                 locks += 1;
+                if new == old {
+                    continue;
+                }
+                self.deadlines.insert((new, key.clone()));
+                // The old deadline goes unless another hold or wait of the key ends then:
+                // left behind, every renewal would leave one more entry (and one more Tick).
+                let shared = state.holders.values().any(|h| h.expires_ms == old)
+                    || state.waiters.iter().any(|w| w.deadline_ms == old);
+                if !shared {
+                    self.deadlines.remove(&(old, key.clone()));
+                }
             }
         }
         LockReply::Renewed { locks }

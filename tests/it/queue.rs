@@ -1,0 +1,260 @@
+//! The queue's HTTP contract (DESIGN.md section 4) against a real cluster: the seed's
+//! requests, redelivery after a lease runs out, dead letters, long polls, bad input.
+
+use crate::support::{eventually, http, TestCluster};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+fn post(gw: SocketAddr, path: &str, body: &str) -> (u16, Value) {
+    http(gw, "POST", path, body.as_bytes())
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("")
+}
+
+#[test]
+fn seed_queue_requests_redelivery_dead_letters_and_long_polls() {
+    let mut c = TestCluster::start("queue-seed", 3);
+    c.wait_for_leader(Duration::from_secs(10));
+    let gw = c.start_gateway();
+
+    // The seed's requests, unchanged.
+    let (status, enq) = post(gw, "/queue/enq", r#"{"key": "user:42", "value": "hello"}"#);
+    assert_eq!(status, 200, "{enq}");
+    assert_eq!(enq["ok"], true);
+    assert!(enq["partition"].is_u64(), "{enq}");
+    let id = enq["msg_id"].as_str().expect("msg_id").to_string();
+    let (status, deq) = http(gw, "POST", "/queue/deq", b"");
+    assert_eq!(status, 200, "{deq}");
+    assert_eq!(deq["msg_id"], id.as_str());
+    assert_eq!(deq["payload"]["key"], "user:42");
+    assert_eq!(deq["payload"]["value"], "hello");
+    assert_eq!(deq["deliveries"], 1);
+    let (status, ack) = post(gw, "/queue/ack", &format!(r#"{{"msg_id": "{id}"}}"#));
+    assert_eq!((status, &ack["ok"]), (200, &Value::Bool(true)), "{ack}");
+    let (status, again) = post(gw, "/queue/ack", &format!(r#"{{"msg_id": "{id}"}}"#));
+    assert_eq!(status, 404, "{again}");
+    let (status, empty) = http(gw, "POST", "/queue/deq", b"");
+    assert_eq!(status, 200);
+    assert!(
+        empty["msg_id"].is_null() && empty["payload"].is_null(),
+        "{empty}"
+    );
+    assert_eq!(empty["empty"], true);
+
+    // Other implementations' names: `body`, /queue/enqueue, /queue/dequeue, message_id.
+    let (status, enq) = post(
+        gw,
+        "/queue/enqueue",
+        r#"{"key": "k", "body": {"n": 1, "a": [true, null]}}"#,
+    );
+    assert_eq!(status, 200, "{enq}");
+    let (_, deq) = http(gw, "POST", "/queue/dequeue", b"{}");
+    assert_eq!(deq["payload"]["body"]["a"][0], true, "{deq}");
+    let mid = deq["message_id"].as_str().expect("message_id").to_string();
+    let (status, _) = post(gw, "/queue/ack", &format!(r#"{{"message_id": "{mid}"}}"#));
+    assert_eq!(status, 200);
+
+    // A consumer that dies without acking: redelivered after its lease, payload intact;
+    // its old receipt is stale. After max_deliveries it is a dead letter; requeue.
+    let (status, made) = post(
+        gw,
+        "/queue/create",
+        r#"{"queue": "jobs", "partitions": 4, "max_deliveries": 2}"#,
+    );
+    assert_eq!(status, 200, "{made}");
+    post(
+        gw,
+        "/queue/enq",
+        r#"{"queue": "jobs", "key": "p", "value": {"poison": true}}"#,
+    );
+    let deq_jobs = r#"{"queue": "jobs", "visibility_ms": 300}"#;
+    let (_, first) = post(gw, "/queue/deq", deq_jobs);
+    assert_eq!(first["deliveries"], 1, "{first}");
+    let mut second = Value::Null;
+    eventually(
+        "the lease to run out and redeliver",
+        Duration::from_secs(5),
+        || {
+            second = post(gw, "/queue/deq", deq_jobs).1;
+            !second["msg_id"].is_null()
+        },
+    );
+    assert_eq!(second["msg_id"], first["msg_id"]);
+    assert_eq!(second["deliveries"], 2);
+    assert_eq!(second["payload"]["value"]["poison"], true);
+    let stale = format!(
+        r#"{{"queue": "jobs", "msg_id": {}, "receipt": {}}}"#,
+        first["msg_id"], first["receipt"]
+    );
+    let (status, refused) = post(gw, "/queue/ack", &stale);
+    assert_eq!(
+        (status, code(&refused)),
+        (409, "stale_receipt"),
+        "{refused}"
+    );
+    eventually(
+        "the message to reach the dead letters",
+        Duration::from_secs(5),
+        || {
+            let (_, dead) = http(gw, "GET", "/queue/dead?queue=jobs", b"");
+            dead["dead"].as_array().is_some_and(|d| d.len() == 1)
+        },
+    );
+    let (status, requeued) = post(gw, "/queue/dead/requeue", r#"{"queue": "jobs"}"#);
+    assert_eq!(
+        (status, &requeued["requeued"]),
+        (200, &Value::from(1)),
+        "{requeued}"
+    );
+    let (_, back) = post(gw, "/queue/deq", deq_jobs);
+    assert_eq!(
+        (&back["msg_id"], &back["deliveries"]),
+        (&first["msg_id"], &Value::from(1))
+    );
+
+    // A long poll is answered by the enqueue that makes a message visible.
+    let poll = std::thread::spawn(move || post(gw, "/queue/deq", r#"{"wait_ms": 20000}"#));
+    eventually("the dequeue to wait", Duration::from_secs(5), || {
+        let (_, stats) = http(gw, "GET", "/queue/stats", b"");
+        stats["queues"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|q| q["queue"] == "default" && q["waiters"] == 1)
+    });
+    post(gw, "/queue/enq", r#"{"key": "late", "value": 7}"#);
+    let (status, woken) = poll.join().expect("poll thread");
+    assert_eq!(status, 200, "{woken}");
+    assert_eq!(woken["payload"]["value"], 7);
+
+    // Deduplication: the same dedup_id (or Idempotency-Key) is stored once.
+    let (_, a) = post(
+        gw,
+        "/queue/enq",
+        r#"{"key": "d", "value": 1, "dedup_id": "order-9"}"#,
+    );
+    let (_, b) = post(
+        gw,
+        "/queue/enq",
+        r#"{"key": "d", "value": 1, "dedup_id": "order-9"}"#,
+    );
+    assert_eq!(a["msg_id"], b["msg_id"]);
+    assert_eq!(b["duplicate"], true);
+
+    // A batch is one commit; stats show the ring and every partition.
+    let (status, batch) = post(
+        gw,
+        "/queue/enq",
+        r#"[{"key": "b1", "value": 1}, {"key": "b2", "value": 2}, {"key": "b3", "value": 3}]"#,
+    );
+    assert_eq!(status, 200, "{batch}");
+    assert_eq!(batch["msg_ids"].as_array().map(Vec::len), Some(3));
+    let (_, many) = post(gw, "/queue/deq", r#"{"max": 10}"#);
+    assert_eq!(many["messages"].as_array().map(Vec::len), Some(4), "{many}");
+    let (_, stats) = http(gw, "GET", "/queue/stats", b"");
+    assert_eq!(
+        stats["ring"]["points"].as_array().map(Vec::len),
+        Some(16 * 64)
+    );
+    let default = stats["queues"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|q| q["queue"] == "default")
+        .expect("default queue in stats");
+    assert_eq!(default["partitions"].as_array().map(Vec::len), Some(16));
+    assert_eq!(default["inflight"], 4);
+}
+
+#[test]
+fn bad_queue_input_gets_its_documented_error() {
+    let mut c = TestCluster::start("queue-bad", 3);
+    c.wait_for_leader(Duration::from_secs(10));
+    let gw = c.start_gateway();
+    let big = format!(r#"{{"key": "k", "value": "{}"}}"#, "x".repeat(300 * 1024));
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("/queue/enq", r#"{"value": "v"}"#.into(), 400, "invalid_key"),
+        (
+            "/queue/enq",
+            r#"{"key": "", "value": "v"}"#.into(),
+            400,
+            "invalid_key",
+        ),
+        ("/queue/enq", r#"{"key": "k"}"#.into(), 400, "invalid_value"),
+        ("/queue/enq", "not json".into(), 400, "malformed_json"),
+        ("/queue/enq", "[]".into(), 400, "invalid_batch"),
+        ("/queue/enq", big, 413, "body_too_large"),
+        (
+            "/queue/ack",
+            r#"{"msg_id": "0-999999"}"#.into(),
+            404,
+            "not_found",
+        ),
+        (
+            "/queue/ack",
+            r#"{"msg_id": "nonsense"}"#.into(),
+            400,
+            "invalid_msg_id",
+        ),
+        ("/queue/ack", "{}".into(), 400, "invalid_msg_id"),
+        (
+            "/queue/nack",
+            r#"{"msg_id": "3-999999"}"#.into(),
+            404,
+            "not_found",
+        ),
+        (
+            "/queue/deq",
+            r#"{"visibility_ms": -5}"#.into(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "/queue/deq",
+            r#"{"visibility_ms": 99999999999}"#.into(),
+            400,
+            "invalid_request",
+        ),
+        ("/queue/deq", r#"{"max": 0}"#.into(), 400, "invalid_max"),
+        (
+            "/queue/deq",
+            r#"{"max": 100000}"#.into(),
+            400,
+            "invalid_max",
+        ),
+        (
+            "/queue/deq",
+            r#"{"wait_ms": 600000}"#.into(),
+            400,
+            "invalid_wait",
+        ),
+        (
+            "/queue/deq",
+            r#"{"queue": "no spaces"}"#.into(),
+            400,
+            "invalid_queue",
+        ),
+        (
+            "/queue/extend",
+            r#"{"msg_id": "0-1"}"#.into(),
+            400,
+            "invalid_visibility",
+        ),
+        (
+            "/queue/create",
+            r#"{"queue": "q", "partitions": 100000}"#.into(),
+            400,
+            "invalid_request",
+        ),
+    ];
+    for (path, body, status, want) in cases {
+        let (got, v) = post(gw, path, &body);
+        assert_eq!((got, code(&v)), (status, want), "{path} {body:.80} -> {v}");
+    }
+    // The cluster keeps serving.
+    let (status, v) = post(gw, "/queue/enq", r#"{"key": "k", "value": "still here"}"#);
+    assert_eq!(status, 200, "{v}");
+}
