@@ -16,6 +16,9 @@ use mesh_core::node::CallId;
 use mesh_core::raft::NodeId;
 use mesh_core::services::envelope::{Command, Envelope, Query, QueryReply, Reply};
 use mesh_core::services::lock::{LockCommand, LockReply, Mode};
+use mesh_core::services::queue::{
+    Field, MsgId, NewMessage, QueueCommand, QueueReply, QueueSettings, DEFAULT_QUEUE,
+};
 use mesh_core::services::register::{RegisterCommand, RegisterQuery, RegisterReply};
 use mesh_core::wire::{ClientRequest, ClientResponse};
 use std::collections::BTreeMap;
@@ -67,17 +70,39 @@ enum Op {
         key: u64,
     },
     Renew,
+    /// Enqueue `n` messages with values from `value` (one message with a dedup id when
+    /// `dedup` is given).
+    Enq {
+        key: u64,
+        value: u64,
+        n: u64,
+        dedup: Option<u64>,
+    },
+    Deq {
+        key: Option<u64>,
+        max: u32,
+        visibility_ms: u64,
+        wait_ms: u64,
+    },
+    /// Ack the messages in `Current::queue_ids`.
+    Ack,
+    /// Nack the message in `Current::queue_ids`.
+    Nack,
+    /// Move dead letters back.
+    Requeue,
+    /// Make messages dead letters after two deliveries.
+    Configure,
 }
 
 impl Op {
     /// Whether the answer comes promptly (no wait): only those are hedged.
     fn prompt(&self) -> bool {
-        !matches!(self, Self::Acquire { wait_ms, .. } if *wait_ms > 0)
+        self.wait_ms() == 0
     }
 
     fn wait_ms(&self) -> u64 {
         match self {
-            Self::Acquire { wait_ms, .. } => *wait_ms,
+            Self::Acquire { wait_ms, .. } | Self::Deq { wait_ms, .. } => *wait_ms,
             _ => 0,
         }
     }
@@ -94,6 +119,8 @@ struct Current {
     releasing: Option<Held>,
     /// Attempts in flight: (node, call).
     live: Vec<(NodeId, CallId)>,
+    /// For an ack or nack: the deliveries it names (id, receipt).
+    queue_ids: Vec<(MsgId, u64)>,
 }
 
 /// The locks each application (a lock client id) holds, as it was told.
@@ -120,6 +147,8 @@ pub(crate) struct Client {
     /// The session the cluster assigned (opened by the first call).
     session: Option<u64>,
     current: Option<Current>,
+    /// Messages delivered to this consumer and not yet acked or nacked.
+    inbox: Vec<(MsgId, u64)>,
 }
 
 impl Client {
@@ -131,6 +160,7 @@ impl Client {
             seq: 0,
             session: None,
             current: None,
+            inbox: Vec::new(),
         }
     }
 
@@ -154,6 +184,10 @@ impl Op {
 
 fn lock_key(key: u64) -> String {
     format!("L{key}")
+}
+
+fn queue_key(key: u64) -> String {
+    format!("Q{key}")
 }
 
 impl World {
@@ -208,6 +242,8 @@ impl World {
         }
         let op = if self.clients[client as usize].session.is_none() {
             Op::OpenSession
+        } else if self.params.queue && self.rng.chance(0.4) {
+            self.pick_queue_op(client)
         } else if self.params.locks
             && self
                 .rng
@@ -251,8 +287,20 @@ impl World {
             first_sent: self.now,
             releasing: None,
             live: Vec::new(),
+            queue_ids: Vec::new(),
         });
         let seq = c.seq;
+        if matches!(op, Op::Ack | Op::Nack) {
+            let n = if matches!(op, Op::Nack) {
+                1
+            } else {
+                c.inbox.len().min(4)
+            };
+            let ids: Vec<(MsgId, u64)> = c.inbox.drain(..n.min(c.inbox.len())).collect();
+            if let Some(cur) = c.current.as_mut() {
+                cur.queue_ids = ids;
+            }
+        }
         if let Op::Release { key } = op {
             // The hold ends, as the application sees it, when it sends the release.
             if let Some(h) = self.holds_of(client).remove(&key) {
@@ -363,6 +411,119 @@ impl World {
         }
     }
 
+    fn pick_queue_op(&mut self, client: u64) -> Op {
+        // A consumer that crashes forgets what it was given: its leases run out.
+        if self.rng.chance(0.03) {
+            self.clients[client as usize].inbox.clear();
+        }
+        let has = !self.clients[client as usize].inbox.is_empty();
+        let keys = self.params.keys.max(2);
+        match self.rng.range(0, 99) {
+            0..=1 => Op::Configure,
+            2..=4 => Op::Requeue,
+            5..=34 => {
+                let n = if self.rng.chance(0.3) {
+                    self.rng.range(2, 4)
+                } else {
+                    1
+                };
+                let value = self.next_value + 1;
+                self.next_value += n;
+                // A dedup id is fresh, or repeats a recent one (a producer's retry).
+                let dedup = self.rng.chance(0.2).then(|| {
+                    if self.rng.chance(0.5) && value > 10 {
+                        value - self.rng.range(1, 10)
+                    } else {
+                        value
+                    }
+                });
+                Op::Enq {
+                    key: self.rng.range(0, keys - 1),
+                    value,
+                    n: if dedup.is_some() { 1 } else { n },
+                    dedup,
+                }
+            }
+            35..=49 if has => Op::Nack,
+            50..=74 if has => Op::Ack,
+            _ => Op::Deq {
+                key: self.rng.chance(0.2).then(|| self.rng.range(0, keys - 1)),
+                max: if self.rng.chance(0.3) {
+                    self.rng.range(2, 5) as u32
+                } else {
+                    1
+                },
+                visibility_ms: self.rng.pick(&[50, 200, 1_000]),
+                wait_ms: if self.rng.chance(0.5) {
+                    0
+                } else {
+                    self.rng.range(10, 500)
+                },
+            },
+        }
+    }
+
+    fn queue_command(op: Op, ids: &[(MsgId, u64)]) -> Option<Command> {
+        let queue = DEFAULT_QUEUE.to_string();
+        let cmd = match op {
+            Op::Enq {
+                key,
+                value,
+                n,
+                dedup,
+            } => QueueCommand::Enqueue {
+                queue,
+                messages: (0..n)
+                    .map(|i| NewMessage {
+                        key: queue_key(key + i),
+                        value: (value + i).to_string().into_bytes(),
+                        field: Field::Value,
+                        dedup_id: dedup.map(|d| format!("d{d}")),
+                    })
+                    .collect(),
+            },
+            Op::Deq {
+                key,
+                max,
+                visibility_ms,
+                wait_ms,
+            } => QueueCommand::Dequeue {
+                queue,
+                key: key.map(queue_key),
+                max,
+                visibility_ms: Some(visibility_ms),
+                wait_ms,
+            },
+            Op::Ack => QueueCommand::Ack {
+                queue,
+                ids: ids.iter().map(|(id, r)| (*id, Some(*r))).collect(),
+            },
+            Op::Nack => {
+                let (id, receipt) = *ids.first()?;
+                QueueCommand::Nack {
+                    queue,
+                    id,
+                    receipt: Some(receipt),
+                }
+            }
+            Op::Requeue => QueueCommand::Requeue {
+                queue,
+                ids: Vec::new(),
+                max: 3,
+            },
+            Op::Configure => QueueCommand::Configure {
+                queue,
+                settings: QueueSettings {
+                    partitions: 0,
+                    max_deliveries: 2,
+                    ..QueueSettings::default()
+                },
+            },
+            _ => return None,
+        };
+        Some(Command::Queue(cmd))
+    }
+
     fn request(&self, client: u64) -> Option<ClientRequest> {
         let c = &self.clients[client as usize];
         let cur = c.current.as_ref()?;
@@ -400,6 +561,7 @@ impl World {
             Op::Renew => Command::Lock(LockCommand::Renew {
                 client: lock_client(c.app),
             }),
+            queue_op => Self::queue_command(queue_op, &cur.queue_ids)?,
         };
         // One call in flight per session: every call acknowledges all before it.
         let e = Envelope::new(c.session?, cur.seq, cur.seq, command);
@@ -562,7 +724,13 @@ impl World {
                 self.lock_ops += 1;
                 self.record_lock(client, &cur, op, r);
             }
-            (Op::Acquire { .. }, Some(Reply::Withdrawn), _) => self.lock_ops += 1,
+            (Op::Acquire { .. } | Op::Deq { .. }, Some(Reply::Withdrawn), _) => {
+                self.lock_ops += 1;
+            }
+            (op, Some(Reply::Queue(r)), _) => {
+                self.lock_ops += 1;
+                self.record_queue(client, &cur, op, r);
+            }
             (op, reply, _) => {
                 self.violation = Some(format!(
                     "client {client}: {op:?} answered {reply:?} / {value:?}"
@@ -651,6 +819,55 @@ impl World {
                     }
                 }
             }
+            (op, r) => {
+                self.violation = Some(format!("client {client}: {op:?} answered {r:?}"));
+            }
+        }
+    }
+
+    fn record_queue(&mut self, client: u64, cur: &Current, op: Op, r: QueueReply) {
+        self.log(|| format!("client {client}: call {} {op:?} answered {r:?}", cur.seq));
+        match (op, r) {
+            (
+                Op::Enq {
+                    key,
+                    value,
+                    n,
+                    dedup,
+                },
+                QueueReply::Enqueued { ids },
+            ) => {
+                let sent: Vec<crate::queuecheck::Sent> = (0..n)
+                    .map(|i| crate::queuecheck::Sent {
+                        key: queue_key(key + i),
+                        value: value + i,
+                        dedup: dedup.map(|d| format!("d{d}")),
+                    })
+                    .collect();
+                self.queue_history.enqueued(&sent, &ids);
+            }
+            // A full queue refuses; the simulator's caps are far away.
+            (Op::Deq { wait_ms, .. }, QueueReply::Delivered { messages }) => {
+                self.queue_history.delivered(&messages, wait_ms > 0);
+                let c = &mut self.clients[client as usize];
+                c.inbox.extend(messages.iter().map(|m| (m.id, m.receipt)));
+            }
+            (Op::Ack, QueueReply::Acked { missing, stale, .. }) => {
+                for &(id, receipt) in &cur.queue_ids {
+                    if !missing.contains(&id) && !stale.contains(&id) {
+                        self.queue_history.acked(id, receipt);
+                    }
+                }
+            }
+            (
+                Op::Nack,
+                QueueReply::Done
+                | QueueReply::NotLeased { .. }
+                | QueueReply::StaleReceipt { .. }
+                | QueueReply::NotFound { .. },
+            )
+            | (Op::Requeue, QueueReply::Requeued { .. })
+            | (Op::Configure, QueueReply::Configured { .. }) => {}
             (op, r) => {
                 self.violation = Some(format!("client {client}: {op:?} answered {r:?}"));
             }

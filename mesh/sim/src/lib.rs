@@ -13,6 +13,7 @@ pub mod kv;
 pub mod linearizability;
 pub mod lockcheck;
 pub mod params;
+mod queuecheck;
 pub mod rng;
 pub mod world;
 
@@ -76,7 +77,7 @@ pub struct Totals {
     pub coverage: Coverage,
     /// Seeds that saw each kind of event: waits granted, leases expired, cancels that
     /// raced a grant, deadlocks, upgrades that waited, wall-clock steps.
-    pub seeds_seeing: [u64; 6],
+    pub seeds_seeing: [u64; 11],
     /// Failures, in seed order.
     pub failures: Vec<SeedFailure>,
 }
@@ -110,6 +111,11 @@ pub fn run_seeds(start: u64, count: u64, threads: usize) -> Totals {
                             c.deadlocks,
                             c.upgrades_waited,
                             c.clocks_stepped,
+                            c.queue_redeliveries,
+                            c.queue_dead_letters,
+                            c.queue_deduplicated,
+                            c.queue_polls_woken,
+                            c.queue_acked,
                         ];
                         for (n, v) in t.seeds_seeing.iter_mut().zip(seen) {
                             *n += u64::from(v > 0);
@@ -133,7 +139,8 @@ impl Totals {
         format!(
             "waits granted {} ({} seeds), leases expired {} ({}), cancels raced a grant {} ({}), \
              deadlocks refused {} ({}), upgrades waited {} ({}), clocks stepped {} ({}); \
-             waits withdrawn {}, answers lost {}, hedged calls {}",
+             waits withdrawn {}, answers lost {}, hedged calls {}; queue: redeliveries {} ({}), \
+             dead letters {} ({}), dedup repeats {} ({}), long polls woken {} ({}), acks {} ({})",
             c.waits_granted,
             s[0],
             c.leases_expired,
@@ -148,7 +155,17 @@ impl Totals {
             s[5],
             c.waits_withdrawn,
             c.answers_lost,
-            c.hedges
+            c.hedges,
+            c.queue_redeliveries,
+            s[6],
+            c.queue_dead_letters,
+            s[7],
+            c.queue_deduplicated,
+            s[8],
+            c.queue_polls_woken,
+            s[9],
+            c.queue_acked,
+            s[10]
         )
     }
 }
@@ -199,6 +216,11 @@ mod tests {
             "deadlocks refused",
             "upgrades waited",
             "clocks stepped",
+            "queue redeliveries",
+            "queue dead letters",
+            "queue dedup repeats",
+            "queue long polls woken",
+            "queue acks",
         ]
         .iter()
         .zip(t.seeds_seeing)

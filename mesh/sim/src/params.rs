@@ -57,6 +57,8 @@ pub struct SimParams {
     pub give_up: f64,
     /// Two caller slots share one lock client id (an application with two threads).
     pub shared_ids: bool,
+    /// Clients also produce and consume queue messages.
+    pub queue: bool,
 }
 
 impl SimParams {
@@ -110,6 +112,7 @@ impl SimParams {
             hedge: rng.pick(&[0.0, 0.1, 0.3]),
             give_up: rng.pick(&[0.0, 0.1, 0.3]),
             shared_ids,
+            queue: rng.chance(0.6),
         }
     }
 }

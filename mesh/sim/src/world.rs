@@ -122,6 +122,16 @@ pub struct Coverage {
     pub answers_lost: u64,
     /// Prompt calls sent to two nodes at once.
     pub hedges: u64,
+    /// Queue deliveries after a message's first.
+    pub queue_redeliveries: u64,
+    /// Messages that became dead letters.
+    pub queue_dead_letters: u64,
+    /// Enqueues answered with an earlier message by their dedup id.
+    pub queue_deduplicated: u64,
+    /// Long polls answered with messages.
+    pub queue_polls_woken: u64,
+    /// Acks accepted.
+    pub queue_acked: u64,
 }
 
 impl Coverage {
@@ -136,6 +146,11 @@ impl Coverage {
         self.clocks_stepped += o.clocks_stepped;
         self.answers_lost += o.answers_lost;
         self.hedges += o.hedges;
+        self.queue_redeliveries += o.queue_redeliveries;
+        self.queue_dead_letters += o.queue_dead_letters;
+        self.queue_deduplicated += o.queue_deduplicated;
+        self.queue_polls_woken += o.queue_polls_woken;
+        self.queue_acked += o.queue_acked;
     }
 }
 
@@ -185,6 +200,8 @@ pub struct World {
     pub(crate) next_value: u64,
     pub(crate) coverage: Coverage,
     pub(crate) lock_ops: usize,
+    /// What producers and consumers were told.
+    pub(crate) queue_history: crate::queuecheck::QueueHistory,
     verbose: bool,
 }
 
@@ -243,6 +260,7 @@ impl World {
             next_value: 0,
             coverage: Coverage::default(),
             lock_ops: 0,
+            queue_history: crate::queuecheck::QueueHistory::default(),
             verbose,
         };
         for id in 1..=world.params.nodes {
@@ -339,6 +357,20 @@ impl World {
         }
         self.finish_holds();
         crate::lockcheck::check(&self.holds).map_err(|e| format!("locks: {e}"))?;
+        let left = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.node.as_ref())
+            .max_by_key(|n| n.services().applied())
+            .map(|n| {
+                n.services()
+                    .queues()
+                    .message_ids(mesh_core::services::queue::DEFAULT_QUEUE)
+            })
+            .unwrap_or_default();
+        self.queue_history
+            .check(&left)
+            .map_err(|e| format!("queue: {e}"))?;
         linearizability::check(&self.history, 0).map_err(|v| {
             format!(
                 "linearizability: history of key {} ({} ops) has no valid order",
@@ -372,7 +404,13 @@ impl World {
             self.coverage.waits_withdrawn = s.waits_withdrawn;
             self.coverage.deadlocks = s.deadlocks;
             self.coverage.upgrades_waited = s.upgrades_waited;
+            let q = n.services().queues().stats();
+            self.coverage.queue_redeliveries = q.redeliveries;
+            self.coverage.queue_dead_letters = q.dead_lettered;
+            self.coverage.queue_deduplicated = q.deduplicated;
         }
+        self.coverage.queue_polls_woken = self.queue_history.polls_woken;
+        self.coverage.queue_acked = self.queue_history.counts().2 as u64;
     }
 
     fn describe(&self) -> String {
@@ -463,6 +501,10 @@ impl World {
                 locks
                     .check()
                     .map_err(|e| format!("node {}: lock table: {e}", n.id))?;
+                node.services()
+                    .queues()
+                    .check()
+                    .map_err(|e| format!("node {}: queues: {e}", n.id))?;
                 if locks.audit_failures() > 0 {
                     return Err(format!(
                         "node {}: a deadlock decision disagrees with the reference search",

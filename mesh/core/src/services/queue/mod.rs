@@ -32,6 +32,7 @@ pub use ring::HashRing;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 /// Names one waiting dequeue: the log index of the entry that queued it.
 pub type WaitId = LogIndex;
@@ -366,7 +367,6 @@ struct DeadLetter {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Queue {
     settings: QueueSettings,
-    ring: HashRing,
     partitions: Vec<QueuePartition>,
     dead: BTreeMap<MsgId, DeadLetter>,
     dead_bytes: u64,
@@ -501,9 +501,14 @@ fn check_queue_name(name: &str) -> Result<(), String> {
 }
 
 impl Queue {
+    /// The queue's ring: derived from the partition count alone, so it is neither
+    /// stored nor shipped in snapshots.
+    fn ring(&self) -> Arc<HashRing> {
+        ring::shared(self.settings.partitions)
+    }
+
     fn new(settings: QueueSettings) -> Self {
         Self {
-            ring: HashRing::new(settings.partitions),
             partitions: vec![QueuePartition::default(); settings.partitions as usize],
             settings,
             dead: BTreeMap::new(),
@@ -540,7 +545,7 @@ impl Queue {
         let mut out = Vec::new();
         let max = max as usize;
         if let Some(k) = key {
-            let p = self.ring.partition(k);
+            let p = self.ring().partition(k);
             if let Some(part) = self.partitions.get_mut(p as usize) {
                 while out.len() < max {
                     let Some(d) = part.lease_oldest(p, Some(k), until_ms, receipt) else {
@@ -582,7 +587,7 @@ impl Queue {
         match key {
             Some(k) => self
                 .partitions
-                .get(self.ring.partition(k) as usize)
+                .get(self.ring().partition(k) as usize)
                 .is_some_and(|p| p.has_visible(Some(k))),
             None => self.partitions.iter().any(|p| p.has_visible(None)),
         }
@@ -596,7 +601,7 @@ impl Queue {
         let Some(m) = part.messages.get(&seq) else {
             return;
         };
-        if m.deliveries >= self.settings.max_deliveries {
+        if m.deliveries - m.requeued_at.min(m.deliveries) >= self.settings.max_deliveries {
             if let Some(mut message) = part.remove(seq) {
                 message.lease = None;
                 self.dead_bytes += message.size();
@@ -625,7 +630,7 @@ impl Queue {
                 ids.push((first, true));
                 continue;
             }
-            let p = self.ring.partition(&m.key);
+            let p = self.ring().partition(&m.key);
             let Some(part) = self.partitions.get_mut(p as usize) else {
                 continue;
             };
@@ -634,6 +639,7 @@ impl Queue {
                 value: m.value,
                 field: m.field,
                 deliveries: 0,
+                requeued_at: 0,
                 receipt: 0,
                 lease: None,
                 enqueued_ms: now,
@@ -1108,8 +1114,7 @@ impl QueueSet {
             };
             let mut message = dead.message;
             queue.dead_bytes -= message.size();
-            message.deliveries = 0;
-            message.receipt = 0;
+            message.requeued_at = message.deliveries;
             message.lease = None;
             if let Some(part) = queue.partitions.get_mut(id.partition as usize) {
                 part.insert(id.seq, message);
@@ -1134,9 +1139,11 @@ impl QueueSet {
         }
     }
 
-    /// Undo deliveries nobody received (their caller gave up before the answer): each
-    /// message still leased under that receipt is visible again at once, its delivery
-    /// not counted.
+    /// Give back deliveries whose caller gave up before the answer: each message still
+    /// leased under that receipt is visible again at once. The delivery still counts
+    /// (towards `max_deliveries`, and in the count the next delivery reports): it
+    /// happened, and a later message of the key may have been delivered meanwhile, so
+    /// the next one is not a first delivery.
     pub fn withdraw_deliveries(
         &mut self,
         index: LogIndex,
@@ -1158,10 +1165,6 @@ impl QueueSet {
             if m.receipt != receipt || m.lease.is_none() {
                 continue;
             }
-            m.deliveries = m.deliveries.saturating_sub(1);
-            if m.deliveries > 0 {
-                self.stats.redeliveries = self.stats.redeliveries.saturating_sub(1);
-            }
             part.end_lease(id.seq);
         }
         q.serve_waiters_at(index, now, &mut self.stats, &mut events);
@@ -1182,7 +1185,7 @@ impl QueueSet {
     }
 
     fn view_of(&self, name: &str, q: &Queue) -> QueueView {
-        let shares = q.ring.shares(q.settings.partitions);
+        let shares = q.ring().shares(q.settings.partitions);
         QueueView {
             name: name.to_owned(),
             settings: q.settings,
@@ -1205,8 +1208,8 @@ impl QueueSet {
     }
 
     /// The ring points of a queue.
-    pub fn ring(&self, name: &str) -> Option<&HashRing> {
-        self.queues.get(name).map(|q| &q.ring)
+    pub fn ring(&self, name: &str) -> Option<Arc<HashRing>> {
+        self.queues.get(name).map(Queue::ring)
     }
 
     /// Dead letters of a queue, oldest first, at most `limit`.
@@ -1228,6 +1231,20 @@ impl QueueSet {
             .collect()
     }
 
+    /// Every message a queue still stores (visible, leased or dead).
+    pub fn message_ids(&self, name: &str) -> BTreeSet<MsgId> {
+        let Some(q) = self.queues.get(name) else {
+            return BTreeSet::new();
+        };
+        let live = q.partitions.iter().enumerate().flat_map(|(p, part)| {
+            part.messages.keys().map(move |&seq| MsgId {
+                partition: p as u32,
+                seq,
+            })
+        });
+        live.chain(q.dead.keys().copied()).collect()
+    }
+
     /// Check every index against the messages (the simulator's invariant).
     pub fn check(&self) -> Result<(), String> {
         let (mut messages, mut bytes) = (0, 0);
@@ -1236,7 +1253,7 @@ impl QueueSet {
                 p.check()
                     .map_err(|e| format!("queue {name} partition {i}: {e}"))?;
                 for m in p.messages.values() {
-                    if q.ring.partition(&m.key) != i as u32 {
+                    if q.ring().partition(&m.key) != i as u32 {
                         return Err(format!("queue {name}: key {} in partition {i}", m.key));
                     }
                 }

@@ -24,8 +24,11 @@ pub(super) struct Message {
     /// The value's JSON text, as the producer sent it.
     pub(super) value: Vec<u8>,
     pub(super) field: Field,
-    /// Deliveries so far.
+    /// Deliveries so far, over the message's whole life.
     pub(super) deliveries: u32,
+    /// Deliveries it had when it was last requeued from the dead letters: the budget of
+    /// `max_deliveries` starts again there, the count does not.
+    pub(super) requeued_at: u32,
     /// Receipt of the latest delivery (0: never delivered).
     pub(super) receipt: u64,
     pub(super) lease: Option<Lease>,

@@ -7,6 +7,23 @@
 //! (about 1/P of them per partition added), which is what a documented migration needs.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The ring of `partitions` partitions, built once per process: a pure function of the
+/// count, cached (deterministic, and no state a replica could disagree on).
+pub fn shared(partitions: u32) -> Arc<HashRing> {
+    static RINGS: OnceLock<Mutex<BTreeMap<u32, Arc<HashRing>>>> = OnceLock::new();
+    let rings = RINGS.get_or_init(|| Mutex::new(BTreeMap::new()));
+    // The map is only inserted into; a panic elsewhere cannot leave it half-written.
+    let mut rings = rings
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    rings
+        .entry(partitions)
+        .or_insert_with(|| Arc::new(HashRing::new(partitions)))
+        .clone()
+}
 
 /// Points per partition on the ring.
 pub const VNODES: u32 = 64;

@@ -209,11 +209,20 @@ fn poison_message_becomes_a_dead_letter_and_requeue_brings_it_back() {
         max: 10,
     });
     assert_eq!(reply, QueueReply::Requeued { count: 1 });
+    // It comes back with its payload; the count goes on (so it is not taken for a first
+    // delivery), and it has a fresh budget of deliveries.
     let d = h.deq_one();
     assert_eq!(
         (d.id, d.deliveries, value(&d)),
-        (id, 1, "\"poison\"".into())
+        (id, DEFAULT_MAX_DELIVERIES + 1, "\"poison\"".into())
     );
+    let (reply, _) = h.run(QueueCommand::Nack {
+        queue: Q.into(),
+        id,
+        receipt: None,
+    });
+    assert_eq!(reply, QueueReply::Done);
+    assert_eq!(h.set.dead(Q, 10).len(), 0, "a fresh budget after requeue");
 }
 
 #[test]
@@ -371,7 +380,7 @@ fn extend_keeps_the_lease_and_nack_frees_it_at_once() {
 }
 
 #[test]
-fn withdrawn_deliveries_are_visible_again_and_not_counted() {
+fn withdrawn_deliveries_are_visible_again_and_still_counted() {
     let mut h = Harness::new();
     let id = h.enq("k", "v");
     let d = h.deq_one();
@@ -379,7 +388,7 @@ fn withdrawn_deliveries_are_visible_again_and_not_counted() {
     h.set.withdraw_deliveries(h.index, Q, &[(id, d.receipt)]);
     h.set.check().unwrap();
     let again = h.deq_one();
-    assert_eq!((again.id, again.deliveries), (id, 1));
+    assert_eq!((again.id, again.deliveries), (id, 2));
     // A withdrawal naming an older receipt leaves the newer delivery alone.
     h.index += 1;
     h.set.withdraw_deliveries(h.index, Q, &[(id, d.receipt)]);
