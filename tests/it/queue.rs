@@ -109,11 +109,13 @@ fn seed_queue_requests_redelivery_dead_letters_and_long_polls() {
         (200, &Value::from(1)),
         "{requeued}"
     );
+    // Back with its payload; the count goes on from the two deliveries it had.
     let (_, back) = post(gw, "/queue/deq", deq_jobs);
     assert_eq!(
         (&back["msg_id"], &back["deliveries"]),
-        (&first["msg_id"], &Value::from(1))
+        (&first["msg_id"], &Value::from(3))
     );
+    assert_eq!(back["payload"]["value"]["poison"], true);
 
     // A long poll is answered by the enqueue that makes a message visible.
     let poll = std::thread::spawn(move || post(gw, "/queue/deq", r#"{"wait_ms": 20000}"#));
