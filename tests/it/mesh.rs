@@ -209,6 +209,20 @@ fn five_node_cluster_command_elects_a_leader_and_serves_the_seed_ports() {
         br#"{"key": "A", "mode": "X", "client_id": "client1"}"#,
     );
     let (cache_status, _) = http(at(base + 201), "GET", "/health", b"");
+    // The seed's queue requests on the seed's queue ports, across three nodes.
+    wait_until(base + 100);
+    wait_until(base + 102);
+    let (enq_status, enq) = http(
+        at(base + 101),
+        "POST",
+        "/queue/enq",
+        br#"{"key": "user:42", "value": "hello"}"#,
+    );
+    let (_, deq) = http(at(base + 100), "POST", "/queue/deq", b"");
+    let ack = format!(r#"{{"msg_id": {}}}"#, deq["msg_id"]);
+    let (ack_status, _) = http(at(base + 102), "POST", "/queue/ack", ack.as_bytes());
+    let (again_status, _) = http(at(base + 102), "POST", "/queue/ack", ack.as_bytes());
+    let (_, empty) = http(at(base + 101), "POST", "/queue/deq", b"");
     // SIGTERM the launcher: it stops every child.
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -229,6 +243,15 @@ fn five_node_cluster_command_elects_a_leader_and_serves_the_seed_ports() {
     assert_eq!(acq_status, 200, "{acquired}");
     assert_eq!(acquired["mode"], "X");
     assert_eq!(cache_status, 200);
+    assert_eq!(
+        (enq_status, &enq["ok"]),
+        (200, &serde_json::Value::Bool(true)),
+        "{enq}"
+    );
+    assert_eq!(deq["msg_id"], enq["msg_id"], "{deq}");
+    assert_eq!(deq["payload"]["value"], "hello", "{deq}");
+    assert_eq!((ack_status, again_status), (200, 404));
+    assert!(empty["msg_id"].is_null(), "{empty}");
     assert!(out.contains("every node stopped"), "{out}");
     assert!(status_exit.success(), "cluster exits 0 on SIGTERM");
 }
