@@ -75,6 +75,9 @@ pub struct LocalNode {
     pub calls: mpsc::Sender<ClientCall>,
 }
 
+/// How long a node's own status may take in-process.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Why an in-process call got no answer.
 enum LocalError {
     /// The node's inbox was full: the call never reached it.
@@ -84,12 +87,17 @@ enum LocalError {
 }
 
 impl LocalNode {
-    async fn call(&self, request: ClientRequest) -> Result<ClientResponse, LocalError> {
+    /// Hand `request` to the node and wait up to `deadline` for its answer.
+    async fn call(
+        &self,
+        request: ClientRequest,
+        deadline: Duration,
+    ) -> Result<ClientResponse, LocalError> {
         let (tx, rx) = oneshot::channel();
         self.calls
             .try_send((request, tx))
             .map_err(|_| LocalError::Overloaded)?;
-        match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+        match tokio::time::timeout(deadline.min(CALL_TIMEOUT), rx).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(_)) => Err(LocalError::Lost("node stopped before answering")),
             Err(_) => Err(LocalError::Lost("no answer in time")),
@@ -133,10 +141,11 @@ impl Cluster {
         hedge: Option<Duration>,
     ) -> Result<ClientResponse, CallError> {
         let mut may_be_done = false;
+        let started = std::time::Instant::now();
         if let Some(local) = &self.local {
             let hint = self.mesh.leader_hint();
             if hint == 0 || hint == local.id {
-                match local.call(request.clone()).await {
+                match local.call(request.clone(), deadline).await {
                     Ok(ClientResponse::NotLeader { leader }) => {
                         self.mesh.set_leader_hint(leader.unwrap_or(0));
                     }
@@ -156,7 +165,9 @@ impl Cluster {
                 }
             }
         }
-        match self.mesh.call_hedged(request, deadline, hedge).await {
+        // What the local attempt used is not given again.
+        let left = deadline.saturating_sub(started.elapsed());
+        match self.mesh.call_hedged(request, left, hedge).await {
             Err(CallError::Unavailable(why)) if may_be_done => Err(CallError::OutcomeUnknown(why)),
             other => other,
         }
@@ -165,15 +176,13 @@ impl Cluster {
     /// One node's own view (`Status`), in-process when it is this process's node.
     pub async fn status_of(&self, node: NodeId) -> Result<ClientResponse, String> {
         match &self.local {
-            Some(local) if local.id == node => {
-                local
-                    .call(ClientRequest::Status)
-                    .await
-                    .map_err(|e| match e {
-                        LocalError::Overloaded => "node is overloaded".to_string(),
-                        LocalError::Lost(why) => why.to_string(),
-                    })
-            }
+            Some(local) if local.id == node => local
+                .call(ClientRequest::Status, STATUS_TIMEOUT)
+                .await
+                .map_err(|e| match e {
+                    LocalError::Overloaded => "node is overloaded".to_string(),
+                    LocalError::Lost(why) => why.to_string(),
+                }),
             _ => self.mesh.call_node(node, &ClientRequest::Status).await,
         }
     }

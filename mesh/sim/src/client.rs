@@ -92,6 +92,11 @@ enum Op {
     Requeue,
     /// Make messages dead letters after two deliveries.
     Configure,
+    /// Withdraw call `seq` of this client's session, which it gave up on; like the
+    /// gateway's caller slot, the client makes no other call until it is applied.
+    Withdraw {
+        seq: u64,
+    },
 }
 
 impl Op {
@@ -528,6 +533,19 @@ impl World {
         let c = &self.clients[client as usize];
         let cur = c.current.as_ref()?;
         let command = match cur.op {
+            Op::Withdraw { seq } => {
+                let e = Envelope::new(
+                    0,
+                    0,
+                    0,
+                    Command::Withdraw {
+                        session: c.session?,
+                        seq,
+                        release_grant: true,
+                    },
+                );
+                return Some(ClientRequest::Propose(postcard::to_stdvec(&e).ok()?));
+            }
             Op::OpenSession => {
                 let e = Envelope::new(0, 0, 0, Command::OpenSession);
                 return Some(ClientRequest::Propose(postcard::to_stdvec(&e).ok()?));
@@ -618,24 +636,21 @@ impl World {
         let Some(session) = self.clients[client as usize].session else {
             return;
         };
-        let withdraw = Envelope::new(
-            0,
-            0,
-            0,
-            Command::Withdraw {
-                session,
-                seq,
-                release_grant: true,
-            },
-        );
-        if let Ok(bytes) = postcard::to_stdvec(&withdraw) {
-            let target = self.clients[client as usize].target;
-            self.send_call(client, target, ClientRequest::Propose(bytes));
-        }
-        self.clients[client as usize].current = None;
-        self.lock_ops += 1;
-        let think = self.rng.range(0, 20);
-        self.schedule(think, Event::Client(ClientEvent::Start(client)));
+        let _ = session;
+        // The withdrawal becomes the slot's call; the next call waits for it, as the
+        // gateway's caller slot does (mesh-client's SlotGuard).
+        let now = self.now;
+        self.clients[client as usize].current = Some(Current {
+            seq,
+            op: Op::Withdraw { seq },
+            history: None,
+            attempt: 0,
+            first_sent: now,
+            releasing: None,
+            live: Vec::new(),
+            queue_ids: Vec::new(),
+        });
+        self.send_attempt(client);
     }
 
     fn handle_answer(&mut self, client: u64, node: NodeId, call: CallId, response: ClientResponse) {
@@ -727,6 +742,7 @@ impl World {
             (Op::Acquire { .. } | Op::Deq { .. }, Some(Reply::Withdrawn), _) => {
                 self.lock_ops += 1;
             }
+            (Op::Withdraw { .. }, Some(Reply::Withdrawn), _) => self.lock_ops += 1,
             (op, Some(Reply::Queue(r)), _) => {
                 self.lock_ops += 1;
                 self.record_queue(client, &cur, op, r);

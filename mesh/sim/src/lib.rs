@@ -77,7 +77,7 @@ pub struct Totals {
     pub coverage: Coverage,
     /// Seeds that saw each kind of event: waits granted, leases expired, cancels that
     /// raced a grant, deadlocks, upgrades that waited, wall-clock steps.
-    pub seeds_seeing: [u64; 11],
+    pub seeds_seeing: [u64; 12],
     /// Failures, in seed order.
     pub failures: Vec<SeedFailure>,
 }
@@ -116,6 +116,7 @@ pub fn run_seeds(start: u64, count: u64, threads: usize) -> Totals {
                             c.queue_deduplicated,
                             c.queue_polls_woken,
                             c.queue_acked,
+                            c.batches,
                         ];
                         for (n, v) in t.seeds_seeing.iter_mut().zip(seen) {
                             *n += u64::from(v > 0);
@@ -140,7 +141,8 @@ impl Totals {
             "waits granted {} ({} seeds), leases expired {} ({}), cancels raced a grant {} ({}), \
              deadlocks refused {} ({}), upgrades waited {} ({}), clocks stepped {} ({}); \
              waits withdrawn {}, answers lost {}, hedged calls {}; queue: redeliveries {} ({}), \
-             dead letters {} ({}), dedup repeats {} ({}), long polls woken {} ({}), acks {} ({})",
+             dead letters {} ({}), dedup repeats {} ({}), long polls woken {} ({}), acks {} ({}); \
+             input batches {} ({})",
             c.waits_granted,
             s[0],
             c.leases_expired,
@@ -165,7 +167,9 @@ impl Totals {
             c.queue_polls_woken,
             s[9],
             c.queue_acked,
-            s[10]
+            s[10],
+            c.batches,
+            s[11]
         )
     }
 }
@@ -221,6 +225,7 @@ mod tests {
             "queue dedup repeats",
             "queue long polls woken",
             "queue acks",
+            "input batches",
         ]
         .iter()
         .zip(t.seeds_seeing)

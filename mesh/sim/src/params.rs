@@ -59,6 +59,9 @@ pub struct SimParams {
     pub shared_ids: bool,
     /// Clients also produce and consume queue messages.
     pub queue: bool,
+    /// Nodes take what arrives close together as one batch (the driver's group
+    /// commit: `begin_batch` .. `end_batch`).
+    pub batching: bool,
 }
 
 impl SimParams {
@@ -113,6 +116,7 @@ impl SimParams {
             give_up: rng.pick(&[0.0, 0.1, 0.3]),
             shared_ids,
             queue: rng.chance(0.6),
+            batching: rng.chance(0.5),
         }
     }
 }

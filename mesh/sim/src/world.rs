@@ -132,6 +132,8 @@ pub struct Coverage {
     pub queue_polls_woken: u64,
     /// Acks accepted.
     pub queue_acked: u64,
+    /// Input batches (begin_batch .. end_batch) handed to a node.
+    pub batches: u64,
 }
 
 impl Coverage {
@@ -151,6 +153,21 @@ impl Coverage {
         self.queue_deduplicated += o.queue_deduplicated;
         self.queue_polls_woken += o.queue_polls_woken;
         self.queue_acked += o.queue_acked;
+        self.batches += o.batches;
+    }
+}
+
+/// Events that arrive this close together at one node may form one batch.
+const BATCH_WINDOW_MS: u64 = 3;
+/// Most events in one batch beyond the first.
+const MAX_BATCH_EVENTS: usize = 32;
+
+/// The node a message, call or cancel is for (what a node's driver would drain).
+fn target_of(e: &Event) -> Option<NodeId> {
+    match e {
+        Event::Deliver(m) => Some(m.to),
+        Event::Call { node, .. } | Event::Cancel { node, .. } => Some(*node),
+        _ => None,
     }
 }
 
@@ -484,13 +501,50 @@ impl World {
         };
         self.now = time;
         self.trace.write(time);
-        if let Some(id) = self.handle(event)? {
-            self.run_actions(id)?;
+        match target_of(&event) {
+            Some(node) if self.params.batching && self.rng.chance(0.5) => {
+                self.handle_batch(node, event)?;
+            }
+            _ => {
+                if let Some(id) = self.handle(event)? {
+                    self.run_actions(id)?;
+                }
+            }
         }
         if let Some(v) = self.violation.take() {
             return Err(v);
         }
         self.check_all()
+    }
+
+    /// Hand `node` the event and everything else for it that arrives within
+    /// [`BATCH_WINDOW_MS`] as one batch, as the driver does with what it drained while
+    /// it was busy.
+    fn handle_batch(&mut self, node: NodeId, first: Event) -> Result<(), String> {
+        let Some(n) = self.node_mut(node) else {
+            return self.handle(first).map(|_| ());
+        };
+        n.begin_batch();
+        self.handle(first)?;
+        let until = (self.now + BATCH_WINDOW_MS, u64::MAX);
+        let more: Vec<(u64, u64)> = self
+            .queue
+            .range((self.now, 0)..=until)
+            .filter(|(_, e)| target_of(e) == Some(node))
+            .map(|(k, _)| *k)
+            .take(MAX_BATCH_EVENTS)
+            .collect();
+        for key in more {
+            if let Some(e) = self.queue.remove(&key) {
+                self.handle(e)?;
+            }
+        }
+        let time = self.time_of(node);
+        if let Some(n) = self.node_mut(node) {
+            n.end_batch(time);
+        }
+        self.coverage.batches += 1;
+        self.run_actions(node)
     }
 
     fn check_all(&mut self) -> Result<(), String> {
