@@ -24,6 +24,8 @@ pub(crate) enum BenchCommand {
     Failover(FailoverArgs),
     /// Lock acquire + release through the gateway: N clients, distinct keys or one hot key.
     Lock(LockBenchArgs),
+    /// What a big queue costs a node: memory per message, snapshot view, encode, restore.
+    QueueState(crate::bench_queue::QueueStateArgs),
 }
 
 /// Options of `bench lock`.
@@ -91,6 +93,7 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Log(args) => bench_log(&args),
         BenchCommand::Failover(args) => bench_failover(&args),
         BenchCommand::Lock(args) => crate::bench_lock::run(&args.into()),
+        BenchCommand::QueueState(args) => crate::bench_queue::run(&args),
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_lock;
+mod bench_queue;
 mod certs_cmd;
 mod cluster_cmd;
 mod ctl_cmd;

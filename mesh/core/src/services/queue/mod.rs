@@ -367,7 +367,10 @@ struct DeadLetter {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Queue {
     settings: QueueSettings,
-    partitions: Vec<QueuePartition>,
+    /// Shared with snapshot views until written (copy on write): a snapshot of a
+    /// million messages costs the loop a pointer copy per partition, and a write after
+    /// it copies only the partition it touches.
+    partitions: Vec<Arc<QueuePartition>>,
     dead: BTreeMap<MsgId, DeadLetter>,
     dead_bytes: u64,
     /// dedup id -> (first message, window end).
@@ -509,7 +512,9 @@ impl Queue {
 
     fn new(settings: QueueSettings) -> Self {
         Self {
-            partitions: vec![QueuePartition::default(); settings.partitions as usize],
+            partitions: (0..settings.partitions)
+                .map(|_| Arc::new(QueuePartition::default()))
+                .collect(),
             settings,
             dead: BTreeMap::new(),
             dead_bytes: 0,
@@ -546,7 +551,7 @@ impl Queue {
         let max = max as usize;
         if let Some(k) = key {
             let p = self.ring().partition(k);
-            if let Some(part) = self.partitions.get_mut(p as usize) {
+            if let Some(part) = self.partitions.get_mut(p as usize).map(Arc::make_mut) {
                 while out.len() < max {
                     let Some(d) = part.lease_oldest(p, Some(k), until_ms, receipt) else {
                         break;
@@ -562,7 +567,11 @@ impl Queue {
                 let mut took = false;
                 for i in 0..n {
                     let p = (self.cursor + i) % n;
-                    let Some(part) = self.partitions.get_mut(p as usize) else {
+                    // Look before writing: a write copies a partition a snapshot shares.
+                    if !self.partitions.get(p as usize).is_some_and(|x| x.has_visible(None)) {
+                        continue;
+                    }
+                    let Some(part) = self.partitions.get_mut(p as usize).map(Arc::make_mut) else {
                         continue;
                     };
                     if let Some(d) = part.lease_oldest(p, None, until_ms, receipt) {
@@ -595,7 +604,7 @@ impl Queue {
 
     /// End a delivery without an ack: visible again, or a dead letter after the last.
     fn end_delivery(&mut self, p: u32, seq: u64, now_ms: u64, stats: &mut QueueStats) {
-        let Some(part) = self.partitions.get_mut(p as usize) else {
+        let Some(part) = self.partitions.get_mut(p as usize).map(Arc::make_mut) else {
             return;
         };
         let Some(m) = part.messages.get(&seq) else {
@@ -631,7 +640,7 @@ impl Queue {
                 continue;
             }
             let p = self.ring().partition(&m.key);
-            let Some(part) = self.partitions.get_mut(p as usize) else {
+            let Some(part) = self.partitions.get_mut(p as usize).map(Arc::make_mut) else {
                 continue;
             };
             let message = Message {
@@ -662,7 +671,7 @@ impl Queue {
         let leases = self
             .partitions
             .iter()
-            .filter_map(QueuePartition::next_lease_end)
+            .filter_map(|p| p.next_lease_end())
             .min();
         let waits = self.wait_ends.first().map(|(until, _)| *until);
         [leases, waits].into_iter().flatten().min()
@@ -980,7 +989,7 @@ impl QueueSet {
             };
         };
         for &(id, receipt) in ids {
-            let Some(part) = queue.partitions.get_mut(id.partition as usize) else {
+            let Some(part) = queue.partitions.get_mut(id.partition as usize).map(Arc::make_mut) else {
                 missing.push(id);
                 continue;
             };
@@ -1076,7 +1085,7 @@ impl QueueSet {
         if let Err(reply) = Self::leased(queue, id, receipt) {
             return reply;
         }
-        if let Some(p) = queue.partitions.get_mut(id.partition as usize) {
+        if let Some(p) = queue.partitions.get_mut(id.partition as usize).map(Arc::make_mut) {
             p.set_lease_end(id.seq, now.saturating_add(visibility_ms));
         }
         QueueReply::Done
@@ -1116,7 +1125,7 @@ impl QueueSet {
             queue.dead_bytes -= message.size();
             message.requeued_at = message.deliveries;
             message.lease = None;
-            if let Some(part) = queue.partitions.get_mut(id.partition as usize) {
+            if let Some(part) = queue.partitions.get_mut(id.partition as usize).map(Arc::make_mut) {
                 part.insert(id.seq, message);
                 count += 1;
             }
@@ -1156,7 +1165,7 @@ impl QueueSet {
             return events;
         };
         for &(id, receipt) in delivered {
-            let Some(part) = q.partitions.get_mut(id.partition as usize) else {
+            let Some(part) = q.partitions.get_mut(id.partition as usize).map(Arc::make_mut) else {
                 continue;
             };
             let Some(m) = part.messages.get_mut(&id.seq) else {
