@@ -24,7 +24,11 @@ pub(crate) struct QueueStateArgs {
 fn rss_bytes() -> u64 {
     let pages = std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
         .unwrap_or(0);
     pages * 4096
 }
@@ -91,7 +95,10 @@ pub(crate) fn run(args: &QueueStateArgs) -> Result<()> {
     );
     let t = Instant::now();
     let view = s.clone();
-    println!("  snapshot view on the node's loop (copy-on-write partitions): {:.2?}", t.elapsed());
+    println!(
+        "  snapshot view on the node's loop (copy-on-write partitions): {:.2?}",
+        t.elapsed()
+    );
     let t = Instant::now();
     index += 1;
     s.apply(index, enqueue(index, stored, 1, &value));

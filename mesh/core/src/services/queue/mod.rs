@@ -568,7 +568,11 @@ impl Queue {
                 for i in 0..n {
                     let p = (self.cursor + i) % n;
                     // Look before writing: a write copies a partition a snapshot shares.
-                    if !self.partitions.get(p as usize).is_some_and(|x| x.has_visible(None)) {
+                    if !self
+                        .partitions
+                        .get(p as usize)
+                        .is_some_and(|x| x.has_visible(None))
+                    {
                         continue;
                     }
                     let Some(part) = self.partitions.get_mut(p as usize).map(Arc::make_mut) else {
@@ -989,7 +993,11 @@ impl QueueSet {
             };
         };
         for &(id, receipt) in ids {
-            let Some(part) = queue.partitions.get_mut(id.partition as usize).map(Arc::make_mut) else {
+            let Some(part) = queue
+                .partitions
+                .get_mut(id.partition as usize)
+                .map(Arc::make_mut)
+            else {
                 missing.push(id);
                 continue;
             };
@@ -1085,7 +1093,11 @@ impl QueueSet {
         if let Err(reply) = Self::leased(queue, id, receipt) {
             return reply;
         }
-        if let Some(p) = queue.partitions.get_mut(id.partition as usize).map(Arc::make_mut) {
+        if let Some(p) = queue
+            .partitions
+            .get_mut(id.partition as usize)
+            .map(Arc::make_mut)
+        {
             p.set_lease_end(id.seq, now.saturating_add(visibility_ms));
         }
         QueueReply::Done
@@ -1125,7 +1137,11 @@ impl QueueSet {
             queue.dead_bytes -= message.size();
             message.requeued_at = message.deliveries;
             message.lease = None;
-            if let Some(part) = queue.partitions.get_mut(id.partition as usize).map(Arc::make_mut) {
+            if let Some(part) = queue
+                .partitions
+                .get_mut(id.partition as usize)
+                .map(Arc::make_mut)
+            {
                 part.insert(id.seq, message);
                 count += 1;
             }
@@ -1165,7 +1181,11 @@ impl QueueSet {
             return events;
         };
         for &(id, receipt) in delivered {
-            let Some(part) = q.partitions.get_mut(id.partition as usize).map(Arc::make_mut) else {
+            let Some(part) = q
+                .partitions
+                .get_mut(id.partition as usize)
+                .map(Arc::make_mut)
+            else {
                 continue;
             };
             let Some(m) = part.messages.get_mut(&id.seq) else {
