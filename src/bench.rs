@@ -26,6 +26,10 @@ pub(crate) enum BenchCommand {
     Lock(LockBenchArgs),
     /// What a big queue costs a node: memory per message, snapshot view, encode, restore.
     QueueState(crate::bench_queue::QueueStateArgs),
+    /// Queue enqueues through the gateway: N clients, single messages and batches.
+    Enq(crate::bench_queue::QueueBenchArgs),
+    /// Queue dequeue + ack through the gateway: N clients, single messages and batches.
+    DeqAck(crate::bench_queue::QueueBenchArgs),
 }
 
 /// Options of `bench lock`.
@@ -94,6 +98,12 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Failover(args) => bench_failover(&args),
         BenchCommand::Lock(args) => crate::bench_lock::run(&args.into()),
         BenchCommand::QueueState(args) => crate::bench_queue::run(&args),
+        BenchCommand::Enq(args) => {
+            crate::bench_queue::run_workload(crate::bench_queue::QueueWorkload::Enq, &args)
+        }
+        BenchCommand::DeqAck(args) => {
+            crate::bench_queue::run_workload(crate::bench_queue::QueueWorkload::DeqAck, &args)
+        }
     }
 }
 

@@ -91,6 +91,44 @@ fn percentile(sorted: &[u32], q: f64) -> f64 {
     f64::from(sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]) / 1000.0
 }
 
+/// The gateway to measure: `gateway` if given, else a fresh local 3-node cluster in
+/// `dir` (returned, to be stopped) with its gateway on 127.0.0.1:48000.
+pub(crate) fn scratch_cluster(
+    gateway: Option<SocketAddr>,
+    dir: &std::path::Path,
+) -> Result<(Option<LocalCluster>, SocketAddr)> {
+    if let Some(g) = gateway {
+        return Ok((None, g));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    let args = ClusterArgs {
+        nodes: 3,
+        dir: dir.to_path_buf(),
+        quic_port: 47001,
+        admin_port: 49001,
+        gateway_port: 48000,
+        wait_secs: 30,
+        seed_ports: false,
+        seed_ports_base: 8000,
+    };
+    let c = LocalCluster::start(args)?;
+    let start = Instant::now();
+    while c.agreed_leader().is_none()
+        || crate::http::get(([127, 0, 0, 1], 48000).into(), "/health")
+            .map_or(true, |(s, _)| s != 200)
+    {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("the scratch cluster did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((Some(c), ([127, 0, 0, 1], 48000).into()))
+}
+
+pub(crate) fn percentile_ms(sorted: &[u32], q: f64) -> f64 {
+    percentile(sorted, q)
+}
+
 pub(crate) fn run(b: &LockBench) -> Result<()> {
     if b.clients.is_empty() || b.clients.iter().any(|&c| c == 0 || c > 1024) {
         bail!("--clients takes counts between 1 and 1024");
@@ -98,36 +136,7 @@ pub(crate) fn run(b: &LockBench) -> Result<()> {
     if !(0.5..=600.0).contains(&b.seconds) || b.runs == 0 || b.runs > 20 {
         bail!("--seconds must be 0.5..600 and --runs 1..20");
     }
-    let mut cluster = None;
-    let gateway = match b.gateway {
-        Some(g) => g,
-        None => {
-            let _ = std::fs::remove_dir_all(&b.dir);
-            let args = ClusterArgs {
-                nodes: 3,
-                dir: b.dir.clone(),
-                quic_port: 47001,
-                admin_port: 49001,
-                gateway_port: 48000,
-                wait_secs: 30,
-                seed_ports: false,
-                seed_ports_base: 8000,
-            };
-            let c = LocalCluster::start(args)?;
-            let start = Instant::now();
-            while c.agreed_leader().is_none()
-                || crate::http::get(([127, 0, 0, 1], 48000).into(), "/health")
-                    .map_or(true, |(s, _)| s != 200)
-            {
-                if start.elapsed() > Duration::from_secs(30) {
-                    bail!("the scratch cluster did not come up");
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            cluster = Some(c);
-            ([127, 0, 0, 1], 48000).into()
-        }
-    };
+    let (cluster, gateway) = scratch_cluster(b.gateway, &b.dir)?;
     println!(
         "lock acquire X + release through the gateway at {gateway}; median of {} runs of {} s",
         b.runs, b.seconds

@@ -35,3 +35,22 @@ pub(crate) fn post(agent: &ureq::Agent, url: &str, body: &str) -> Result<u16, ur
     let _ = response.body_mut().read_to_vec()?;
     Ok(status)
 }
+
+/// POST a JSON body with `agent`: the status code and the answer's bytes.
+pub(crate) fn post_body(
+    agent: &ureq::Agent,
+    url: &str,
+    body: &str,
+) -> Result<(u16, Vec<u8>), ureq::Error> {
+    let mut response = agent
+        .post(url)
+        .header("content-type", "application/json")
+        .send(body)?;
+    let status = response.status().as_u16();
+    let bytes = response
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_vec()?;
+    Ok((status, bytes))
+}
