@@ -47,7 +47,6 @@ struct EnqBody {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct DeqBody {
     queue: Option<String>,
     key: Option<String>,
@@ -585,7 +584,21 @@ pub(crate) async fn create(
 ) -> Result<Response, ApiError> {
     let req: CreateBody = state.json(body).await?;
     let queue = queue_name(Some(req.queue))?;
-    let d = QueueSettings::default();
+    // What is not named keeps the queue's current setting (the default for a new queue).
+    let d = match state
+        .read(
+            Query::QueueStats {
+                queue: Some(queue.clone()),
+            },
+            CALL_SLACK,
+        )
+        .await?
+    {
+        QueryReply::QueueStats { queues, .. } => queues
+            .first()
+            .map_or_else(QueueSettings::default, |q| q.settings),
+        _ => QueueSettings::default(),
+    };
     let settings = QueueSettings {
         partitions: req.partitions.unwrap_or(0),
         visibility_ms: req.visibility_ms.unwrap_or(d.visibility_ms),

@@ -65,6 +65,16 @@ fn seed_queue_requests_redelivery_dead_letters_and_long_polls() {
         r#"{"queue": "jobs", "partitions": 4, "max_deliveries": 2}"#,
     );
     assert_eq!(status, 200, "{made}");
+    // A later create changes what it names and keeps the rest.
+    let (status, again) = post(
+        gw,
+        "/queue/create",
+        r#"{"queue": "jobs", "visibility_ms": 20000}"#,
+    );
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["settings"]["max_deliveries"], 2, "{again}");
+    assert_eq!(again["settings"]["partitions"], 4, "{again}");
+    assert_eq!(again["settings"]["visibility_ms"], 20000, "{again}");
     post(
         gw,
         "/queue/enq",

@@ -2,7 +2,7 @@
 //! section 6.
 //!
 //! - every enqueue answered ok is delivered at least once, or is still stored when the
-//!   run ends (visible, leased or dead);
+//!   run ends (visible, leased or dead), and it is gone only once acked;
 //! - a message acked is never delivered again: no delivery of it has a receipt (the index
 //!   of the entry that leased it) above the acked delivery's;
 //! - an ack is accepted only for the latest delivery of a message;
@@ -37,8 +37,9 @@ pub(crate) struct QueueHistory {
     delivered: BTreeMap<MsgId, BTreeSet<u64>>,
     /// Acked: message -> the receipt acked.
     acked: BTreeMap<MsgId, u64>,
-    /// Earliest delivery seen per message, by key: (receipt, its delivery count).
-    first: BTreeMap<String, BTreeMap<MsgId, (u64, u32)>>,
+    /// Earliest delivery seen per message, by key: (receipt, position in its answer,
+    /// its delivery count).
+    first: BTreeMap<String, BTreeMap<MsgId, (u64, usize, u32)>>,
     /// Long polls answered with messages.
     pub(crate) polls_woken: u64,
     pub(crate) violation: Option<String>,
@@ -97,7 +98,7 @@ impl QueueHistory {
         if waited && !messages.is_empty() {
             self.polls_woken += 1;
         }
-        for d in messages {
+        for (pos, d) in messages.iter().enumerate() {
             let Some(value) = value_of(d) else {
                 self.fail(format!("message {} carries a value that is not ours", d.id));
                 continue;
@@ -125,9 +126,9 @@ impl QueueHistory {
             }
             self.delivered.entry(d.id).or_default().insert(d.receipt);
             let first = self.first.entry(d.key.clone()).or_default();
-            let e = first.entry(d.id).or_insert((d.receipt, d.deliveries));
-            if d.receipt < e.0 {
-                *e = (d.receipt, d.deliveries);
+            let e = first.entry(d.id).or_insert((d.receipt, pos, d.deliveries));
+            if (d.receipt, pos) < (e.0, e.1) {
+                *e = (d.receipt, pos, d.deliveries);
             }
         }
     }
@@ -160,6 +161,14 @@ impl QueueHistory {
                 ));
             }
         }
+        // At least once *until acked*: a message is acked, or still stored.
+        for (id, (key, value)) in &self.stored {
+            if !self.acked.contains_key(id) && !left.contains(id) {
+                return Err(format!(
+                    "message {id} ({key}, {value}) was enqueued with ok, never acked, and is gone"
+                ));
+            }
+        }
         for id in self.acked.keys() {
             if left.contains(id) {
                 return Err(format!("message {id} was acked and is still stored"));
@@ -170,15 +179,17 @@ impl QueueHistory {
             // Only a message whose earliest delivery seen says it was its first counts: a
             // delivery whose caller gave up happened unseen (and a requeue restarts the
             // count).
-            let mut order: Vec<(u64, u64)> = firsts
+            // Order is (receipt, position in the answer): one dequeue's messages share a
+            // receipt, and their order in the answer is the order they were leased.
+            let mut order: Vec<((u64, usize), u64)> = firsts
                 .iter()
-                .filter(|(_, (_, n))| *n == 1)
-                .map(|(id, (r, _))| (*r, id.seq))
+                .filter(|(_, (_, _, n))| *n == 1)
+                .map(|(id, (r, pos, _))| ((*r, *pos), id.seq))
                 .collect();
             order.sort_unstable();
             if let Some(w) = order.windows(2).find(|w| w[1].1 < w[0].1) {
                 return Err(format!(
-                    "key {key}: first delivery of seq {} (receipt {}) came after seq {} (receipt {})",
+                    "key {key}: first delivery of seq {} ({:?}) came after seq {} ({:?})",
                     w[1].1, w[1].0, w[0].1, w[0].0
                 ));
             }

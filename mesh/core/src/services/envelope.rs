@@ -570,7 +570,7 @@ impl Services {
     /// `queue_depth` per partition, for the first queues only: a series per partition
     /// of a thousand queues would swamp a scrape.
     fn queue_depths(&self, out: &mut Vec<Gauge>) {
-        for view in self.queues.views().into_iter().take(MAX_QUEUES_IN_METRICS) {
+        for view in self.queues.first_views(MAX_QUEUES_IN_METRICS) {
             for p in &view.partitions {
                 out.push(Gauge {
                     name: "queue_depth",
@@ -656,7 +656,7 @@ impl Services {
             events,
             &mut completions,
         );
-        let events = self.queues.advance(index, now);
+        let events = self.queues.advance(now);
         queue_completions(
             &mut self.waits,
             &mut self.sessions,
@@ -840,7 +840,7 @@ impl Services {
                 self.withdraw_lock(index, target, previous, &key, grant, completions);
             }
             Some(Handle::Queue { queue, delivered }) => {
-                self.withdraw_dequeue(index, target, previous, &queue, &delivered, completions);
+                self.withdraw_dequeue(target, previous, &queue, &delivered, completions);
             }
             None => kept.reply = previous,
         }
@@ -902,7 +902,6 @@ impl Services {
     /// one that was delivered gives its messages back (nobody received them).
     fn withdraw_dequeue(
         &mut self,
-        index: LogIndex,
         target: CallRef,
         previous: Reply,
         queue: &str,
@@ -923,7 +922,7 @@ impl Services {
                 }
             }
             Reply::Queue(QueueReply::Delivered { .. }) => {
-                let events = self.queues.withdraw_deliveries(index, queue, delivered);
+                let events = self.queues.withdraw_deliveries(queue, delivered);
                 queue_completions(&mut self.waits, &mut self.sessions, events, completions);
             }
             other => {

@@ -49,6 +49,11 @@ pub const MAX_VISIBILITY_MS: u64 = 12 * 3600 * 1000;
 pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
 /// Window in which a repeated `dedup_id` is stored once (JetStream's default).
 pub const DEFAULT_DEDUP_WINDOW_MS: u64 = 120_000;
+/// Longest dedup window (a day).
+pub const MAX_DEDUP_WINDOW_MS: u64 = 24 * 3600 * 1000;
+/// Dedup ids remembered per queue at most; past it an enqueue with a new one is refused
+/// (429) rather than the window silently shortened.
+pub const MAX_DEDUP_IDS: usize = 1_000_000;
 /// Longest long poll.
 pub const MAX_WAIT_MS: u64 = 60_000;
 /// Most messages one dequeue leases, or one enqueue or ack carries.
@@ -144,6 +149,11 @@ impl QueueSettings {
         }
         if self.visibility_ms == 0 || self.visibility_ms > MAX_VISIBILITY_MS {
             return Err(format!("visibility_ms must be 1..={MAX_VISIBILITY_MS}"));
+        }
+        if self.dedup_window_ms > MAX_DEDUP_WINDOW_MS {
+            return Err(format!(
+                "dedup_window_ms must be at most {MAX_DEDUP_WINDOW_MS}"
+            ));
         }
         if self.max_deliveries == 0 {
             return Err("max_deliveries must be at least 1".into());
@@ -250,7 +260,7 @@ pub struct Delivery {
     pub field: Field,
     /// Deliveries so far, this one included.
     pub deliveries: u32,
-    /// Names this delivery.
+    /// Names this delivery (unique: a replicated counter of leases).
     pub receipt: u64,
 }
 
@@ -395,6 +405,8 @@ pub struct QueueStats {
     pub dead_lettered: u64,
     /// Enqueues answered with an earlier message by their dedup id.
     pub deduplicated: u64,
+    /// Leases made; the latest is the receipt of the newest delivery.
+    pub receipts: u64,
 }
 
 /// One partition, for `GET /queue/stats`.
@@ -544,9 +556,12 @@ impl Queue {
         key: Option<&str>,
         max: u32,
         until_ms: u64,
-        receipt: u64,
         stats: &mut QueueStats,
     ) -> Vec<Delivery> {
+        // Every lease gets a receipt of its own (two leases can apply in one entry: a
+        // lease that ran out handed on, then the command's own).
+        stats.receipts += 1;
+        let receipt = stats.receipts;
         let mut out = Vec::new();
         let max = max as usize;
         if let Some(k) = key {
@@ -729,11 +744,11 @@ impl QueueSet {
         now_ms: u64,
         command: QueueCommand,
     ) -> (QueueReply, Vec<QueueEvent>) {
-        let mut events = self.advance(index, now_ms);
+        let mut events = self.advance(now_ms);
         let reply = match command {
             QueueCommand::Configure { queue, settings } => self.configure(queue, settings),
             QueueCommand::Enqueue { queue, messages } => {
-                self.enqueue(index, &queue, messages, &mut events)
+                self.enqueue(&queue, messages, &mut events)
             }
             QueueCommand::Dequeue {
                 queue,
@@ -744,7 +759,7 @@ impl QueueSet {
             } => self.dequeue(index, queue, key, max, visibility_ms, wait_ms),
             QueueCommand::Ack { queue, ids } => self.ack(&queue, &ids),
             QueueCommand::Nack { queue, id, receipt } => {
-                self.nack(index, &queue, id, receipt, &mut events)
+                self.nack(&queue, id, receipt, &mut events)
             }
             QueueCommand::Extend {
                 queue,
@@ -753,7 +768,7 @@ impl QueueSet {
                 visibility_ms,
             } => self.extend(&queue, id, receipt, visibility_ms),
             QueueCommand::Requeue { queue, ids, max } => {
-                self.requeue(index, &queue, &ids, max, &mut events)
+                self.requeue(&queue, &ids, max, &mut events)
             }
         };
         (reply, events)
@@ -761,7 +776,7 @@ impl QueueSet {
 
     /// Advance lock time to `now_ms`: leases that ran out end, waits that ran out are
     /// answered empty, dedup windows close.
-    pub fn advance(&mut self, index: LogIndex, now_ms: u64) -> Vec<QueueEvent> {
+    pub fn advance(&mut self, now_ms: u64) -> Vec<QueueEvent> {
         self.now_ms = self.now_ms.max(now_ms);
         let now = self.now_ms;
         let mut events = Vec::new();
@@ -791,7 +806,7 @@ impl QueueSet {
                 events.push(QueueEvent::TimedOut { wait });
             }
             if freed {
-                queue.serve_waiters_at(index, now, stats, &mut events);
+                queue.serve_waiters_at(now, stats, &mut events);
             }
         }
         // Dead letters stay counted; leases that ended changed no totals.
@@ -835,7 +850,6 @@ impl QueueSet {
 
     fn enqueue(
         &mut self,
-        index: LogIndex,
         name: &str,
         messages: Vec<NewMessage>,
         events: &mut Vec<QueueEvent>,
@@ -863,6 +877,15 @@ impl QueueSet {
                 add.1 += (m.key.len() + m.value.len()) as u64;
             }
         }
+        let new_ids = fresh_ids.len();
+        if new_ids > 0 && queue.dedup.len() + new_ids > MAX_DEDUP_IDS {
+            return QueueReply::Full {
+                code: "queue_full".into(),
+                message: format!(
+                    "queue {name} remembers {MAX_DEDUP_IDS} dedup ids within its window"
+                ),
+            };
+        }
         let (queue_messages, queue_bytes) = (queue.live_messages(), queue.live_bytes());
         if queue_messages + add.0 > queue.settings.max_messages
             || queue_bytes + add.1 > queue.settings.max_bytes
@@ -885,7 +908,7 @@ impl QueueSet {
         }
         let (ids, stored, stored_bytes) = queue.store(messages, now);
         let deduplicated = ids.len() as u64 - stored;
-        queue.serve_waiters_at(index, now, &mut self.stats, events);
+        queue.serve_waiters_at(now, &mut self.stats, events);
         self.messages += stored;
         self.bytes += stored_bytes;
         self.stats.enqueued += stored;
@@ -932,7 +955,7 @@ impl QueueSet {
         };
         let visibility = visibility_ms.unwrap_or(queue.settings.visibility_ms);
         let until = now.saturating_add(visibility);
-        let messages = queue.lease(key.as_deref(), max, until, index, stats);
+        let messages = queue.lease(key.as_deref(), max, until, stats);
         if !messages.is_empty() || wait_ms == 0 {
             return QueueReply::Delivered { messages };
         }
@@ -992,7 +1015,12 @@ impl QueueSet {
                 stale,
             };
         };
+        let mut seen = BTreeSet::new();
         for &(id, receipt) in ids {
+            // The same id twice in one ack is one ack.
+            if !seen.insert(id) {
+                continue;
+            }
             let Some(part) = queue
                 .partitions
                 .get_mut(id.partition as usize)
@@ -1058,7 +1086,6 @@ impl QueueSet {
 
     fn nack(
         &mut self,
-        index: LogIndex,
         name: &str,
         id: MsgId,
         receipt: Option<u64>,
@@ -1072,7 +1099,7 @@ impl QueueSet {
             return reply;
         }
         queue.end_delivery(id.partition, id.seq, now, &mut self.stats);
-        queue.serve_waiters_at(index, now, &mut self.stats, events);
+        queue.serve_waiters_at(now, &mut self.stats, events);
         QueueReply::Done
     }
 
@@ -1105,7 +1132,6 @@ impl QueueSet {
 
     fn requeue(
         &mut self,
-        index: LogIndex,
         name: &str,
         ids: &[MsgId],
         max: u32,
@@ -1146,7 +1172,7 @@ impl QueueSet {
                 count += 1;
             }
         }
-        queue.serve_waiters_at(index, now, &mut self.stats, events);
+        queue.serve_waiters_at(now, &mut self.stats, events);
         QueueReply::Requeued { count }
     }
 
@@ -1171,7 +1197,6 @@ impl QueueSet {
     /// the next one is not a first delivery.
     pub fn withdraw_deliveries(
         &mut self,
-        index: LogIndex,
         queue: &str,
         delivered: &[(MsgId, u64)],
     ) -> Vec<QueueEvent> {
@@ -1196,14 +1221,20 @@ impl QueueSet {
             }
             part.end_lease(id.seq);
         }
-        q.serve_waiters_at(index, now, &mut self.stats, &mut events);
+        q.serve_waiters_at(now, &mut self.stats, &mut events);
         events
     }
 
     /// Every queue, for stats.
     pub fn views(&self) -> Vec<QueueView> {
+        self.first_views(usize::MAX)
+    }
+
+    /// The first `n` queues (by name), for stats.
+    pub fn first_views(&self, n: usize) -> Vec<QueueView> {
         self.queues
             .iter()
+            .take(n)
             .map(|(name, q)| self.view_of(name, q))
             .collect()
     }
@@ -1314,7 +1345,6 @@ impl Queue {
     /// Hand visible messages to waiting dequeues; their leases run from `now_ms`.
     fn serve_waiters_at(
         &mut self,
-        index: LogIndex,
         now_ms: u64,
         stats: &mut QueueStats,
         events: &mut Vec<QueueEvent>,
@@ -1338,7 +1368,7 @@ impl Queue {
             };
             self.wait_ends.remove(&(w.until_ms, wait));
             let until = now_ms.saturating_add(w.visibility_ms);
-            let messages = self.lease(w.key.as_deref(), w.max, until, index, stats);
+            let messages = self.lease(w.key.as_deref(), w.max, until, stats);
             events.push(QueueEvent::Delivered { wait, messages });
         }
     }

@@ -67,7 +67,7 @@ impl Harness {
     fn tick(&mut self, ms: u64) -> Vec<QueueEvent> {
         self.now += ms;
         self.index += 1;
-        let events = self.set.advance(self.index, self.now);
+        let events = self.set.advance(self.now);
         self.set.check().expect("queue indexes consistent");
         events
     }
@@ -385,13 +385,13 @@ fn withdrawn_deliveries_are_visible_again_and_still_counted() {
     let id = h.enq("k", "v");
     let d = h.deq_one();
     h.index += 1;
-    h.set.withdraw_deliveries(h.index, Q, &[(id, d.receipt)]);
+    h.set.withdraw_deliveries(Q, &[(id, d.receipt)]);
     h.set.check().unwrap();
     let again = h.deq_one();
     assert_eq!((again.id, again.deliveries), (id, 2));
     // A withdrawal naming an older receipt leaves the newer delivery alone.
     h.index += 1;
-    h.set.withdraw_deliveries(h.index, Q, &[(id, d.receipt)]);
+    h.set.withdraw_deliveries(Q, &[(id, d.receipt)]);
     assert!(matches!(h.deq(None, 1, 0), QueueReply::Delivered { messages } if messages.is_empty()));
 }
 
@@ -476,4 +476,50 @@ fn the_partition_count_is_fixed_at_creation() {
     };
     assert!(ids[0].0.partition < 4);
     assert_eq!(h.set.view("jobs").unwrap().partitions.len(), 4);
+}
+
+#[test]
+fn two_leases_in_one_entry_get_different_receipts() {
+    // A lease runs out and is handed to one waiter by the entry whose own command (a
+    // nack without a receipt) ends that delivery and hands the message to a second
+    // waiter: the first waiter's receipt must not ack the second's lease.
+    let mut h = Harness::new();
+    let id = h.enq("k", "v");
+    h.deq_one();
+    let QueueReply::Waiting { wait: w1 } = h.deq(None, 1, 10_000) else {
+        panic!()
+    };
+    let QueueReply::Waiting { wait: w2 } = h.deq(None, 1, 10_000) else {
+        panic!()
+    };
+    h.now += 1_000;
+    let (reply, events) = h.run(QueueCommand::Nack {
+        queue: Q.into(),
+        id,
+        receipt: None,
+    });
+    assert_eq!(reply, QueueReply::Done);
+    let receipt_of = |w| {
+        events.iter().find_map(|e| match e {
+            QueueEvent::Delivered { wait, messages } if *wait == w => Some(messages[0].receipt),
+            _ => None,
+        })
+    };
+    let (r1, r2) = (
+        receipt_of(w1).expect("w1 served"),
+        receipt_of(w2).expect("w2 served"),
+    );
+    assert_ne!(r1, r2);
+    assert_eq!(
+        h.ack(id, Some(r1)),
+        QueueReply::Acked {
+            acked: 0,
+            missing: vec![],
+            stale: vec![id]
+        }
+    );
+    assert!(matches!(
+        h.ack(id, Some(r2)),
+        QueueReply::Acked { acked: 1, .. }
+    ));
 }
