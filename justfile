@@ -31,6 +31,19 @@ sim-repro seed:
 bench *args:
     cargo run --release -- bench lock {{args}}
 
+# Queue enqueue workload (1/16/64 clients; single messages and batches of 100) through the
+# gateway of a fresh local cluster.
+bench-enq *args:
+    cargo run --release -- bench enq {{args}}
+
+# Queue dequeue + ack workload (single and batched) through the gateway of a fresh cluster.
+bench-deq-ack *args:
+    cargo run --release -- bench deq-ack {{args}}
+
+# What a queue of a million messages costs a node (memory, snapshot view, encode, restore).
+bench-queue-state *args:
+    cargo run --release -- bench queue-state {{args}}
+
 # Storage benchmark: raw fdatasync vs group-committed appends (1, 16, 64 proposers).
 bench-log seconds="3":
     cargo run --release -- bench log --seconds {{seconds}}
