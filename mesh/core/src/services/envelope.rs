@@ -865,10 +865,7 @@ impl Services {
                     call: target,
                     reply: Reply::Withdrawn,
                 });
-                let calls = self.waits.entry(wait).or_default();
-                calls.retain(|c| *c != target);
-                if calls.is_empty() {
-                    self.waits.remove(&wait);
+                if self.leave_wait(wait, target) {
                     self.locks.withdraw_wait(index, key, wait)
                 } else {
                     None
@@ -898,6 +895,20 @@ impl Services {
         );
     }
 
+    /// `call` stops waiting on `wait`: whether no call waits on it any more (then the
+    /// service's own wait is to be withdrawn too).
+    fn leave_wait(&mut self, wait: WaitId, call: CallRef) -> bool {
+        let Some(calls) = self.waits.get_mut(&wait) else {
+            return false;
+        };
+        calls.retain(|c| *c != call);
+        let last = calls.is_empty();
+        if last {
+            self.waits.remove(&wait);
+        }
+        last
+    }
+
     /// Withdraw a dequeue whose kept answer was `previous`: a waiting one stops waiting;
     /// one that was delivered gives its messages back (nobody received them).
     fn withdraw_dequeue(
@@ -914,10 +925,7 @@ impl Services {
                     call: target,
                     reply: Reply::Withdrawn,
                 });
-                let calls = self.waits.entry(wait).or_default();
-                calls.retain(|c| *c != target);
-                if calls.is_empty() {
-                    self.waits.remove(&wait);
+                if self.leave_wait(wait, target) {
                     self.queues.withdraw_wait(queue, wait);
                 }
             }
@@ -973,23 +981,14 @@ impl Services {
                 (wait, key)
             }
             (Reply::Queue(QueueReply::Waiting { wait }), Some(Handle::Queue { queue, .. })) => {
-                if let Some(calls) = self.waits.get_mut(&wait) {
-                    calls.retain(|c| *c != call);
-                    if calls.is_empty() {
-                        self.waits.remove(&wait);
-                        self.queues.withdraw_wait(&queue, wait);
-                    }
+                if self.leave_wait(wait, call) {
+                    self.queues.withdraw_wait(&queue, wait);
                 }
                 return;
             }
             _ => return,
         };
-        let Some(calls) = self.waits.get_mut(&wait) else {
-            return;
-        };
-        calls.retain(|c| *c != call);
-        if calls.is_empty() {
-            self.waits.remove(&wait);
+        if self.leave_wait(wait, call) {
             let events = self.locks.withdraw_wait(index, &key, wait);
             lock_completions(
                 &mut self.waits,
