@@ -871,8 +871,10 @@ impl Services {
                     None
                 }
             }
-            Reply::Lock(LockReply::Granted { .. }) => match grant {
-                Some((client, token)) => self.locks.withdraw_grant(index, key, &client, token),
+            Reply::Lock(LockReply::Granted { mode, .. }) => match grant {
+                Some((client, token)) => {
+                    self.locks.withdraw_grant(index, key, &client, token, mode)
+                }
                 // It answered a grant made before it: that one belongs to another call.
                 None => None,
             },

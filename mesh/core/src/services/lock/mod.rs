@@ -211,6 +211,7 @@ impl Hold {
             ttl_ms: upgrades.map_or(ttl_ms, |h| h.ttl_ms.max(ttl_ms)),
             expires_ms: upgrades.map_or(expires_ms, |h| h.expires_ms.max(expires_ms)),
             upgraded_from: upgrades.map(|h| (h.token, h.ttl_ms)),
+            upgraded_from_reported: upgrades.is_some_and(|h| h.reported_again),
             reported_again: false,
         }
     }
@@ -225,6 +226,9 @@ struct Hold {
     /// For an X hold that upgraded an S hold: that S hold's token and lease length,
     /// restored if the upgrade is withdrawn.
     upgraded_from: Option<(u64, u64)>,
+    /// That S hold was also answered to a later call (see `reported_again`).
+    #[serde(default)]
+    upgraded_from_reported: bool,
     /// This grant was also answered to a later call of the same client (an acquire of
     /// what it holds): withdrawing the call it was made for must not release it.
     #[serde(default)]
@@ -483,31 +487,49 @@ impl LockTable {
         Some(events)
     }
 
-    /// Release `client`'s hold of `key` if it is still the grant with fencing `token` (a
-    /// grant that raced the withdrawal of the call it answered). A later grant to the
-    /// same client has another token and is left alone; a withdrawn upgrade goes back to
-    /// the S hold it upgraded. `None`: no such grant.
+    /// Release `client`'s hold of `key` if it is still the grant of `mode` with fencing
+    /// `token` (a grant that raced the withdrawal of the call it answered). A later grant
+    /// to the same client has another token and is left alone; a withdrawn upgrade goes
+    /// back to the S hold it upgraded. An S grant that another call has since upgraded
+    /// stays under the X hold (that call holds it), but is no longer what withdrawing the
+    /// upgrade goes back to. The mode matters because one entry can grant a client S and
+    /// upgrade it to X (two waiting calls of one client), both under that entry's token.
+    /// `None`: no such grant.
     pub fn withdraw_grant(
         &mut self,
         index: LogIndex,
         key: &str,
         client: &str,
         token: u64,
+        mode: Mode,
     ) -> Option<Vec<LockEvent>> {
         let state = self.keys.get_mut(key)?;
-        let hold = state.holders.get(client)?;
-        if hold.token != token || hold.reported_again {
+        let hold = state.holders.get_mut(client)?;
+        if hold.mode != mode || hold.token != token {
+            if mode == Mode::S
+                && !hold.upgraded_from_reported
+                && hold.upgraded_from.is_some_and(|(t, _)| t == token)
+            {
+                hold.upgraded_from = None;
+                self.stats.grants_withdrawn += 1;
+                return Some(Vec::new());
+            }
             return None;
         }
-        let downgrade = state.holders.get_mut(client).and_then(|h| {
-            let (token, ttl_ms) = h.upgraded_from.take()?;
-            h.mode = Mode::S;
-            h.token = token;
-            h.ttl_ms = ttl_ms;
-            Some(())
-        });
-        if downgrade.is_none() {
-            state.holders.remove(client);
+        if hold.reported_again {
+            return None;
+        }
+        match (hold.upgraded_from.take(), hold.upgraded_from_reported) {
+            (Some((token, ttl_ms)), reported) => {
+                hold.mode = Mode::S;
+                hold.token = token;
+                hold.ttl_ms = ttl_ms;
+                hold.reported_again = reported;
+                hold.upgraded_from_reported = false;
+            }
+            (None, _) => {
+                state.holders.remove(client);
+            }
         }
         self.stats.grants_withdrawn += 1;
         let mut events = Vec::new();

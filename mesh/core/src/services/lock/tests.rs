@@ -460,12 +460,74 @@ fn a_withdrawn_wait_lets_the_next_go_and_a_raced_grant_is_released_by_token() {
     t.release("B", "c");
     let later = granted(&t.acquire("B", "c", Mode::X, 0)).expect("free");
     t.index += 1;
-    assert!(t.t.withdraw_grant(t.index, "B", "c", token).is_none());
+    assert!(t
+        .t
+        .withdraw_grant(t.index, "B", "c", token, Mode::X)
+        .is_none());
     assert_eq!(t.t.view("B").holders[0].token, later);
-    assert!(t.t.withdraw_grant(t.index, "B", "c", later).is_some());
+    assert!(t
+        .t
+        .withdraw_grant(t.index, "B", "c", later, Mode::X)
+        .is_some());
     assert!(t.t.view("B").holders.is_empty());
     assert_eq!(t.t.stats().grants_withdrawn, 1);
     assert_eq!(t.t.stats().waits_withdrawn, 1);
+}
+
+/// Seed 19199: one entry granted c's waiting S call and, at once, c's waiting X call
+/// (the upgrade of the only holder), both under that entry's token. Withdrawing the S
+/// call took the token for the upgrade's and turned the X hold back into S, while the X
+/// call's answer said X; another client's S was then granted beside it.
+#[test]
+fn withdrawing_an_s_grant_upgraded_in_the_same_entry_keeps_the_x_hold() {
+    let mut t = Table::new();
+    t.acquire("K", "h", Mode::X, 0);
+    assert!(matches!(
+        t.acquire("K", "c", Mode::S, 5_000),
+        LockReply::Queued { .. }
+    ));
+    assert!(matches!(
+        t.acquire("K", "c", Mode::X, 5_000),
+        LockReply::Queued { .. }
+    ));
+    let (_, events) = t.release("K", "h");
+    let tokens: Vec<(Mode, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            LockEvent::Granted { mode, token, .. } => Some((*mode, *token)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tokens, vec![(Mode::S, t.index), (Mode::X, t.index)]);
+    let token = t.index;
+    t.index += 1;
+    // The S call gives up: c keeps X (its X call holds it) ...
+    assert!(t
+        .t
+        .withdraw_grant(t.index, "K", "c", token, Mode::S)
+        .is_some());
+    let view = t.t.view("K");
+    assert_eq!(view.holders.len(), 1);
+    assert_eq!(view.holders[0].mode, Mode::X);
+    assert!(matches!(
+        t.acquire("K", "o", Mode::S, 0),
+        LockReply::Conflict { .. }
+    ));
+    // ... and when the X call gives up too, nothing of the hold is left to anyone.
+    t.index += 1;
+    assert!(t
+        .t
+        .withdraw_grant(t.index, "K", "c", token, Mode::X)
+        .is_some());
+    assert!(t.t.view("K").holders.is_empty());
+    // Withdrawing the X call alone goes back to the S hold it upgraded.
+    t.acquire("L", "c", Mode::S, 0);
+    let s = t.index;
+    let x = granted(&t.acquire("L", "c", Mode::X, 0)).expect("only holder upgrades");
+    t.index += 1;
+    assert!(t.t.withdraw_grant(t.index, "L", "c", x, Mode::X).is_some());
+    let view = t.t.view("L");
+    assert_eq!((view.holders[0].mode, view.holders[0].token), (Mode::S, s));
 }
 
 #[test]
