@@ -176,6 +176,7 @@ impl NodeArgs {
                 .snapshot_every
                 .or(file.snapshot_every)
                 .unwrap_or(10_000),
+            fault_injection: std::env::var_os("SYNCMESH_FAULT_INJECTION").is_some_and(|v| v == "1"),
         };
         Ok((cfg, http))
     }

@@ -2,7 +2,7 @@
 //! real cluster the way a new user found it; every test here failed on the code before
 //! the node core.
 
-use crate::support::{eventually, http, TestCluster};
+use crate::support::{eventually, http, http_on, TestCluster};
 use mesh_client::{CallOptions, Caller, Cluster, MeshClient};
 use mesh_core::services::envelope::{Command, Envelope, Reply};
 use mesh_core::services::lock::{LockCommand, LockReply, Mode};
@@ -268,6 +268,72 @@ fn a_retried_release_answers_once_and_never_touches_a_later_hold() {
         assert_eq!(v.holders.len(), 1, "the later hold is untouched");
         assert_eq!(v.holders[0].token, later);
     });
+}
+
+/// (5) over HTTP: the leader carries out a release and its answer is lost (the node
+/// holds it back, then resets the stream, as a node that dies after applying would).
+/// Meanwhile the same client id takes the lock again and other callers of the same
+/// gateway make more calls than the old per-gateway window of 4,096 answers. The
+/// gateway's retry of the release is answered with the first answer, 200 once, and the
+/// later hold stays.
+#[test]
+fn over_http_a_release_whose_answer_was_lost_answers_once_and_spares_a_later_hold() {
+    let mut c = TestCluster::start("re-retry-http", 3);
+    for i in 0..3 {
+        c.kill9(i);
+        c.start_node_with_env(i, &[("SYNCMESH_FAULT_INJECTION", "1".to_string())]);
+    }
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
+    let gw = c.start_gateway();
+    assert_eq!(acquire(gw, "R", "c1", "X", 0).0, 200);
+    let admin = c.nodes[leader].admin;
+    let (status, body) = http(admin, "POST", "/fault/hold-answers", b"");
+    assert_eq!(status, 200, "fault injection is on: {body}");
+    let the_release = in_background(move || release(gw, "R", "c1"));
+    eventually(
+        "the release to be carried out",
+        Duration::from_secs(10),
+        || holders(gw, "R").is_empty(),
+    );
+    let (status, body) = acquire(gw, "R", "c1", "X", 0);
+    assert_eq!(status, 200, "{body}");
+    let later = body["token"].as_u64().expect("token");
+    // 64 callers x 65 renewals: 4,160 calls, each a log entry with an answer.
+    let started = Instant::now();
+    let others: Vec<_> = (0..64)
+        .map(|t| {
+            in_background(move || {
+                let agent = crate::support::agent(Duration::from_secs(30));
+                let body = format!(r#"{{"client_id": "other-{t}"}}"#);
+                for _ in 0..65 {
+                    let (status, _) = http_on(&agent, gw, "POST", "/lock/renew", body.as_bytes());
+                    assert_eq!(status, 200);
+                }
+            })
+        })
+        .collect();
+    for t in others {
+        t.join().expect("other caller");
+    }
+    eprintln!("4,160 other calls in {:?}", started.elapsed());
+    let (_, faults) = http(admin, "GET", "/fault", b"");
+    assert_eq!(faults["held_request"], true, "{faults}");
+    let (_, lost) = http(admin, "POST", "/fault/lose-held", b"");
+    assert!(lost["lost"].as_u64() >= Some(1), "{lost}");
+    let (status, body) = the_release.join().expect("release");
+    assert_eq!((status, &body["ok"]), (200, &Value::Bool(true)), "{body}");
+    let (_, state) = http(gw, "GET", "/lock/state?key=R", b"");
+    assert_eq!(
+        state["holders"].as_array().map(Vec::len),
+        Some(1),
+        "{state}"
+    );
+    assert_eq!(state["holders"][0]["client_id"], "c1", "{state}");
+    assert_eq!(
+        state["holders"][0]["token"].as_u64(),
+        Some(later),
+        "{state}"
+    );
 }
 
 /// (4) Lock time used to be the leader's wall clock: a step forward expired every lease,

@@ -41,7 +41,7 @@ fn free_tcp() -> SocketAddr {
 }
 
 /// The project's one HTTP client (ureq), answering every status as a response.
-fn agent(timeout: Duration) -> ureq::Agent {
+pub(crate) fn agent(timeout: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
         .http_status_as_error(false)
@@ -349,8 +349,18 @@ impl Drop for TestCluster {
 
 /// One HTTP request with a body: status and the parsed JSON body (Null if not JSON).
 pub(crate) fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+    http_on(&agent(Duration::from_secs(90)), addr, method, path, body)
+}
+
+/// [`http`] on `agent` (which keeps its connections alive between requests).
+pub(crate) fn http_on(
+    agent: &ureq::Agent,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, Value) {
     let url = format!("http://{addr}{path}");
-    let agent = agent(Duration::from_secs(90));
     let response = match method {
         "GET" => agent.get(&url).call(),
         "POST" => agent

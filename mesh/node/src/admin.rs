@@ -1,13 +1,17 @@
-//! The admin HTTP server of a node: `GET /health` (DESIGN.md section 4) and `GET /metrics`.
+//! The admin HTTP server of a node: `GET /health` (DESIGN.md section 4) and `GET /metrics`;
+//! with fault injection on, `POST /fault/hold-answers` and `POST /fault/lose-held` (see
+//! [`crate::faults`]).
 
+use crate::faults::AnswerFaults;
 use crate::metrics::NodeMetrics;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use std::future::Future;
+use std::sync::Arc;
 use tokio::sync::watch;
 
 /// What `/health` reports.
@@ -52,14 +56,41 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     )
 }
 
-/// Serve on `listener` until `shutdown` completes.
+async fn hold_answers(State(faults): State<Arc<AnswerFaults>>) -> Json<serde_json::Value> {
+    faults.hold_next();
+    Json(serde_json::json!({"ok": true}))
+}
+
+async fn lose_held(State(faults): State<Arc<AnswerFaults>>) -> Json<serde_json::Value> {
+    let lost = faults.lose_held();
+    Json(serde_json::json!({"ok": true, "lost": lost}))
+}
+
+async fn fault_state(State(faults): State<Arc<AnswerFaults>>) -> Json<serde_json::Value> {
+    let (holding, held) = faults.holding();
+    Json(serde_json::json!({"holding": holding, "held_request": held}))
+}
+
+/// Serve on `listener` until `shutdown` completes; the fault endpoints only with
+/// `faults`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     health_rx: watch::Receiver<Health>,
     node_metrics: NodeMetrics,
+    faults: Option<Arc<AnswerFaults>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = Router::new()
+    let mut app = Router::new();
+    if let Some(faults) = faults {
+        app = app.merge(
+            Router::new()
+                .route("/fault/hold-answers", post(hold_answers))
+                .route("/fault/lose-held", post(lose_held))
+                .route("/fault", get(fault_state))
+                .with_state(faults),
+        );
+    }
+    let app = app
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .with_state(AdminState {

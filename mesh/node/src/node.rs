@@ -2,6 +2,7 @@
 
 use crate::admin::{self, Health};
 use crate::driver::{Driver, DriverError, DriverParts};
+use crate::faults::AnswerFaults;
 use crate::metrics::NodeMetrics;
 use crate::storage::{FileLog, WalOptions};
 use crate::transport::{ClientCall, Transport, TransportConfig, TransportError};
@@ -13,6 +14,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
@@ -35,6 +37,8 @@ pub struct NodeConfig {
     pub tick: Duration,
     /// Applied entries between snapshots.
     pub snapshot_every: u64,
+    /// Serve the fault endpoints tests use (see [`crate::faults`]); never in production.
+    pub fault_injection: bool,
 }
 
 /// Why a node could not start or stopped with an error.
@@ -110,6 +114,10 @@ pub async fn run(
     };
     let core = Node::new(core_cfg, recovered.into_initial_state(founders), start)?;
 
+    let faults = cfg.fault_injection.then(|| {
+        tracing::warn!(node = %name, "fault injection is on: /fault/* can make this node lose answers");
+        Arc::new(AnswerFaults::default())
+    });
     let (raft_tx, raft_rx) = mpsc::channel(8192);
     let (client_tx, client_rx) = calls;
     let transport_cfg = TransportConfig {
@@ -117,6 +125,7 @@ pub async fn run(
         listen: cfg.listen,
         peers: cfg.peers.clone(),
         max_frame_bytes: MAX_FRAME_BYTES,
+        faults: faults.clone(),
     };
     let transport = Transport::start(&transport_cfg, &tls, raft_tx, client_tx, metrics.clone())?;
     let (health_tx, health_rx) = watch::channel(Health::default());
@@ -131,6 +140,7 @@ pub async fn run(
         admin_listener,
         health_rx,
         metrics.clone(),
+        faults,
         async move {
             let _ = admin_stopped.await;
         },

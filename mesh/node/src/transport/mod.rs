@@ -19,10 +19,11 @@
 pub use mesh_client::framed::{write_frame, FrameReader, StreamError};
 pub use mesh_client::{CallError, ClientCall, MeshClient};
 
+use crate::faults::{AnswerFate, AnswerFaults};
 use crate::metrics::NodeMetrics;
 use certs::{PeerKind, TlsMaterial};
 use mesh_core::raft::{Message, MessageBody, NodeId};
-use mesh_core::wire::{node_name, parse_node_name, ClientResponse, Frame};
+use mesh_core::wire::{node_name, parse_node_name, ClientRequest, ClientResponse, Frame};
 use quinn::{Connection, Endpoint, VarInt};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -36,6 +37,8 @@ const LINK_QUEUE: usize = 4096;
 const CODE_IDENTITY: u32 = 1;
 const CODE_MALFORMED: u32 = 2;
 const CODE_UNEXPECTED: u32 = 3;
+/// A stream reset by an injected fault (see [`crate::faults`]).
+const CODE_ANSWER_LOST: u32 = 4;
 use mesh_client::CALL_TIMEOUT;
 
 /// Why the transport could not start.
@@ -69,6 +72,8 @@ pub struct TransportConfig {
     pub peers: BTreeMap<NodeId, SocketAddr>,
     /// Largest frame accepted or sent.
     pub max_frame_bytes: usize,
+    /// Answers a test may have this node lose (see [`crate::faults`]).
+    pub faults: Option<Arc<AnswerFaults>>,
 }
 
 /// Between nodes: Raft's own heartbeats detect failures, and a node that restarts is
@@ -113,6 +118,7 @@ struct Inbound {
     redial: BTreeMap<NodeId, Arc<Notify>>,
     max_frame: usize,
     metrics: NodeMetrics,
+    faults: Option<Arc<AnswerFaults>>,
 }
 
 impl Transport {
@@ -151,6 +157,7 @@ impl Transport {
             redial,
             max_frame: cfg.max_frame_bytes,
             metrics: metrics.clone(),
+            faults: cfg.faults.clone(),
         });
         tokio::spawn(accept_loop(endpoint.clone(), inbound));
         Ok(Self {
@@ -516,6 +523,10 @@ async fn serve_call(mut send: quinn::SendStream, mut reader: FrameReader, inboun
             return;
         }
     };
+    let fate = match (&inbound.faults, &request) {
+        (Some(f), ClientRequest::Propose(bytes)) => f.fate(bytes, true),
+        _ => AnswerFate::Send,
+    };
     let (tx, rx) = oneshot::channel();
     let response = if inbound.client_tx.try_send((request, tx)).is_err() {
         ClientResponse::Error {
@@ -540,6 +551,12 @@ async fn serve_call(mut send: quinn::SendStream, mut reader: FrameReader, inboun
             _ = stopped => return,
         }
     };
+    if let AnswerFate::Hold(mut lost) = fate {
+        // Carried out, answer lost: the caller sees the stream reset, nothing else.
+        let _ = lost.changed().await;
+        let _ = send.reset(VarInt::from_u32(CODE_ANSWER_LOST));
+        return;
+    }
     if write_frame(&mut send, &Frame::Response(response), inbound.max_frame)
         .await
         .is_ok()
