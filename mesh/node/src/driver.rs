@@ -1,11 +1,12 @@
 //! The node driver: one tokio task that feeds the node core and executes its actions.
 //!
 //! ```text
-//!  select! { wake-up | raft inbox | client inbox | persist done | snapshot encoded | shutdown }
+//!  select! { wake-up | raft inbox | client inbox | persist done | snapshot encoded/decoded | shutdown }
 //!    └─> node core (mesh-core `node`) ──actions──> Persist  -> storage thread (write + fdatasync)
 //!                                                  Send     -> transport
 //!                                                  Reply    -> the caller's oneshot
 //!                                                  Snapshot -> encode on a blocking thread
+//!                                                  Restore  -> decode on a blocking thread
 //!                                                  Compact  -> storage thread
 //!                                                  WakeAt   -> the next sleep
 //! ```
@@ -17,7 +18,9 @@ use crate::admin::Health;
 use crate::metrics::NodeMetrics;
 use crate::storage::{FileLog, LogStore, StorageError};
 use crate::transport::{ClientCall, Transport};
-use mesh_core::node::{Action, CallId, Node, NodeEvent, Persist, SnapshotView, Time};
+use mesh_core::node::{
+    Action, CallId, Node, NodeEvent, Persist, RestoreJob, Restored, SnapshotView, Time,
+};
 use mesh_core::raft::{Message, MessageBody, NodeId, Role, Snapshot};
 use mesh_core::wire::{node_name, ClientResponse};
 use std::collections::BTreeMap;
@@ -99,6 +102,8 @@ pub struct Driver {
     storage_rx: mpsc::UnboundedReceiver<StorageDone>,
     snapshot_tx: mpsc::UnboundedSender<(u64, Vec<u8>)>,
     snapshot_rx: mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
+    restored_tx: mpsc::UnboundedSender<Restored>,
+    restored_rx: mpsc::UnboundedReceiver<Restored>,
     transport: Transport,
     metrics: NodeMetrics,
     health: watch::Sender<Health>,
@@ -169,6 +174,7 @@ impl Driver {
             .map_err(|e| tracing::error!("cannot start the storage thread: {e}"))
             .ok();
         let (snapshot_tx, snapshot_rx) = mpsc::unbounded_channel();
+        let (restored_tx, restored_rx) = mpsc::unbounded_channel();
         let clock = Clock { start: clock_start };
         Self {
             node: p.node,
@@ -176,6 +182,8 @@ impl Driver {
             storage_rx,
             snapshot_tx,
             snapshot_rx,
+            restored_tx,
+            restored_rx,
             transport: p.transport,
             metrics: p.metrics,
             health: p.health,
@@ -259,6 +267,10 @@ impl Driver {
                 Some((index, data)) = self.snapshot_rx.recv() => {
                     let now = self.clock.now();
                     self.node.snapshot_encoded(now, index, data);
+                }
+                Some(restored) = self.restored_rx.recv() => {
+                    let now = self.clock.now();
+                    self.node.snapshot_restored(now, restored);
                 }
             }
             self.execute()?;
@@ -347,6 +359,7 @@ impl Driver {
                 }
             }
             Action::Snapshot(view) => self.encode_snapshot(view),
+            Action::Restore(job) => self.decode_snapshot(job),
             Action::WakeAt(mono) => self.wake = self.clock.instant(mono),
             Action::Event(e) => self.on_event(e),
         }
@@ -359,6 +372,23 @@ impl Driver {
         tokio::task::spawn_blocking(move || {
             let data = view.encode();
             let _ = tx.send((view.index, data));
+        });
+    }
+
+    /// Decode a snapshot from the leader off the loop; the core installs it once back.
+    fn decode_snapshot(&self, job: RestoreJob) {
+        let tx = self.restored_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let restored = job.decode();
+            tracing::info!(
+                index = job.index(),
+                ms = started.elapsed().as_millis() as u64,
+                "decoded the leader's snapshot"
+            );
+            // The job's reference to the bytes goes before the core takes them back.
+            drop(job);
+            let _ = tx.send(restored);
         });
     }
 

@@ -77,7 +77,7 @@ pub struct Totals {
     pub coverage: Coverage,
     /// Seeds that saw each kind of event: waits granted, leases expired, cancels that
     /// raced a grant, deadlocks, upgrades that waited, wall-clock steps.
-    pub seeds_seeing: [u64; 12],
+    pub seeds_seeing: [u64; 13],
     /// Failures, in seed order.
     pub failures: Vec<SeedFailure>,
 }
@@ -117,6 +117,7 @@ pub fn run_seeds(start: u64, count: u64, threads: usize) -> Totals {
                             c.queue_polls_woken,
                             c.queue_acked,
                             c.batches,
+                            c.snapshots_restored,
                         ];
                         for (n, v) in t.seeds_seeing.iter_mut().zip(seen) {
                             *n += u64::from(v > 0);
@@ -142,7 +143,7 @@ impl Totals {
              deadlocks refused {} ({}), upgrades waited {} ({}), clocks stepped {} ({}); \
              waits withdrawn {}, answers lost {}, hedged calls {}; queue: redeliveries {} ({}), \
              dead letters {} ({}), dedup repeats {} ({}), long polls woken {} ({}), acks {} ({}); \
-             input batches {} ({})",
+             input batches {} ({}), snapshots from a leader decoded off the loop {} ({})",
             c.waits_granted,
             s[0],
             c.leases_expired,
@@ -169,7 +170,9 @@ impl Totals {
             c.queue_acked,
             s[10],
             c.batches,
-            s[11]
+            s[11],
+            c.snapshots_restored,
+            s[12]
         )
     }
 }
@@ -226,6 +229,7 @@ mod tests {
             "queue long polls woken",
             "queue acks",
             "input batches",
+            "snapshots restored",
         ]
         .iter()
         .zip(t.seeds_seeing)

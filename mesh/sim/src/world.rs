@@ -15,7 +15,7 @@ use crate::linearizability::{self, Operation};
 use crate::lockcheck::HoldInterval;
 use crate::params::SimParams;
 use crate::rng::SimRng;
-use mesh_core::node::{Action, CallId, Node, NodeConfig, NodeEvent, Persist, Time};
+use mesh_core::node::{Action, CallId, Node, NodeConfig, NodeEvent, Persist, RestoreJob, Time};
 use mesh_core::raft::{ConfChange, Membership, Message, NodeId, Role};
 use mesh_core::wire::{ClientRequest, ClientResponse};
 use mesh_node::storage::{LogStore, MemLog};
@@ -52,6 +52,13 @@ pub(crate) enum Event {
     },
     Client(ClientEvent),
     Nemesis,
+    /// A snapshot from the leader has been decoded off the node's loop (the job decodes
+    /// when this is handled; meanwhile the node goes on taking messages and ticks).
+    Restored {
+        node: NodeId,
+        incarnation: u64,
+        job: RestoreJob,
+    },
 }
 
 /// A node's clocks: monotonic time runs at `1 + drift_ppm / 1e6` of virtual time, and
@@ -134,6 +141,8 @@ pub struct Coverage {
     pub queue_acked: u64,
     /// Input batches (begin_batch .. end_batch) handed to a node.
     pub batches: u64,
+    /// Snapshots from a leader decoded off a node's loop and handed back to it.
+    pub snapshots_restored: u64,
 }
 
 impl Coverage {
@@ -154,6 +163,7 @@ impl Coverage {
         self.queue_polls_woken += o.queue_polls_woken;
         self.queue_acked += o.queue_acked;
         self.batches += o.batches;
+        self.snapshots_restored += o.snapshots_restored;
     }
 }
 
@@ -613,6 +623,24 @@ impl World {
                 self.trace.write(3 + (node << 8));
                 self.complete_persist(node, incarnation, token)
             }
+            Event::Restored {
+                node,
+                incarnation,
+                job,
+            } => {
+                self.trace.write(9 + (node << 8));
+                if self.nodes[(node - 1) as usize].incarnation != incarnation {
+                    return Ok(None);
+                }
+                let restored = job.decode();
+                drop(job);
+                self.coverage.snapshots_restored += 1;
+                let time = self.time_of(node);
+                Ok(self
+                    .node_mut(node)
+                    .map(|n| n.snapshot_restored(time, restored))
+                    .map(|()| node))
+            }
             Event::Call {
                 node,
                 call,
@@ -729,6 +757,19 @@ impl World {
                 if let Some(n) = self.node_mut(id) {
                     n.snapshot_encoded(time, view.index, data);
                 }
+            }
+            Action::Restore(job) => {
+                // Decoding a big snapshot takes a while: inputs arrive meanwhile.
+                let delay = self.rng.range(0, 20);
+                let incarnation = self.nodes[idx].incarnation;
+                self.schedule(
+                    delay,
+                    Event::Restored {
+                        node: id,
+                        incarnation,
+                        job,
+                    },
+                );
             }
             Action::Compact(s) => {
                 let n = &mut self.nodes[idx];

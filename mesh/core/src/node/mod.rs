@@ -7,7 +7,8 @@
 //!   call(id, request)  ─┼──> Node { Raft, Services,    │   before its own fsync; votes and
 //!   cancel(id)         ─┤        calls, waits,         │   follower answers only after it)
 //!   persisted(token)   ─┤        leader time }         ├─> Reply(call id, answer)
-//!   snapshot_encoded() ─┘                              ├─> Snapshot(view) / Compact(snapshot)
+//!   snapshot_encoded() ─┤                              ├─> Snapshot(view) / Compact(snapshot)
+//!   snapshot_restored()─┘                              ├─> Restore(job: decode off the loop)
 //!                                                      ├─> WakeAt(mono ms)
 //!                                                      └─> Event (metrics, the console)
 //! ```
@@ -23,6 +24,12 @@
 //! durability (votes, append answers) are held until the persist that they depend on
 //! has completed; the leader's own appends are sent at once (Raft thesis 10.2.1: the
 //! leader counts itself towards a quorum only once its entry is durable).
+//!
+//! Snapshots never stall the loop: a local one is a view the shell encodes elsewhere, and
+//! one from the leader is decoded elsewhere too ([`Action::Restore`]). Until it is back,
+//! the Ready that carried it waits (nothing of it is persisted, applied or sent), while
+//! messages, ticks and calls keep coming in: heartbeats still reach Raft, so the election
+//! timer never runs out because a big snapshot is being decoded.
 
 mod calls;
 #[cfg(test)]
@@ -37,6 +44,7 @@ use crate::services::envelope::{Command, Envelope, Reply, Services};
 use crate::services::StateMachine;
 use crate::wire::{ClientRequest, ClientResponse, NodeStatus};
 use calls::{CallState, CallTable};
+use std::sync::Arc;
 
 /// Names a call for the life of one node process (the shell picks it).
 pub type CallId = u64;
@@ -117,6 +125,39 @@ impl SnapshotView {
     }
 }
 
+/// A snapshot from the leader to decode off the loop: [`RestoreJob::decode`], then pass
+/// the result to [`Node::snapshot_restored`].
+#[derive(Clone, Debug)]
+pub struct RestoreJob {
+    snapshot: Arc<Snapshot>,
+}
+
+impl RestoreJob {
+    /// The index the snapshot is of.
+    pub fn index(&self) -> LogIndex {
+        self.snapshot.meta.index
+    }
+
+    /// Decode the services' state (the slow part; drop the job afterwards).
+    pub fn decode(&self) -> Restored {
+        let mut services = Services::default();
+        let result = services.restore(&self.snapshot.data);
+        Restored {
+            index: self.index(),
+            services: result
+                .map(|()| Box::new(services))
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// A decoded snapshot, for [`Node::snapshot_restored`].
+#[derive(Debug)]
+pub struct Restored {
+    index: LogIndex,
+    services: Result<Box<Services>, String>,
+}
+
 /// Something that happened, for metrics, logs and the console.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodeEvent {
@@ -174,6 +215,9 @@ pub enum Action {
     },
     /// Encode the view (off the loop), then call [`Node::snapshot_encoded`].
     Snapshot(SnapshotView),
+    /// Decode a snapshot from the leader (off the loop), then call
+    /// [`Node::snapshot_restored`]. Nothing is persisted until then.
+    Restore(RestoreJob),
     /// Store this snapshot and drop the log before it. Order it after earlier persists.
     Compact(Snapshot),
     /// Call [`Node::tick`] at this monotonic time (the latest `WakeAt` replaces earlier
@@ -222,6 +266,9 @@ pub struct Node {
     persisting: Option<InFlight>,
     next_token: u64,
     snapshotting: bool,
+    /// A Ready with a snapshot from the leader, waiting for the snapshot to be decoded
+    /// (the job has the other reference).
+    restoring: Option<(Ready, Arc<Snapshot>)>,
     /// The index of this leader's outstanding `Tick` proposal.
     tick_proposed: Option<LogIndex>,
     last_leader: Option<NodeId>,
@@ -292,6 +339,7 @@ impl Node {
             persisting: None,
             next_token: 0,
             snapshotting: false,
+            restoring: None,
             tick_proposed: None,
             last_leader: None,
             last_wake: None,
@@ -587,7 +635,7 @@ impl Node {
         loop {
             self.note_leadership();
             self.leader_duties();
-            if self.persisting.is_some() || !self.raft.has_ready() {
+            if self.persisting.is_some() || self.restoring.is_some() || !self.raft.has_ready() {
                 break;
             }
             let rd = self.raft.ready();
@@ -597,16 +645,60 @@ impl Node {
         self.schedule_wake();
     }
 
-    fn execute(&mut self, rd: Ready) {
+    fn execute(&mut self, mut rd: Ready) {
+        if let Some(s) = rd.snapshot.take() {
+            // Decoded off the loop; this Ready goes on once it is back.
+            let s = Arc::new(s);
+            self.actions.push(Action::Restore(RestoreJob {
+                snapshot: s.clone(),
+            }));
+            self.restoring = Some((rd, s));
+            return;
+        }
+        self.execute_decoded(rd);
+    }
+
+    /// The snapshot of [`Action::Restore`] was decoded: install it, and go on with the
+    /// Ready that brought it. A result for another snapshot than the one awaited is
+    /// ignored; one that does not decode stops the node (see [`Node::fatal`]) before
+    /// anything of it is persisted.
+    pub fn snapshot_restored(&mut self, now: Time, restored: Restored) {
+        self.now = now;
+        if self.fatal.is_some()
+            || !self
+                .restoring
+                .as_ref()
+                .is_some_and(|(_, s)| s.meta.index == restored.index)
+        {
+            return;
+        }
+        let Some((mut rd, snapshot)) = self.restoring.take() else {
+            return;
+        };
+        let snapshot = Arc::try_unwrap(snapshot).unwrap_or_else(|shared| (*shared).clone());
+        match restored.services {
+            Ok(services) => self.install_snapshot(*services, &snapshot),
+            Err(e) => {
+                // The leader's snapshot is produced by the same code; bytes that do not
+                // decode mean a corrupted transfer or a bug: the node must not run on,
+                // but it stops with an error, never a panic, and its disk is untouched.
+                self.fatal = Some(format!(
+                    "the snapshot from the leader at index {} does not decode: {e}",
+                    snapshot.meta.index
+                ));
+                return;
+            }
+        }
+        rd.snapshot = Some(snapshot);
+        self.execute_decoded(rd);
+        self.drive();
+    }
+
+    fn execute_decoded(&mut self, rd: Ready) {
         let marker = rd.persisted_marker();
         let needs_persist = rd.snapshot.is_some() || !rd.entries.is_empty() || rd.must_sync;
         let (now, held): (Vec<Message>, Vec<Message>) =
             rd.messages.into_iter().partition(may_send_before_persist);
-        if let Some(s) = &rd.snapshot {
-            if !self.install_snapshot(s) {
-                return;
-            }
-        }
         if needs_persist {
             self.next_token += 1;
             self.actions.push(Action::Persist(Persist {
@@ -643,20 +735,8 @@ impl Node {
         }
     }
 
-    /// Restore the services from a snapshot the leader sent. False if it does not
-    /// decode: the node stops (see [`Node::fatal`]) before anything of it is persisted.
-    fn install_snapshot(&mut self, s: &Snapshot) -> bool {
-        let mut restored = Services::default();
-        if let Err(e) = restored.restore(&s.data) {
-            // The leader's snapshot is produced by the same code; bytes that do not
-            // decode mean a corrupted transfer or a bug: the node must not run on, but
-            // it stops with an error, never a panic, and its disk is untouched.
-            self.fatal = Some(format!(
-                "the snapshot from the leader at index {} does not decode: {e}",
-                s.meta.index
-            ));
-            return false;
-        }
+    /// Replace the services with `restored`, decoded from the leader's snapshot `s`.
+    fn install_snapshot(&mut self, mut restored: Services, s: &Snapshot) {
         restored.set_audit(self.cfg.trace_applies);
         self.services = restored;
         self.actions
@@ -685,7 +765,6 @@ impl Node {
                 }
             }
         }
-        true
     }
 
     fn apply(&mut self, entry: &Entry) {
@@ -811,7 +890,11 @@ impl Node {
     fn maybe_snapshot(&mut self) {
         let every = self.cfg.snapshot_every;
         let applied = self.services.applied();
-        if every == 0 || self.snapshotting || applied < self.raft.snapshot_index() + every {
+        if every == 0
+            || self.snapshotting
+            || self.restoring.is_some()
+            || applied < self.raft.snapshot_index() + every
+        {
             return;
         }
         self.snapshotting = true;

@@ -301,28 +301,16 @@ fn wall_clock_steps_change_no_lease() {
 /// shell exits cleanly) instead of a panic, and nothing of it is persisted.
 #[test]
 fn an_undecodable_snapshot_from_the_leader_is_an_error_not_a_panic() {
-    use crate::raft::SnapshotMeta;
     let mut c = Cluster::new(3);
     let l = c.elect();
     let f = if l == 1 { 2 } else { 1 };
-    let meta = SnapshotMeta {
-        index: 50,
-        term: c.nodes[(l - 1) as usize].raft().term(),
-        membership: Membership::with_voters(1..=3),
-    };
-    let m = Message {
-        from: l,
-        to: f,
-        term: meta.term,
-        body: MessageBody::InstallSnapshot {
-            meta,
-            offset: 0,
-            data: vec![0xFF; 16],
-            done: true,
-        },
-    };
+    let m = install_snapshot(&c, l, f, vec![0xFF; 16]);
     let now = t(c.now);
     c.node(f).step(now, m);
+    let actions = c.node(f).take_actions();
+    let job = restore_job(&actions);
+    let now = t(c.now);
+    c.node(f).snapshot_restored(now, job.decode());
     let actions = c.node(f).take_actions();
     assert!(c.nodes[(f - 1) as usize]
         .fatal()
@@ -331,4 +319,104 @@ fn an_undecodable_snapshot_from_the_leader_is_an_error_not_a_panic() {
         !actions.iter().any(|a| matches!(a, Action::Persist(_))),
         "nothing persisted: {actions:?}"
     );
+}
+
+/// A follower decodes a snapshot from the leader off its loop: meanwhile it takes the
+/// leader's heartbeats and its ticks, never stands for election, and persists nothing of
+/// the snapshot; once it is back, the snapshot is persisted and installed.
+#[test]
+fn a_snapshot_from_the_leader_is_decoded_off_the_loop_while_heartbeats_go_on() {
+    let mut c = Cluster::new(3);
+    let l = c.elect();
+    let f = if l == 1 { 2 } else { 1 };
+    let data = c.nodes[(l - 1) as usize].services().snapshot();
+    let m = install_snapshot(&c, l, f, data);
+    let now = t(c.now);
+    c.node(f).step(now, m);
+    let actions = c.node(f).take_actions();
+    let job = restore_job(&actions);
+    assert!(!actions.iter().any(|a| matches!(a, Action::Persist(_))));
+    // A second of heartbeats and ticks while the job runs elsewhere: 3 to 6 election
+    // timeouts. The other two nodes run as usual.
+    for _ in 0..100 {
+        c.now += 10;
+        let now = t(c.now);
+        for id in 1..=3 {
+            c.node(id).tick(now);
+        }
+        for _ in 0..100 {
+            let mut wire = Vec::new();
+            for id in (1..=3).filter(|&id| id != f) {
+                for a in c.node(id).take_actions() {
+                    match a {
+                        Action::Send(m) => wire.push(m),
+                        Action::Persist(p) => c.node(id).persisted(now, p.token),
+                        _ => {}
+                    }
+                }
+            }
+            let actions = c.node(f).take_actions();
+            assert!(
+                !actions.iter().any(|a| matches!(
+                    a,
+                    Action::Persist(_) | Action::Restore(_) | Action::Send(_)
+                )),
+                "nothing until the snapshot is back: {actions:?}"
+            );
+            if wire.is_empty() {
+                break;
+            }
+            for m in wire {
+                let to = m.to;
+                c.node(to).step(now, m);
+            }
+        }
+        assert_eq!(c.nodes[(f - 1) as usize].raft().role(), Role::Follower);
+        assert_eq!(c.nodes[(f - 1) as usize].raft().leader(), Some(l));
+    }
+    let now = t(c.now);
+    c.node(f).snapshot_restored(now, job.decode());
+    let actions = c.node(f).take_actions();
+    assert!(
+        actions.iter().any(
+            |a| matches!(a, Action::Persist(p) if p.snapshot.as_ref().is_some_and(|s| s.meta.index == 50))
+        ),
+        "persisted once decoded: {actions:?}"
+    );
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Event(NodeEvent::SnapshotInstalled { index: 50, .. })
+    )));
+    assert!(c.nodes[(f - 1) as usize].fatal().is_none());
+}
+
+/// An InstallSnapshot at index 50 from `l` to `f` carrying `data`, in one chunk.
+fn install_snapshot(c: &Cluster, l: NodeId, f: NodeId, data: Vec<u8>) -> Message {
+    use crate::raft::SnapshotMeta;
+    let meta = SnapshotMeta {
+        index: 50,
+        term: c.nodes[(l - 1) as usize].raft().term(),
+        membership: Membership::with_voters(1..=3),
+    };
+    Message {
+        from: l,
+        to: f,
+        term: meta.term,
+        body: MessageBody::InstallSnapshot {
+            meta,
+            offset: 0,
+            data,
+            done: true,
+        },
+    }
+}
+
+fn restore_job(actions: &[Action]) -> RestoreJob {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Restore(job) => Some(job.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("a restore job: {actions:?}"))
 }
