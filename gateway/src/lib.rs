@@ -12,6 +12,7 @@
 //! QUIC, or inside a node (`syncmesh node --http`), calling that node in-process.
 
 mod error;
+mod groups;
 mod locks;
 mod queues;
 
@@ -93,6 +94,7 @@ pub(crate) struct AppState {
     max_body: usize,
     registry: prometheus::Registry,
     http_duration: prometheus::HistogramVec,
+    groups: groups::EnqueueGroups,
 }
 
 /// Map a failed call: not done (503, retry) or outcome unknown (504).
@@ -196,12 +198,14 @@ pub fn router_over(
         &["route", "status"],
     )?;
     registry.register(Box::new(http_duration.clone()))?;
+    let groups = groups::EnqueueGroups::new(&registry)?;
     let state = Arc::new(AppState {
         caller: Caller::new(cluster, MAX_IN_FLIGHT),
         home,
         max_body,
         registry,
         http_duration,
+        groups,
     });
     Ok(Router::new()
         .route("/health", get(health))

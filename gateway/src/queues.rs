@@ -5,6 +5,7 @@
 //! payload comes back byte for byte). A producer that sent the value as `body` gets it
 //! back as `body`. Message ids are `"PARTITION-SEQ"` strings; receipts are strings too.
 
+use crate::groups::EnqueueGroups;
 use crate::{ApiError, AppState};
 use axum::body::Body;
 use axum::extract::{Query as UrlQuery, State};
@@ -142,6 +143,14 @@ fn receipt(t: &Token) -> Result<u64, ApiError> {
     })
 }
 
+/// Propose an enqueue (of one message or of a group).
+pub(crate) async fn propose_enqueue(
+    state: &AppState,
+    command: QueueCommand,
+) -> Result<QueueReply, ApiError> {
+    propose(state, command, CALL_SLACK).await
+}
+
 /// Propose a queue command; a dequeue that waits may be withdrawn when its caller goes
 /// away, and is asked again for the time left if a node dropped it.
 async fn propose(
@@ -193,7 +202,7 @@ async fn propose(
 }
 
 /// The refusals every queue reply may be.
-fn refusal(reply: QueueReply) -> ApiError {
+pub(crate) fn refusal(reply: QueueReply) -> ApiError {
     match reply {
         QueueReply::Invalid(why) => ApiError::bad_request("invalid_request", why),
         QueueReply::Full { code, message } => {
@@ -355,6 +364,19 @@ pub(crate) async fn enqueue(
         messages.push(m);
     }
     let queue = queue.unwrap_or_else(|| DEFAULT_QUEUE.to_owned());
+    if !batch {
+        if let Some(message) = messages.pop() {
+            let (id, duplicate) = EnqueueGroups::enqueue(&state, queue, message).await?;
+            return Ok(Json(json!({
+                "ok": true,
+                "msg_id": id.to_string(),
+                "message_id": id.to_string(),
+                "partition": id.partition,
+                "duplicate": duplicate,
+            }))
+            .into_response());
+        }
+    }
     match propose(
         &state,
         QueueCommand::Enqueue { queue, messages },
@@ -362,17 +384,6 @@ pub(crate) async fn enqueue(
     )
     .await?
     {
-        QueueReply::Enqueued { ids } if !batch && ids.len() == 1 => {
-            let (id, duplicate) = ids[0];
-            Ok(Json(json!({
-                "ok": true,
-                "msg_id": id.to_string(),
-                "message_id": id.to_string(),
-                "partition": id.partition,
-                "duplicate": duplicate,
-            }))
-            .into_response())
-        }
         QueueReply::Enqueued { ids } => Ok(Json(json!({
             "ok": true,
             "msg_ids": ids.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>(),

@@ -180,6 +180,71 @@ fn seed_queue_requests_redelivery_dead_letters_and_long_polls() {
     assert_eq!(default["partitions"].as_array().map(Vec::len), Some(16));
     // The four just leased and the one the long poll got.
     assert_eq!(default["inflight"], 5);
+
+    // 32 producers enqueue 25 single messages each, waiting for every answer: the
+    // gateway proposes what arrives together as one batch, and still each message has
+    // its own id, is stored once, and keeps its producer's order.
+    let producers: Vec<_> = (0..32)
+        .map(|p| {
+            std::thread::spawn(move || {
+                let agent = crate::support::agent(Duration::from_secs(30));
+                (0..25)
+                    .map(|i| {
+                        let body =
+                            format!(r#"{{"queue": "grouped", "key": "p{p}", "value": {i}}}"#);
+                        let (status, v) = crate::support::http_on(
+                            &agent,
+                            gw,
+                            "POST",
+                            "/queue/enq",
+                            body.as_bytes(),
+                        );
+                        assert_eq!(status, 200, "{v}");
+                        v["msg_id"].as_str().expect("msg_id").to_string()
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let ids: Vec<String> = producers
+        .into_iter()
+        .flat_map(|t| t.join().expect("producer"))
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 800, "one id per message");
+    let mut next = std::collections::BTreeMap::new();
+    let mut seen = 0;
+    loop {
+        let (_, got) = post(gw, "/queue/deq", r#"{"queue": "grouped", "max": 100}"#);
+        let Some(messages) = got["messages"].as_array().filter(|m| !m.is_empty()) else {
+            break;
+        };
+        for m in messages {
+            let key = m["payload"]["key"].as_str().expect("key").to_string();
+            let value = m["payload"]["value"].as_u64().expect("value");
+            let expect = next.entry(key.clone()).or_insert(0);
+            assert_eq!(value, *expect, "{key} in its producer's order");
+            *expect += 1;
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 800, "every message once");
+    let metrics = crate::support::http_get(gw, "/metrics").expect("metrics").1;
+    let metric = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let (proposals, messages) = (
+        metric("gateway_enqueue_group_messages_count"),
+        metric("gateway_enqueue_group_messages_sum"),
+    );
+    assert!(messages >= 800.0, "{metrics}");
+    assert!(
+        proposals < messages,
+        "concurrent enqueues shared proposals: {proposals} for {messages}"
+    );
 }
 
 #[test]
