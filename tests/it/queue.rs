@@ -479,3 +479,124 @@ fn acked_enqueues_survive_leader_kills_and_a_full_restart() {
     );
     assert_eq!(acked.len(), total / PRODUCERS * PRODUCERS);
 }
+
+fn snapshot_messages() -> usize {
+    std::env::var("SYNCMESH_SNAPSHOT_SOAK_MESSAGES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000)
+}
+
+/// A follower is down while the queue fills with 128-byte messages (100,000 here, a
+/// million in `.ci/run`) and the leader compacts its log; started again, it can only
+/// catch up by the snapshot. It is shipped in chunks and decoded off the follower's loop:
+/// nobody stands for election (no node ever loses its leader, the term stays), and the
+/// follower ends with every message.
+#[test]
+fn a_lagging_follower_catches_up_by_a_big_queue_snapshot_without_an_election() {
+    let total = snapshot_messages();
+    const BATCH: usize = 1000;
+    let mut c = TestCluster::start_with_snapshots("queue-snap", 3, 20);
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
+    let lagging = (leader + 1) % 3;
+    c.kill9(lagging);
+    let gw = c.start_gateway();
+    let value = format!("\"{}\"", "v".repeat(126));
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let value = value.clone();
+            std::thread::spawn(move || {
+                let agent = crate::support::agent(Duration::from_secs(60));
+                for b in (p * BATCH..total).step_by(4 * BATCH) {
+                    let items: Vec<String> = (b..(b + BATCH).min(total))
+                        .map(|i| {
+                            format!(
+                                r#"{{"queue": "big", "key": "k{}", "value": {value}}}"#,
+                                i % 64
+                            )
+                        })
+                        .collect();
+                    let body = format!("[{}]", items.join(","));
+                    let (status, v) =
+                        crate::support::http_on(&agent, gw, "POST", "/queue/enq", body.as_bytes());
+                    assert_eq!(status, 200, "{v}");
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.join().expect("producer");
+    }
+    let depth = |c: &TestCluster, i: usize| -> Option<u64> {
+        let metrics = c.metrics(i);
+        let d = metrics
+            .lines()
+            .filter(|l| l.starts_with("queue_depth{") && l.contains("queue=\"big\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+        Some(d as u64)
+    };
+    eventually(
+        "every message on the leader",
+        Duration::from_secs(30),
+        || depth(&c, leader) == Some(total as u64),
+    );
+    eventually("the leader to compact", Duration::from_secs(60), || {
+        c.log(leader).contains("snapshot taken")
+    });
+    // The load may have moved the leadership while the follower was down; from here on
+    // it must not move.
+    let (leader, term) = c.wait_for_leader(Duration::from_secs(20));
+    let changes_before: Vec<usize> = (0..3)
+        .map(|i| c.log(i).matches("leader changed").count())
+        .collect();
+    let started = std::time::Instant::now();
+    c.start_node(lagging);
+    eventually(
+        "the lagging follower to catch up",
+        Duration::from_secs(600),
+        || depth(&c, lagging) == Some(total as u64),
+    );
+    let caught_up = started.elapsed();
+    let log = c.log(lagging);
+    let log = &log[log.rfind("recovered storage").unwrap_or(0)..];
+    assert!(
+        log.contains("installed snapshot from the leader"),
+        "caught up by the snapshot: {log}"
+    );
+    eprintln!(
+        "{total} messages: the lagging follower caught up in {caught_up:?}:\n  {}",
+        log.lines()
+            .filter(|l| ["snapshot", "started", "leader changed"]
+                .iter()
+                .any(|w| l.contains(w)))
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    );
+    for i in 0..3 {
+        let h = c.health(i).expect("health");
+        assert_eq!(
+            h["term"].as_u64(),
+            Some(term),
+            "node {i} stayed in term {term}: {h}"
+        );
+        assert_eq!(h["leader"], c.nodes[leader].name.as_str(), "{h}");
+    }
+    for i in (0..3).filter(|&i| i != lagging) {
+        let changes = c.log(i).matches("leader changed").count();
+        assert_eq!(
+            changes,
+            changes_before[i],
+            "node {i} kept its leader: {}",
+            c.log(i)
+        );
+    }
+    let lost_leader = log
+        .lines()
+        .filter(|l| l.contains("leader changed"))
+        .any(|l| l.contains("leader=None"));
+    assert!(
+        !lost_leader,
+        "the lagging follower never lost its leader: {log}"
+    );
+}

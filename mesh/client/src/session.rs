@@ -221,8 +221,20 @@ impl Caller {
     ) -> Result<Outcome, CallError> {
         let slot = &mut guard.slot;
         let fresh = slot.session.is_none() || slot.last_used.elapsed() >= SLOT_IDLE;
+        let started = Instant::now();
+        let mut opts = opts;
         if fresh {
-            let session = self.open_session(opts.deadline).await?;
+            // The call itself is not sent yet: whatever happened to the opening, it is
+            // not done (503, never 504).
+            let session = self
+                .open_session(opts.deadline)
+                .await
+                .map_err(|e| match e {
+                    CallError::OutcomeUnknown(why) => CallError::Unavailable(why),
+                    e => e,
+                })?;
+            // One deadline for the opening and the call together.
+            opts.deadline = opts.deadline.saturating_sub(started.elapsed());
             *slot = Slot {
                 session: Some(session),
                 next_seq: 1,

@@ -274,8 +274,16 @@ impl Raft {
         pr.recent_active = true;
         pr.read_seq = pr.read_seq.max(read_seq);
         // A lost message leaves a probe paused or a pipeline window full: the heartbeat
-        // round trip proves the follower is reachable, so let one more message go.
-        pr.paused = false;
+        // round trip proves the follower is reachable, so let one more message go. A
+        // snapshot chunk gets a few heartbeats' time first (it may be big, and still on
+        // its way).
+        let chunk_out = matches!(pr.state, ProgressState::Snapshot { .. }) && pr.paused;
+        if chunk_out {
+            pr.chunk_waits += 1;
+        }
+        if !chunk_out || pr.chunk_waits >= super::progress::SNAPSHOT_CHUNK_PATIENCE {
+            pr.paused = false;
+        }
         if pr.inflight.len() >= self.cfg.max_inflight_msgs {
             pr.inflight.pop_front();
         }

@@ -69,6 +69,7 @@ impl Raft {
         let start = (*offset as usize).min(len);
         let end = (start + self.cfg.snapshot_chunk_bytes).min(len);
         pr.paused = true;
+        pr.chunk_waits = 0;
         let body = MessageBody::InstallSnapshot {
             meta: snapshot.meta.clone(),
             offset: start as u64,
@@ -171,6 +172,11 @@ impl Raft {
             self.maybe_commit();
             self.send_append(from, true);
         } else {
+            if pr.paused && next_offset == *offset {
+                // The answer to a copy of the chunk before: the one at this offset is
+                // already on its way.
+                return;
+            }
             *offset = next_offset;
             pr.paused = false;
             self.send_snapshot_chunk(from);

@@ -819,6 +819,13 @@ impl Services {
         }
         let Some(kept) = session.calls.get_mut(&seq) else {
             // Not arrived yet: when it does, it is answered "withdrawn" and not applied.
+            // Only for a call that can still come (a client has at most
+            // MAX_CALLS_PER_SESSION in flight above its floor), and within the session's
+            // bound, so withdrawals naming made-up calls cannot grow the table.
+            let window = session.floor.saturating_add(MAX_CALLS_PER_SESSION as u64);
+            if seq >= window || session.calls.len() >= MAX_CALLS_PER_SESSION {
+                return;
+            }
             session.calls.insert(
                 seq,
                 KeptCall {

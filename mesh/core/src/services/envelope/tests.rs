@@ -180,6 +180,31 @@ fn kept_answers_are_bounded_by_the_calls_in_flight() {
     assert!(l.s.kept_reply((waiter, 1)).is_some_and(Reply::is_waiting));
 }
 
+/// Withdrawals of calls that have not arrived keep a placeholder each, but only for calls
+/// that can still come: made-up sequence numbers far above a session's floor, or more
+/// than a session may have in flight, keep nothing.
+#[test]
+fn withdrawals_of_made_up_calls_keep_nothing() {
+    let mut l = Log::new();
+    l.call(1, 1, 1, Command::Tick);
+    let before = l.s.kept_calls();
+    for seq in 0..5_000u64 {
+        l.call(0, 0, 0, withdraw(1, 10_000 + seq * 7));
+    }
+    assert_eq!(l.s.kept_calls(), before, "far above the floor");
+    for seq in 2..5_000u64 {
+        l.call(0, 0, 0, withdraw(1, seq));
+    }
+    assert!(
+        l.s.kept_calls() <= MAX_CALLS_PER_SESSION,
+        "bounded by the calls a session may have in flight: {}",
+        l.s.kept_calls()
+    );
+    // A withdrawal that came first still wins over its call.
+    let late = l.call(1, 2, 2, acquire("W", "c1", Mode::X, 0));
+    assert_eq!(reply(&late), &Reply::Withdrawn);
+}
+
 /// Regression (an upgrade answered as granted): waits are per call. The kept answer of
 /// a queued call is replaced by its real outcome, and the completion names that call.
 #[test]

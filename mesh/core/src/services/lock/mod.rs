@@ -510,8 +510,9 @@ impl LockTable {
                 && !hold.upgraded_from_reported
                 && hold.upgraded_from.is_some_and(|(t, _)| t == token)
             {
+                // Nothing is released (the X hold covers it): not counted as a withdrawn
+                // grant.
                 hold.upgraded_from = None;
-                self.stats.grants_withdrawn += 1;
                 return Some(Vec::new());
             }
             return None;
