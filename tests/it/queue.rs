@@ -496,11 +496,14 @@ fn snapshot_messages() -> usize {
 fn a_lagging_follower_catches_up_by_a_big_queue_snapshot_without_an_election() {
     let total = snapshot_messages();
     const BATCH: usize = 1000;
-    let mut c = TestCluster::start_with_snapshots("queue-snap", 3, 20);
+    // A snapshot every quarter of the fill: the leader compacts a few times, and each
+    // snapshot holds a large part of the queue.
+    let every = (total / BATCH / 4).max(10) as u64;
+    let mut c = TestCluster::start_with_snapshots("queue-snap", 3, every);
     let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
     let lagging = (leader + 1) % 3;
-    c.kill9(lagging);
     let gw = c.start_gateway();
+    c.kill9(lagging);
     let value = format!("\"{}\"", "v".repeat(126));
     let producers: Vec<_> = (0..4)
         .map(|p| {
@@ -573,6 +576,19 @@ fn a_lagging_follower_catches_up_by_a_big_queue_snapshot_without_an_election() {
             .collect::<Vec<_>>()
             .join("\n  ")
     );
+    for i in 0..3 {
+        let lines: Vec<String> = c
+            .log(i)
+            .lines()
+            .filter(|l| {
+                ["leader changed", "snapshot", "WARN", "ERROR"]
+                    .iter()
+                    .any(|w| l.contains(w))
+            })
+            .map(str::to_string)
+            .collect();
+        eprintln!("node {i}:\n  {}", lines.join("\n  "));
+    }
     for i in 0..3 {
         let h = c.health(i).expect("health");
         assert_eq!(

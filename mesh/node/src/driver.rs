@@ -7,7 +7,8 @@
 //!                                                  Reply    -> the caller's oneshot
 //!                                                  Snapshot -> encode on a blocking thread
 //!                                                  Restore  -> decode on a blocking thread
-//!                                                  Compact  -> storage thread
+//!                                                  Compact  -> snapshot writer, then
+//!                                                              purge on the storage thread
 //!                                                  WakeAt   -> the next sleep
 //! ```
 //! Everything a node decides happens in the node core; this loop only moves bytes and
@@ -16,12 +17,12 @@
 
 use crate::admin::Health;
 use crate::metrics::NodeMetrics;
-use crate::storage::{FileLog, LogStore, StorageError};
+use crate::storage::{FileLog, LogStore, SnapshotFiles, StorageError};
 use crate::transport::{ClientCall, Transport};
 use mesh_core::node::{
     Action, CallId, Node, NodeEvent, Persist, RestoreJob, Restored, SnapshotView, Time,
 };
-use mesh_core::raft::{Message, MessageBody, NodeId, Role, Snapshot};
+use mesh_core::raft::{LogIndex, Message, MessageBody, NodeId, Role, Snapshot};
 use mesh_core::wire::{node_name, ClientResponse};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -64,7 +65,8 @@ pub struct DriverParts {
 /// What the storage thread is asked to do, in order.
 enum StorageOp {
     Persist(Persist),
-    Compact(Snapshot),
+    /// The snapshot file at this index is durable: drop what it covers.
+    Purge(LogIndex),
 }
 
 /// What the storage thread reports.
@@ -99,6 +101,8 @@ impl Clock {
 pub struct Driver {
     node: Node,
     storage_tx: std::sync::mpsc::Sender<StorageOp>,
+    /// Local snapshots to write (then purge through the storage thread).
+    snapshot_writer: std::sync::mpsc::Sender<Snapshot>,
     storage_rx: mpsc::UnboundedReceiver<StorageDone>,
     snapshot_tx: mpsc::UnboundedSender<(u64, Vec<u8>)>,
     snapshot_rx: mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
@@ -147,7 +151,7 @@ fn storage_thread(
                     .observe(started.elapsed().as_secs_f64());
                 r.map(|()| Some(p.token))
             }
-            StorageOp::Compact(s) => log.compact(&s).map(|()| None),
+            StorageOp::Purge(index) => log.purge_covered(index).map(|()| None),
         };
         let report = match result {
             Ok(Some(token)) => StorageDone::Persisted(token),
@@ -161,17 +165,56 @@ fn storage_thread(
     }
 }
 
+/// The snapshot writer: writes local snapshots in order, each durable before the storage
+/// thread drops the log it covers. Log persists go on meanwhile: a big snapshot takes a
+/// second or more to write, and a leader whose persists waited behind it sent no
+/// heartbeats for that long (an election at every snapshot of a million messages).
+fn snapshot_writer_thread(
+    files: &SnapshotFiles,
+    snapshots: &std::sync::mpsc::Receiver<Snapshot>,
+    purges: &std::sync::mpsc::Sender<StorageOp>,
+    failures: &mpsc::UnboundedSender<StorageDone>,
+) {
+    while let Ok(mut s) = snapshots.recv() {
+        // Snapshots taken while the last one was written: the newest covers them all.
+        while let Ok(newer) = snapshots.try_recv() {
+            s = newer;
+        }
+        let started = Instant::now();
+        if let Err(e) = files.write(&s) {
+            let _ = failures.send(StorageDone::Failed(e));
+            return;
+        }
+        tracing::debug!(
+            index = s.meta.index,
+            ms = started.elapsed().as_millis() as u64,
+            "snapshot written"
+        );
+        if purges.send(StorageOp::Purge(s.meta.index)).is_err() {
+            return;
+        }
+    }
+}
+
 impl Driver {
-    /// A driver over restored parts; starts the storage thread.
+    /// A driver over restored parts; starts the storage thread and the snapshot writer.
     pub fn new(p: DriverParts, clock_start: Instant) -> Self {
         let (storage_tx, ops) = std::sync::mpsc::channel();
         let (done_tx, storage_rx) = mpsc::unbounded_channel();
         let metrics = p.metrics.clone();
         let log = p.log;
+        let files = log.snapshot_files();
+        let (snapshot_writer, snapshots) = std::sync::mpsc::channel();
+        let (purges, failures) = (storage_tx.clone(), done_tx.clone());
         std::thread::Builder::new()
             .name("storage".into())
             .spawn(move || storage_thread(log, ops, done_tx, metrics))
             .map_err(|e| tracing::error!("cannot start the storage thread: {e}"))
+            .ok();
+        std::thread::Builder::new()
+            .name("snapshot-writer".into())
+            .spawn(move || snapshot_writer_thread(&files, &snapshots, &purges, &failures))
+            .map_err(|e| tracing::error!("cannot start the snapshot writer: {e}"))
             .ok();
         let (snapshot_tx, snapshot_rx) = mpsc::unbounded_channel();
         let (restored_tx, restored_rx) = mpsc::unbounded_channel();
@@ -179,6 +222,7 @@ impl Driver {
         Self {
             node: p.node,
             storage_tx,
+            snapshot_writer,
             storage_rx,
             snapshot_tx,
             snapshot_rx,
@@ -344,8 +388,8 @@ impl Driver {
                 .send(StorageOp::Persist(p))
                 .map_err(|_| DriverError::StorageGone)?,
             Action::Compact(s) => self
-                .storage_tx
-                .send(StorageOp::Compact(s))
+                .snapshot_writer
+                .send(s)
                 .map_err(|_| DriverError::StorageGone)?,
             Action::Send(m) => {
                 if let Some((op, true)) = rpc_op(&m.body) {

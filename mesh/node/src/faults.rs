@@ -102,7 +102,7 @@ mod tests {
         assert!(matches!(f.fate(b"a", true), AnswerFate::Send));
         f.hold_next();
         assert!(matches!(f.fate(b"read", false), AnswerFate::Send));
-        let AnswerFate::Hold(mut first) = f.fate(b"b", true) else {
+        let AnswerFate::Hold(first) = f.fate(b"b", true) else {
             panic!("the next proposal is held");
         };
         assert!(matches!(f.fate(b"c", true), AnswerFate::Send));

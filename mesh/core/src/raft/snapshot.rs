@@ -36,7 +36,10 @@ impl Raft {
         let baseline = (index, meta.membership.clone());
         self.memberships.retain(|(i, _)| *i > index);
         self.memberships.insert(0, baseline);
-        self.snapshot = Some(Snapshot { meta, data });
+        self.snapshot = Some(Snapshot {
+            meta,
+            data: std::sync::Arc::new(data),
+        });
         Ok(())
     }
 
@@ -115,7 +118,10 @@ impl Raft {
         let Some((meta, data)) = self.incoming.take() else {
             return;
         };
-        self.install_snapshot(Snapshot { meta, data });
+        self.install_snapshot(Snapshot {
+            meta,
+            data: std::sync::Arc::new(data),
+        });
         self.send_snapshot_resp(from, index, received, true);
     }
 

@@ -466,7 +466,7 @@ fn snapshot_7_far_behind_follower_installs_it_in_chunks() {
     assert!(chunks >= 7, "100 bytes in 16-byte chunks: {chunks}");
     let installed = &net.installed[&3];
     assert_eq!(installed.len(), 1);
-    assert_eq!(installed[0].data, data);
+    assert_eq!(*installed[0].data, data);
     assert_eq!(installed[0].meta.index, applied);
     assert_eq!(net.node(3).status().commit, net.node(1).status().commit);
     let p = net.propose(1, "after snapshot");
@@ -522,7 +522,7 @@ fn snapshot_7_an_outstanding_chunk_waits_a_few_heartbeats_before_it_is_sent_agai
     for gap in &chunks[..chunks.len() - 1] {
         assert_eq!(
             gap.len(),
-            crate::raft::progress::SNAPSHOT_CHUNK_PATIENCE as usize,
+            progress::SNAPSHOT_CHUNK_PATIENCE as usize,
             "heartbeat answers between two sends of one chunk: {seen}"
         );
     }

@@ -173,8 +173,11 @@ pub struct SnapshotMeta {
 pub struct Snapshot {
     /// Position and membership.
     pub meta: SnapshotMeta,
-    /// The state machine's own bytes.
-    pub data: Vec<u8>,
+    /// The state machine's own bytes, shared: a snapshot of a big state is hundreds of
+    /// megabytes, and the log, the storage and the transfer to a follower each hold it
+    /// (a copy on the node's loop took long enough to miss heartbeats). Encoded as plain
+    /// bytes.
+    pub data: std::sync::Arc<Vec<u8>>,
 }
 
 /// A message between two Raft nodes.

@@ -33,7 +33,7 @@ mod tests;
 
 pub use codec::{decode_frame, encode_frame, FrameError, MAX_FRAME_BYTES};
 pub use mem::MemLog;
-pub use wal::{FileLog, WalOptions};
+pub use wal::{FileLog, SnapshotFiles, WalOptions};
 
 use mesh_core::raft::{Entry, HardState, InitialState, Membership, Snapshot, SnapshotMeta};
 use serde::{Deserialize, Serialize};

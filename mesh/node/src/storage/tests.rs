@@ -24,7 +24,7 @@ fn snapshot(index: LogIndex, term: Term) -> Snapshot {
             term,
             membership: Membership::with_voters([1, 2, 3]),
         },
-        data: format!("state@{index}").into_bytes(),
+        data: std::sync::Arc::new(format!("state@{index}").into_bytes()),
     }
 }
 

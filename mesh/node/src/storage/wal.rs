@@ -250,25 +250,20 @@ impl FileLog {
     }
 
     fn write_snapshot_file(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
-        let path = snapshot_path(&self.dir, snapshot.meta.index);
-        let tmp = path.with_extension("snap.tmp");
-        let payload = postcard::to_stdvec(snapshot)
-            .map_err(|e| corrupt(&path, format!("encode snapshot: {e}")))?;
-        let len =
-            u32::try_from(payload.len()).map_err(|_| StorageError::TooLarge(payload.len()))?;
-        let mut bytes = Vec::with_capacity(16 + payload.len());
-        bytes.extend_from_slice(&SNAPSHOT_MAGIC);
-        bytes.extend_from_slice(&len.to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&len.to_le_bytes()), &payload);
-        bytes.extend_from_slice(&crc.to_le_bytes());
-        bytes.extend_from_slice(&payload);
-        let mut file =
-            File::create(&tmp).map_err(StorageError::io(format!("create {}", tmp.display())))?;
-        file.write_all(&bytes)
-            .and_then(|()| file.sync_all())
-            .map_err(StorageError::io(format!("write {}", tmp.display())))?;
-        fs::rename(&tmp, &path).map_err(StorageError::io(format!("rename {}", tmp.display())))?;
-        sync_dir(&self.dir)
+        write_snapshot_file(&self.dir, snapshot)
+    }
+
+    /// Where this log's snapshot files go, for writing them from another thread.
+    pub fn snapshot_files(&self) -> SnapshotFiles {
+        SnapshotFiles {
+            dir: self.dir.clone(),
+        }
+    }
+
+    /// Drop the segments and older snapshots that the snapshot at `index` (already
+    /// durable, written by [`SnapshotFiles::write`]) covers.
+    pub fn purge_covered(&mut self, index: LogIndex) -> Result<(), StorageError> {
+        self.purge(index)
     }
 
     fn remove_snapshots_before(&mut self, index: LogIndex) -> Result<(), StorageError> {
@@ -352,6 +347,41 @@ impl LogStore for FileLog {
         self.write_snapshot_file(snapshot)?;
         self.purge(snapshot.meta.index)
     }
+}
+
+/// Snapshot files of one log, written off the storage thread: a snapshot of a big state
+/// takes a second or more to write and fsync, and log persists must not wait behind it.
+#[derive(Clone, Debug)]
+pub struct SnapshotFiles {
+    dir: PathBuf,
+}
+
+impl SnapshotFiles {
+    /// Write `snapshot` durably (temporary file, fsync, rename, directory fsync).
+    pub fn write(&self, snapshot: &Snapshot) -> Result<(), StorageError> {
+        write_snapshot_file(&self.dir, snapshot)
+    }
+}
+
+fn write_snapshot_file(dir: &Path, snapshot: &Snapshot) -> Result<(), StorageError> {
+    let path = snapshot_path(dir, snapshot.meta.index);
+    let tmp = path.with_extension("snap.tmp");
+    let payload = postcard::to_stdvec(snapshot)
+        .map_err(|e| corrupt(&path, format!("encode snapshot: {e}")))?;
+    let len = u32::try_from(payload.len()).map_err(|_| StorageError::TooLarge(payload.len()))?;
+    let mut header = Vec::with_capacity(16);
+    header.extend_from_slice(&SNAPSHOT_MAGIC);
+    header.extend_from_slice(&len.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&len.to_le_bytes()), &payload);
+    header.extend_from_slice(&crc.to_le_bytes());
+    let mut file =
+        File::create(&tmp).map_err(StorageError::io(format!("create {}", tmp.display())))?;
+    file.write_all(&header)
+        .and_then(|()| file.write_all(&payload))
+        .and_then(|()| file.sync_all())
+        .map_err(StorageError::io(format!("write {}", tmp.display())))?;
+    fs::rename(&tmp, &path).map_err(StorageError::io(format!("rename {}", tmp.display())))?;
+    sync_dir(dir)
 }
 
 fn create_segment(dir: &Path, seq: u64) -> Result<(File, Segment), StorageError> {

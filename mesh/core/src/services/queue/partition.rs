@@ -9,12 +9,196 @@
 use super::{Delivery, Field, MsgId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// Messages per chunk of a [`MessageStore`].
+const CHUNK: u64 = 1024;
+
+/// A partition's messages by sequence number, in shared chunks of [`CHUNK`] consecutive
+/// sequence numbers. A snapshot view shares every chunk; a write after it copies only
+/// the chunk it touches. (One map of a million messages was copied whole by the first
+/// write after each snapshot, on the node's loop: half a second, an election.)
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct MessageStore {
+    chunks: BTreeMap<u64, Arc<BTreeMap<u64, Message>>>,
+    len: usize,
+}
+
+impl MessageStore {
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(super) fn get(&self, seq: &u64) -> Option<&Message> {
+        self.chunks.get(&(seq / CHUNK))?.get(seq)
+    }
+
+    pub(super) fn get_mut(&mut self, seq: &u64) -> Option<&mut Message> {
+        let chunk = self.chunks.get_mut(&(seq / CHUNK))?;
+        if !chunk.contains_key(seq) {
+            return None;
+        }
+        Arc::make_mut(chunk).get_mut(seq)
+    }
+
+    pub(super) fn insert(&mut self, seq: u64, message: Message) {
+        let chunk = self.chunks.entry(seq / CHUNK).or_default();
+        if Arc::make_mut(chunk).insert(seq, message).is_none() {
+            self.len += 1;
+        }
+    }
+
+    pub(super) fn remove(&mut self, seq: &u64) -> Option<Message> {
+        let id = seq / CHUNK;
+        let chunk = self.chunks.get_mut(&id)?;
+        if !chunk.contains_key(seq) {
+            return None;
+        }
+        let removed = Arc::make_mut(chunk).remove(seq);
+        if chunk.is_empty() {
+            self.chunks.remove(&id);
+        }
+        self.len -= usize::from(removed.is_some());
+        removed
+    }
+
+    /// Every message, by sequence number.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&u64, &Message)> {
+        self.chunks.values().flat_map(|c| c.iter())
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &Message> {
+        self.iter().map(|(_, m)| m)
+    }
+
+    pub(super) fn keys(&self) -> impl Iterator<Item = &u64> {
+        self.iter().map(|(s, _)| s)
+    }
+}
 
 /// A lease in progress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct Lease {
     /// Lock time at which the message becomes visible again.
     pub(super) until_ms: u64,
+}
+
+/// A set of sequence numbers in shared chunks, like [`MessageStore`]: a write after a
+/// snapshot view copies the one chunk it touches.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct SeqSet {
+    chunks: BTreeMap<u64, Arc<BTreeSet<u64>>>,
+    len: usize,
+}
+
+impl SeqSet {
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub(super) fn contains(&self, seq: &u64) -> bool {
+        self.chunks
+            .get(&(seq / CHUNK))
+            .is_some_and(|c| c.contains(seq))
+    }
+
+    pub(super) fn first(&self) -> Option<&u64> {
+        self.chunks.values().next()?.first()
+    }
+
+    pub(super) fn insert(&mut self, seq: u64) {
+        let chunk = self.chunks.entry(seq / CHUNK).or_default();
+        if !chunk.contains(&seq) && Arc::make_mut(chunk).insert(seq) {
+            self.len += 1;
+        }
+    }
+
+    pub(super) fn remove(&mut self, seq: &u64) {
+        let id = seq / CHUNK;
+        let Some(chunk) = self.chunks.get_mut(&id) else {
+            return;
+        };
+        if chunk.contains(seq) && Arc::make_mut(chunk).remove(seq) {
+            self.len -= 1;
+            if chunk.is_empty() {
+                self.chunks.remove(&id);
+            }
+        }
+    }
+}
+
+/// Shards of a [`KeyIndex`].
+const KEY_SHARDS: usize = 64;
+
+/// The visible messages of each key, in [`KEY_SHARDS`] shared shards by a hash of the
+/// key: a write after a snapshot view copies one shard, however many keys there are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct KeyIndex {
+    shards: Vec<Arc<BTreeMap<String, SeqSet>>>,
+}
+
+impl Default for KeyIndex {
+    fn default() -> Self {
+        Self {
+            shards: vec![Arc::default(); KEY_SHARDS],
+        }
+    }
+}
+
+impl KeyIndex {
+    fn shard(&self, key: &str) -> usize {
+        // Any fixed hash: the same on every node and in every run.
+        (super::ring::stable_hash(key.as_bytes()).rotate_left(17) % self.shards.len().max(1) as u64)
+            as usize
+    }
+
+    pub(super) fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    pub(super) fn get(&self, key: &str) -> Option<&SeqSet> {
+        self.shards.get(self.shard(key))?.get(key)
+    }
+
+    pub(super) fn insert(&mut self, key: &str, seq: u64) {
+        let i = self.shard(key);
+        if let Some(shard) = self.shards.get_mut(i) {
+            let shard = Arc::make_mut(shard);
+            match shard.get_mut(key) {
+                Some(set) => set.insert(seq),
+                None => {
+                    let mut set = SeqSet::default();
+                    set.insert(seq);
+                    shard.insert(key.to_owned(), set);
+                }
+            }
+        }
+    }
+
+    pub(super) fn remove(&mut self, key: &str, seq: u64) {
+        let i = self.shard(key);
+        let Some(shard) = self.shards.get_mut(i) else {
+            return;
+        };
+        if !shard.get(key).is_some_and(|set| set.contains(&seq)) {
+            return;
+        }
+        let shard = Arc::make_mut(shard);
+        if let Some(set) = shard.get_mut(key) {
+            set.remove(&seq);
+            if set.is_empty() {
+                shard.remove(key);
+            }
+        }
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &SeqSet> {
+        self.shards.iter().flat_map(|s| s.values())
+    }
 }
 
 /// One stored message.
@@ -48,11 +232,11 @@ impl Message {
 pub(super) struct QueuePartition {
     pub(super) next_seq: u64,
     /// Every live message (visible or leased), by sequence number.
-    pub(super) messages: BTreeMap<u64, Message>,
+    pub(super) messages: MessageStore,
     /// Visible messages, oldest first.
-    visible: BTreeSet<u64>,
+    visible: SeqSet,
     /// Visible messages per key, oldest first.
-    visible_by_key: BTreeMap<String, BTreeSet<u64>>,
+    visible_by_key: KeyIndex,
     /// Leases in progress: (until, seq).
     leases: BTreeSet<(u64, u64)>,
     pub(super) bytes: u64,
@@ -100,20 +284,12 @@ impl QueuePartition {
 
     fn mark_visible(&mut self, seq: u64, key: &str) {
         self.visible.insert(seq);
-        self.visible_by_key
-            .entry(key.to_owned())
-            .or_default()
-            .insert(seq);
+        self.visible_by_key.insert(key, seq);
     }
 
     fn unmark_visible(&mut self, seq: u64, key: &str) {
         self.visible.remove(&seq);
-        if let Some(set) = self.visible_by_key.get_mut(key) {
-            set.remove(&seq);
-            if set.is_empty() {
-                self.visible_by_key.remove(key);
-            }
-        }
+        self.visible_by_key.remove(key, seq);
     }
 
     /// Lease the oldest visible message (of `key`, if given) until `until_ms`.
@@ -198,7 +374,7 @@ impl QueuePartition {
     pub(super) fn check(&self) -> Result<(), String> {
         let mut bytes = 0;
         let mut visible = 0;
-        for (seq, m) in &self.messages {
+        for (seq, m) in self.messages.iter() {
             bytes += m.size();
             match m.lease {
                 Some(l) if !self.leases.contains(&(l.until_ms, *seq)) => {
@@ -220,7 +396,7 @@ impl QueuePartition {
                 ));
             }
         }
-        let by_key: usize = self.visible_by_key.values().map(BTreeSet::len).sum();
+        let by_key: usize = self.visible_by_key.values().map(SeqSet::len).sum();
         if bytes != self.bytes || visible != self.visible.len() || by_key != visible {
             return Err(format!(
                 "counts disagree: bytes {bytes}/{}, visible {visible}/{}/{by_key}",
@@ -232,5 +408,77 @@ impl QueuePartition {
             return Err("a lease names no leased message".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(i: u64) -> Message {
+        Message {
+            key: format!("k{}", i % 7),
+            value: i.to_string().into_bytes(),
+            field: Field::Value,
+            deliveries: 0,
+            requeued_at: 0,
+            receipt: 0,
+            lease: None,
+            enqueued_ms: i,
+        }
+    }
+
+    /// A copy taken for a snapshot shares every chunk; the first write after it copies
+    /// the one chunk it touches, not the partition.
+    #[test]
+    fn a_write_after_a_snapshot_view_copies_one_chunk() {
+        let mut p = QueuePartition::default();
+        for i in 0..10 * CHUNK {
+            p.push(message(i));
+        }
+        let view = p.clone();
+        let shared = |a: &QueuePartition, b: &QueuePartition| {
+            a.messages
+                .chunks
+                .iter()
+                .filter(|(k, c)| b.messages.chunks.get(k).is_some_and(|d| Arc::ptr_eq(c, d)))
+                .count()
+        };
+        assert_eq!(shared(&p, &view), 10);
+        p.remove(3 * CHUNK + 5);
+        assert_eq!(shared(&p, &view), 9, "only the touched chunk was copied");
+        let visible_shared = p
+            .visible
+            .chunks
+            .iter()
+            .filter(|(k, c)| {
+                view.visible
+                    .chunks
+                    .get(k)
+                    .is_some_and(|d| Arc::ptr_eq(c, d))
+            })
+            .count();
+        assert_eq!(visible_shared, 9, "the visible index too");
+        let keys_shared = p
+            .visible_by_key
+            .shards
+            .iter()
+            .zip(&view.visible_by_key.shards)
+            .filter(|(a, b)| Arc::ptr_eq(a, b))
+            .count();
+        assert_eq!(
+            keys_shared,
+            KEY_SHARDS - 1,
+            "and one shard of the key index"
+        );
+        assert_eq!(view.messages.len(), 10 * CHUNK as usize);
+        assert_eq!(p.messages.len(), 10 * CHUNK as usize - 1);
+        assert!(view.messages.get(&(3 * CHUNK + 5)).is_some());
+        assert!(p.messages.get(&(3 * CHUNK + 5)).is_none());
+        assert_eq!(
+            p.messages.keys().copied().collect::<Vec<_>>().len(),
+            p.messages.len()
+        );
+        p.check().expect("indexes agree");
     }
 }
