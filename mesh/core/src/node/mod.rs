@@ -664,12 +664,11 @@ impl Node {
     /// anything of it is persisted.
     pub fn snapshot_restored(&mut self, now: Time, restored: Restored) {
         self.now = now;
-        if self.fatal.is_some()
-            || !self
-                .restoring
-                .as_ref()
-                .is_some_and(|(_, s)| s.meta.index == restored.index)
-        {
+        let awaited = self
+            .restoring
+            .as_ref()
+            .is_some_and(|(_, s)| s.meta.index == restored.index);
+        if self.fatal.is_some() || !awaited {
             return;
         }
         let Some((mut rd, snapshot)) = self.restoring.take() else {
