@@ -422,16 +422,26 @@ impl Driver {
     /// Decode a snapshot from the leader off the loop; the core installs it once back.
     fn decode_snapshot(&self, job: RestoreJob) {
         let tx = self.restored_tx.clone();
-        tokio::task::spawn_blocking(move || {
+        let index = job.index();
+        let decoding = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let restored = job.decode();
             tracing::info!(
-                index = job.index(),
+                index,
                 ms = started.elapsed().as_millis() as u64,
                 "decoded the leader's snapshot"
             );
             // The job's reference to the bytes goes before the core takes them back.
             drop(job);
+            restored
+        });
+        tokio::spawn(async move {
+            let restored = match decoding.await {
+                Ok(r) => r,
+                // The core waits for this answer: a decode that died is an error, not
+                // a node that never goes on.
+                Err(e) => Restored::failed(index, format!("decoding died: {e}")),
+            };
             let _ = tx.send(restored);
         });
     }

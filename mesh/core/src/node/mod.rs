@@ -158,6 +158,17 @@ pub struct Restored {
     services: Result<Box<Services>, String>,
 }
 
+impl Restored {
+    /// The result for the snapshot at `index` whose decode could not run (its thread
+    /// died): the node stops with `why` instead of waiting for it forever.
+    pub fn failed(index: LogIndex, why: String) -> Self {
+        Self {
+            index,
+            services: Err(why),
+        }
+    }
+}
+
 /// Something that happened, for metrics, logs and the console.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodeEvent {
@@ -218,7 +229,9 @@ pub enum Action {
     /// Decode a snapshot from the leader (off the loop), then call
     /// [`Node::snapshot_restored`]. Nothing is persisted until then.
     Restore(RestoreJob),
-    /// Store this snapshot and drop the log before it. Order it after earlier persists.
+    /// Store this snapshot durably, then drop the log it covers. Its entries are all
+    /// persisted already, so the shell may write it beside later persists (the driver
+    /// does, on a thread of its own); only dropping the log waits for the file.
     Compact(Snapshot),
     /// Call [`Node::tick`] at this monotonic time (the latest `WakeAt` replaces earlier
     /// ones).

@@ -20,21 +20,27 @@ pub(crate) enum ProgressState {
     Probe,
     /// Streaming entries optimistically.
     Replicate,
-    /// Sending a snapshot, chunk by chunk.
+    /// Sending a snapshot, a window of chunks at a time.
     Snapshot {
         /// Index of the snapshot being sent.
         index: LogIndex,
         /// Offset of the next chunk to send.
         offset: u64,
+        /// Bytes the follower has confirmed (everything before is stored there).
+        acked: u64,
     },
 }
 
-/// Heartbeat answers a leader sees while a snapshot chunk is outstanding before it sends
-/// the chunk again. A heartbeat answer proves the follower is reachable but not that the
-/// chunk was lost: a big chunk is often still on its way. Sending it again at every
-/// heartbeat queued copies of megabyte chunks ahead of the next one (a 14 MB snapshot
-/// took 100 s on loopback).
+/// Heartbeat answers a leader sees without the follower confirming more of the snapshot
+/// before it sends again from what was confirmed (go-back-N). A heartbeat answer proves
+/// the follower is reachable but not that a chunk was lost: a big chunk is often still
+/// on its way. Sending again at every heartbeat queued copies of megabyte chunks ahead
+/// of the next one (a 14 MB snapshot took 100 s on loopback).
 pub(crate) const SNAPSHOT_CHUNK_PATIENCE: u32 = 4;
+
+/// Snapshot chunks in flight to one follower at most: one round trip per chunk made a
+/// transfer over a slow link take one round trip per megabyte.
+pub(crate) const SNAPSHOT_WINDOW_CHUNKS: u64 = 8;
 
 /// The leader's view of one follower.
 #[derive(Clone, Debug)]
@@ -96,7 +102,11 @@ impl Progress {
     }
 
     pub(crate) fn become_snapshot(&mut self, index: LogIndex) {
-        self.state = ProgressState::Snapshot { index, offset: 0 };
+        self.state = ProgressState::Snapshot {
+            index,
+            offset: 0,
+            acked: 0,
+        };
         self.inflight.clear();
         self.paused = false;
     }

@@ -283,6 +283,10 @@ impl Raft {
         }
         if !chunk_out || pr.chunk_waits >= super::progress::SNAPSHOT_CHUNK_PATIENCE {
             pr.paused = false;
+            // Nothing confirmed for a while: send again from what the follower has.
+            if let ProgressState::Snapshot { offset, acked, .. } = &mut pr.state {
+                *offset = *acked;
+            }
         }
         if pr.inflight.len() >= self.cfg.max_inflight_msgs {
             pr.inflight.pop_front();

@@ -6,7 +6,7 @@
 //! time, resumable from the offset the follower reports. Its log is replaced only when the
 //! last chunk arrives, and only if the snapshot is ahead of its commit index.
 
-use super::progress::ProgressState;
+use super::progress::{ProgressState, SNAPSHOT_WINDOW_CHUNKS};
 use super::{CompactError, LogIndex, MessageBody, NodeId, Raft, Role, Snapshot, SnapshotMeta};
 
 impl Raft {
@@ -53,33 +53,56 @@ impl Raft {
         self.send_snapshot_chunk(to);
     }
 
+    /// Send chunks from the next offset until the window is full or the snapshot is all
+    /// out; then wait (paused) for the follower's answers.
     pub(super) fn send_snapshot_chunk(&mut self, to: NodeId) {
-        let Some(snapshot) = &self.snapshot else {
+        let Some(snapshot) = self.snapshot.clone() else {
             return;
         };
-        let Some(pr) = self.progress.get_mut(&to) else {
-            return;
-        };
-        let ProgressState::Snapshot { index, offset } = &mut pr.state else {
-            return;
-        };
-        if *index != snapshot.meta.index {
-            // A newer snapshot replaced the one being sent: start over with it.
-            *index = snapshot.meta.index;
-            *offset = 0;
+        let chunk = self.cfg.snapshot_chunk_bytes as u64;
+        let len = snapshot.data.len() as u64;
+        loop {
+            let Some(pr) = self.progress.get_mut(&to) else {
+                return;
+            };
+            let ProgressState::Snapshot {
+                index,
+                offset,
+                acked,
+            } = &mut pr.state
+            else {
+                return;
+            };
+            if *index != snapshot.meta.index {
+                // A newer snapshot replaced the one being sent: start over with it.
+                *index = snapshot.meta.index;
+                *offset = 0;
+                *acked = 0;
+            }
+            let start = (*offset).min(len);
+            let window_full = start >= acked.saturating_add(SNAPSHOT_WINDOW_CHUNKS * chunk);
+            if window_full || (start == len && len > 0 && *offset > *acked) {
+                pr.paused = true;
+                return;
+            }
+            let end = (start + chunk).min(len);
+            *offset = end;
+            pr.chunk_waits = 0;
+            let done = end == len;
+            if done {
+                pr.paused = true;
+            }
+            let body = MessageBody::InstallSnapshot {
+                meta: snapshot.meta.clone(),
+                offset: start,
+                data: snapshot.data[start as usize..end as usize].to_vec(),
+                done,
+            };
+            self.send(to, body);
+            if done {
+                return;
+            }
         }
-        let len = snapshot.data.len();
-        let start = (*offset as usize).min(len);
-        let end = (start + self.cfg.snapshot_chunk_bytes).min(len);
-        pr.paused = true;
-        pr.chunk_waits = 0;
-        let body = MessageBody::InstallSnapshot {
-            meta: snapshot.meta.clone(),
-            offset: start as u64,
-            data: snapshot.data[start..end].to_vec(),
-            done: end == len,
-        };
-        self.send(to, body);
     }
 
     pub(super) fn handle_install_snapshot(
@@ -165,6 +188,7 @@ impl Raft {
         let ProgressState::Snapshot {
             index: sending,
             offset,
+            acked,
         } = &mut pr.state
         else {
             return;
@@ -177,15 +201,20 @@ impl Raft {
             pr.become_probe();
             self.maybe_commit();
             self.send_append(from, true);
-        } else {
-            if pr.paused && next_offset == *offset {
-                // The answer to a copy of the chunk before: the one at this offset is
-                // already on its way.
-                return;
-            }
-            *offset = next_offset;
-            pr.paused = false;
-            self.send_snapshot_chunk(from);
+            return;
         }
+        if next_offset == *acked {
+            // An answer to a copy, or to a chunk that came out of order: what it names
+            // is already on its way (or will be sent again once patience runs out).
+            return;
+        }
+        if next_offset < *acked {
+            // The follower lost what it had (it restarted): from there again.
+            *offset = next_offset;
+        }
+        *acked = next_offset;
+        *offset = (*offset).max(next_offset);
+        pr.paused = false;
+        self.send_snapshot_chunk(from);
     }
 }

@@ -302,6 +302,23 @@ fn leftover_temp_files_are_removed() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The snapshot writer's file in progress is not a leftover: a purge on the storage
+/// thread meanwhile leaves it alone (it used to be deleted mid-write, and the node
+/// stopped when the rename found nothing).
+#[test]
+fn a_purge_leaves_a_snapshot_being_written_alone() {
+    let dir = temp_dir("tmp-in-progress");
+    let (mut log, _) = open(&dir);
+    log.persist(None, &entries(1, 6, 1), None).expect("append");
+    let files = log.snapshot_files();
+    files.write(&snapshot(3, 1)).expect("first snapshot");
+    let in_progress = dir.join("snap-00000000000000000005.snap.tmp");
+    std::fs::write(&in_progress, b"being written").expect("write");
+    log.purge_covered(3).expect("purge");
+    assert!(in_progress.exists(), "the writer's file survives a purge");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn frame_codec_round_trips_and_rejects_garbage() {
     let records = vec![

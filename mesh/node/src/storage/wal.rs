@@ -95,7 +95,7 @@ impl FileLog {
                 sync_dir(parent)?;
             }
         }
-        let (mut seqs, snaps) = Self::scan_dir(dir)?;
+        let (mut seqs, snaps) = Self::scan_dir(dir, true)?;
         seqs.sort_unstable();
         let snapshot = match snaps.iter().max() {
             Some(&index) => Some(read_snapshot(&snapshot_path(dir, index))?),
@@ -137,7 +137,10 @@ impl FileLog {
         Ok((log, recovered))
     }
 
-    fn scan_dir(dir: &Path) -> Result<(Vec<u64>, Vec<u64>), StorageError> {
+    /// Segments and snapshots in `dir`. At open (`sweep`), leftovers of snapshot writes
+    /// that never finished are removed; later, a `.tmp` may be one the snapshot writer
+    /// is writing right now, and is left alone.
+    fn scan_dir(dir: &Path, sweep: bool) -> Result<(Vec<u64>, Vec<u64>), StorageError> {
         let mut segments = Vec::new();
         let mut snapshots = Vec::new();
         let listing =
@@ -146,8 +149,10 @@ impl FileLog {
             let item = item.map_err(StorageError::io(format!("list {}", dir.display())))?;
             let name = item.file_name().to_string_lossy().into_owned();
             if name.ends_with(".tmp") {
-                // A snapshot that never finished: it was never renamed into place.
-                let _ = fs::remove_file(item.path());
+                if sweep {
+                    // A snapshot that never finished: it was never renamed into place.
+                    let _ = fs::remove_file(item.path());
+                }
             } else if let Some(seq) = numbered(&name, "wal-", ".log") {
                 segments.push(seq);
             } else if let Some(index) = numbered(&name, "snap-", ".snap") {
@@ -267,7 +272,7 @@ impl FileLog {
     }
 
     fn remove_snapshots_before(&mut self, index: LogIndex) -> Result<(), StorageError> {
-        let (_, snaps) = Self::scan_dir(&self.dir)?;
+        let (_, snaps) = Self::scan_dir(&self.dir, false)?;
         let mut removed = false;
         for old in snaps.into_iter().filter(|&i| i < index) {
             let path = snapshot_path(&self.dir, old);
