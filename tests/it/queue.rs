@@ -339,11 +339,12 @@ fn bad_queue_input_gets_its_documented_error() {
 
 /// Messages in the kill -9 test: `SYNCMESH_QUEUE_SOAK_MESSAGES`, default 20,000 (CI's
 /// soak runs 100,000).
-fn soak_messages() -> usize {
-    std::env::var("SYNCMESH_QUEUE_SOAK_MESSAGES")
+/// A message count from the environment (the soaks of `.ci/run` set more), or `default`.
+fn messages_from_env(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(20_000)
+        .unwrap_or(default)
 }
 
 /// Eight producers enqueue while the leader is killed with kill -9 three times; then the
@@ -355,7 +356,7 @@ fn soak_messages() -> usize {
 fn acked_enqueues_survive_leader_kills_and_a_full_restart() {
     const PRODUCERS: usize = 8;
     const BATCH: usize = 10;
-    let total = soak_messages();
+    let total = messages_from_env("SYNCMESH_QUEUE_SOAK_MESSAGES", 20_000);
     let mut c = TestCluster::start("queue-kill", 3);
     c.wait_for_leader(Duration::from_secs(10));
     let gw = c.start_gateway();
@@ -480,13 +481,6 @@ fn acked_enqueues_survive_leader_kills_and_a_full_restart() {
     assert_eq!(acked.len(), total / PRODUCERS * PRODUCERS);
 }
 
-fn snapshot_messages() -> usize {
-    std::env::var("SYNCMESH_SNAPSHOT_SOAK_MESSAGES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100_000)
-}
-
 /// A follower is down while the queue fills with 128-byte messages (100,000 here, a
 /// million in `.ci/run`) and the leader compacts its log; started again, it can only
 /// catch up by the snapshot. It is shipped in chunks and decoded off the follower's loop:
@@ -494,7 +488,7 @@ fn snapshot_messages() -> usize {
 /// follower ends with every message.
 #[test]
 fn a_lagging_follower_catches_up_by_a_big_queue_snapshot_without_an_election() {
-    let total = snapshot_messages();
+    let total = messages_from_env("SYNCMESH_SNAPSHOT_SOAK_MESSAGES", 100_000);
     const BATCH: usize = 1000;
     // A snapshot every quarter of the fill: the leader compacts a few times, and each
     // snapshot holds a large part of the queue.

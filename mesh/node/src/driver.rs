@@ -431,8 +431,6 @@ impl Driver {
                 ms = started.elapsed().as_millis() as u64,
                 "decoded the leader's snapshot"
             );
-            // The job's reference to the bytes goes before the core takes them back.
-            drop(job);
             restored
         });
         tokio::spawn(async move {

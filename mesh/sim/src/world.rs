@@ -633,7 +633,6 @@ impl World {
                     return Ok(None);
                 }
                 let restored = job.decode();
-                drop(job);
                 self.coverage.snapshots_restored += 1;
                 let time = self.time_of(node);
                 Ok(self

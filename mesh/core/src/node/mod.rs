@@ -44,7 +44,6 @@ use crate::services::envelope::{Command, Envelope, Reply, Services};
 use crate::services::StateMachine;
 use crate::wire::{ClientRequest, ClientResponse, NodeStatus};
 use calls::{CallState, CallTable};
-use std::sync::Arc;
 
 /// Names a call for the life of one node process (the shell picks it).
 pub type CallId = u64;
@@ -129,7 +128,7 @@ impl SnapshotView {
 /// the result to [`Node::snapshot_restored`].
 #[derive(Clone, Debug)]
 pub struct RestoreJob {
-    snapshot: Arc<Snapshot>,
+    snapshot: Snapshot,
 }
 
 impl RestoreJob {
@@ -279,9 +278,8 @@ pub struct Node {
     persisting: Option<InFlight>,
     next_token: u64,
     snapshotting: bool,
-    /// A Ready with a snapshot from the leader, waiting for the snapshot to be decoded
-    /// (the job has the other reference).
-    restoring: Option<(Ready, Arc<Snapshot>)>,
+    /// A Ready with a snapshot from the leader, waiting for the snapshot to be decoded.
+    restoring: Option<(Ready, Snapshot)>,
     /// The index of this leader's outstanding `Tick` proposal.
     tick_proposed: Option<LogIndex>,
     last_leader: Option<NodeId>,
@@ -660,8 +658,8 @@ impl Node {
 
     fn execute(&mut self, mut rd: Ready) {
         if let Some(s) = rd.snapshot.take() {
-            // Decoded off the loop; this Ready goes on once it is back.
-            let s = Arc::new(s);
+            // Decoded off the loop; this Ready goes on once it is back. (A clone of a
+            // snapshot shares its bytes.)
             self.actions.push(Action::Restore(RestoreJob {
                 snapshot: s.clone(),
             }));
@@ -687,7 +685,6 @@ impl Node {
         let Some((mut rd, snapshot)) = self.restoring.take() else {
             return;
         };
-        let snapshot = Arc::try_unwrap(snapshot).unwrap_or_else(|shared| (*shared).clone());
         match restored.services {
             Ok(services) => self.install_snapshot(*services, &snapshot),
             Err(e) => {
