@@ -121,30 +121,14 @@ fn sigterm_on_the_leader_hands_over_and_exits_cleanly() {
     assert_eq!(c.get("before").as_deref(), Some("stop"));
 }
 
-/// A base port B such that B..B+4, B+100..B+104 and B+200..B+204 are free, and a free
-/// QUIC and admin range: the launcher's ports, away from a running `syncmesh cluster`.
-fn free_port_base(span: &[u16]) -> u16 {
-    let seed = std::process::id() as u16;
-    for attempt in 0..200u16 {
-        let base = 20_000 + (seed.wrapping_mul(31).wrapping_add(attempt * 397)) % 30_000;
-        let free = span.iter().all(|off| {
-            std::net::TcpListener::bind(("127.0.0.1", base + off)).is_ok()
-                && std::net::UdpSocket::bind(("127.0.0.1", base + off)).is_ok()
-        });
-        if free {
-            return base;
-        }
-    }
-    panic!("no free port range");
-}
-
 #[test]
 fn five_node_cluster_command_elects_a_leader_and_serves_the_seed_ports() {
     use std::io::BufRead;
     let dir = crate::support::TempDir::new("cluster5");
-    let seed: Vec<u16> = (0..5).chain(100..105).chain(200..205).collect();
-    let base = free_port_base(&seed);
-    let nodes = free_port_base(&(0..5).chain(1000..1005).collect::<Vec<_>>());
+    // The launcher's ports, away from a running `syncmesh cluster`: B..B+4, B+100..B+104
+    // and B+200..B+204 for the seed's ports, a QUIC and an admin range 1000 apart.
+    let base = crate::support::free_port_block(205);
+    let nodes = crate::support::free_port_block(1005);
     let mut child = syncmesh()
         .current_dir(&dir.0)
         .args(["cluster", "--nodes", "5", "--dir", "c5"])

@@ -28,16 +28,49 @@ impl Drop for TempDir {
     }
 }
 
+/// Ports for test processes come from 10000..32000, below Linux's ephemeral range
+/// (32768..60999): a port found free by binding port 0 and then released can be taken
+/// by any outgoing connection or `bind(0)` before the node binds it, and a node whose
+/// admin port was taken that way exits at start (seen in CI as "no agreed leader").
+/// Each test process starts at its own offset and hands out blocks in turn.
+const PORT_LOW: u16 = 10_000;
+const PORT_HIGH: u16 = 32_000;
+
+/// A block of `len` consecutive ports, each free for both TCP and UDP right now: the
+/// first port.
+pub(crate) fn free_port_block(len: u16) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(PORT_HIGH - PORT_LOW);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7919)) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..2_000 {
+        let at = NEXT.fetch_add(u32::from(len), Ordering::SeqCst) % span;
+        if at + u32::from(len) > span {
+            continue;
+        }
+        let base = PORT_LOW + at as u16;
+        let free = (base..base + len).all(|port| {
+            TcpListener::bind(("127.0.0.1", port)).is_ok()
+                && UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        });
+        if free {
+            return base;
+        }
+    }
+    panic!("no free block of {len} ports in {PORT_LOW}..{PORT_HIGH}");
+}
+
 fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("free udp port")
+    ([127, 0, 0, 1], free_port_block(1)).into()
 }
 
 fn free_tcp() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("free tcp port")
+    ([127, 0, 0, 1], free_port_block(1)).into()
 }
 
 /// The project's one HTTP client (ureq), answering every status as a response.
@@ -228,6 +261,30 @@ impl TestCluster {
             .unwrap_or_default()
     }
 
+    /// For a failure message: each node's process state and the end of its log.
+    pub(crate) fn diagnose(&mut self, nodes: &[usize]) -> String {
+        let mut out = String::new();
+        for &i in nodes {
+            let state = match self.nodes[i].child.as_mut().map(Child::try_wait) {
+                None => "not started".to_string(),
+                Some(Ok(None)) => "running".to_string(),
+                Some(Ok(Some(status))) => format!("exited: {status}"),
+                Some(Err(e)) => format!("unknown: {e}"),
+            };
+            let log = self.log(i);
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            out.push_str(&format!(
+                "--- {} ({state}), last log lines:\n",
+                self.nodes[i].name
+            ));
+            for line in tail.iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     pub(crate) fn log(&self, i: usize) -> String {
         std::fs::read_to_string(self.log_path(i)).unwrap_or_default()
     }
@@ -254,10 +311,12 @@ impl TestCluster {
                     }
                 }
             }
-            assert!(
-                start.elapsed() < timeout,
-                "no agreed leader after {timeout:?}: {views:?}"
-            );
+            if start.elapsed() >= timeout {
+                panic!(
+                    "no agreed leader after {timeout:?}: {views:?}\n{}",
+                    self.diagnose(&running)
+                );
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
