@@ -41,6 +41,11 @@ pub(crate) struct NodeArgs {
     /// Applied entries between snapshots.
     #[arg(long, env = "SYNCMESH_SNAPSHOT_EVERY")]
     snapshot_every: Option<u64>,
+    /// A snapshot also waits until the log written since the last one is this many
+    /// percent of the last snapshot's size, so a big state is not encoded again every
+    /// few thousand entries (0: count entries only) [default: 100].
+    #[arg(long, env = "SYNCMESH_SNAPSHOT_LOG_GROWTH_PCT")]
+    snapshot_log_growth_pct: Option<u64>,
     /// Serve the whole HTTP API (DESIGN section 4) in this process on ADDR, calling this
     /// node in-process (repeat for several addresses).
     #[arg(long = "http", env = "SYNCMESH_HTTP", value_delimiter = ',')]
@@ -63,6 +68,7 @@ struct NodeFile {
     certs_dir: Option<PathBuf>,
     tick_ms: Option<u64>,
     snapshot_every: Option<u64>,
+    snapshot_log_growth_pct: Option<u64>,
     #[serde(default)]
     http: Vec<SocketAddr>,
 }
@@ -176,6 +182,10 @@ impl NodeArgs {
                 .snapshot_every
                 .or(file.snapshot_every)
                 .unwrap_or(10_000),
+            snapshot_log_growth_pct: self
+                .snapshot_log_growth_pct
+                .or(file.snapshot_log_growth_pct)
+                .unwrap_or(100),
             fault_injection: std::env::var_os("SYNCMESH_FAULT_INJECTION").is_some_and(|v| v == "1"),
         };
         Ok((cfg, http))

@@ -27,7 +27,7 @@ pub(crate) const MAX_GROUP: usize = 256;
 /// Value bytes in one grouped proposal at most (one message over it goes alone).
 pub(crate) const MAX_GROUP_BYTES: usize = 1 << 20;
 /// Grouped proposals of one queue in flight at once.
-pub(crate) const GROUPS_IN_FLIGHT: usize = 4;
+pub(crate) const GROUPS_IN_FLIGHT: usize = 2;
 /// Enqueues waiting for a queue's group at most; past it they are proposed alone.
 const PENDING_PER_QUEUE: usize = 8192;
 /// Queues with a group at once; others' enqueues are proposed alone.
@@ -48,6 +48,8 @@ pub(crate) struct EnqueueGroups {
     queues: Mutex<BTreeMap<String, mpsc::Sender<Pending>>>,
     /// Messages per grouped proposal (`gateway_enqueue_group_messages`).
     sizes: prometheus::Histogram,
+    /// From a group's proposal to its answer (`gateway_enqueue_group_seconds`).
+    latency: prometheus::Histogram,
 }
 
 impl EnqueueGroups {
@@ -61,9 +63,18 @@ impl EnqueueGroups {
             .buckets(prometheus::exponential_buckets(1.0, 2.0, 9)?),
         )?;
         registry.register(Box::new(sizes.clone()))?;
+        let latency = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "gateway_enqueue_group_seconds",
+                "From a grouped proposal to its answer (a quorum fsync and the apply)",
+            )
+            .buckets(prometheus::exponential_buckets(0.000_125, 2.0, 12)?),
+        )?;
+        registry.register(Box::new(latency.clone()))?;
         Ok(Self {
             queues: Mutex::new(BTreeMap::new()),
             sizes,
+            latency,
         })
     }
 
@@ -163,6 +174,7 @@ async fn run_group(state: Arc<AppState>, queue: String, mut rx: mpsc::Receiver<P
 
 async fn propose_group(state: &Arc<AppState>, queue: &str, group: Vec<Pending>) {
     state.groups.sizes.observe(group.len() as f64);
+    let _timer = state.groups.latency.start_timer();
     if group.len() == 1 {
         for p in group {
             propose_alone(state, queue, p).await;

@@ -37,6 +37,9 @@ pub struct NodeConfig {
     pub tick: Duration,
     /// Applied entries between snapshots.
     pub snapshot_every: u64,
+    /// A snapshot also waits until the log since the last one is this percentage of
+    /// its size (0: count entries only).
+    pub snapshot_log_growth_pct: u64,
     /// Serve the fault endpoints tests use (see [`crate::faults`]); never in production.
     pub fault_injection: bool,
 }
@@ -105,6 +108,7 @@ pub async fn run(
     core_cfg.raft.seed = u64::from(std::process::id()) ^ cfg.id.rotate_left(32);
     core_cfg.tick_ms = cfg.tick.as_millis().max(1) as u64;
     core_cfg.snapshot_every = cfg.snapshot_every;
+    core_cfg.snapshot_log_growth_pct = cfg.snapshot_log_growth_pct;
     let clock_start = std::time::Instant::now();
     let start = Time {
         mono_ms: 0,

@@ -322,6 +322,13 @@ impl World {
         cfg.raft.seed = self.rng.clone().next_u64() ^ id;
         cfg.tick_ms = TICK_MS;
         cfg.snapshot_every = self.params.snapshot_every;
+        // Both snapshot rules run: by entry count alone on the busiest setting, and with
+        // the production default (log growth in proportion to the state) on the others.
+        cfg.snapshot_log_growth_pct = if self.params.snapshot_every == 10 {
+            0
+        } else {
+            100
+        };
         cfg.call_timeout_ms = 2_000;
         cfg.wait_limit_ms = 5_000;
         cfg.trace_applies = true;
