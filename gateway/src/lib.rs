@@ -224,6 +224,7 @@ pub fn router_over(
         .route("/queue/nack", post(queues::nack))
         .route("/queue/extend", post(queues::extend))
         .route("/queue/create", post(queues::create))
+        .route("/queue/limits", post(queues::limits))
         .route("/queue/stats", get(queues::stats))
         .route("/queue/dead", get(queues::dead))
         .route("/queue/dead/requeue", post(queues::requeue))

@@ -102,6 +102,14 @@ struct CreateBody {
     max_bytes: Option<u64>,
 }
 
+/// `POST /queue/limits`: the caps over all queues (a field left out keeps its value).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsBody {
+    max_messages: Option<u64>,
+    max_bytes: Option<u64>,
+}
+
 #[derive(Deserialize)]
 pub(crate) struct QueueParam {
     queue: Option<String>,
@@ -395,6 +403,15 @@ pub(crate) async fn enqueue(
     }
 }
 
+/// 409 for an ack of a message no consumer received: it stays queued.
+fn not_delivered(id: MsgId) -> ApiError {
+    ApiError::conflict(
+        "not_delivered",
+        format!("message {id} was never delivered; an ack is for a message a consumer received, so it stays queued"),
+    )
+    .with("msg_id", json!(id.to_string()))
+}
+
 pub(crate) async fn dequeue(
     State(state): State<Arc<AppState>>,
     body: Body,
@@ -503,6 +520,7 @@ pub(crate) async fn ack(
             acked,
             missing,
             stale,
+            undelivered,
         } => {
             let names = |v: &[MsgId]| json!(v.iter().map(ToString::to_string).collect::<Vec<_>>());
             if single {
@@ -516,16 +534,25 @@ pub(crate) async fn ack(
                     )
                     .with("msg_id", json!(id.to_string())));
                 }
-            } else if !missing.is_empty() || !stale.is_empty() {
-                let e = if missing.is_empty() {
+                if let Some(id) = undelivered.first() {
+                    return Err(not_delivered(*id));
+                }
+            } else if !missing.is_empty() || !stale.is_empty() || !undelivered.is_empty() {
+                let e = if !missing.is_empty() {
+                    ApiError::not_found("some messages are unknown or already acked")
+                } else if !stale.is_empty() {
                     ApiError::conflict("stale_receipt", "some receipts are stale")
                 } else {
-                    ApiError::not_found("some messages are unknown or already acked")
+                    ApiError::conflict(
+                        "not_delivered",
+                        "some messages were never delivered; an ack is for a message a consumer received",
+                    )
                 };
                 return Err(e
                     .with("acked", json!(acked))
                     .with("missing", names(&missing))
-                    .with("stale", names(&stale)));
+                    .with("stale", names(&stale))
+                    .with("undelivered", names(&undelivered)));
             }
             Ok(Json(json!({"ok": true, "acked": acked})).into_response())
         }
@@ -585,6 +612,34 @@ pub(crate) async fn extend(
         QueueReply::Done => {
             Ok(Json(json!({"ok": true, "visibility_ms": visibility_ms})).into_response())
         }
+        other => Err(refusal(other)),
+    }
+}
+
+/// The caps over all queues: set what the body names, answer what they are and hold.
+pub(crate) async fn limits(
+    State(state): State<Arc<AppState>>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: LimitsBody = state.json(body).await?;
+    let cmd = QueueCommand::Limits {
+        max_messages: req.max_messages,
+        max_bytes: req.max_bytes,
+    };
+    match propose(&state, cmd, CALL_SLACK).await? {
+        QueueReply::Limits {
+            max_messages,
+            max_bytes,
+            messages,
+            bytes,
+        } => Ok(Json(json!({
+            "ok": true,
+            "max_messages": max_messages,
+            "max_bytes": max_bytes,
+            "messages": messages,
+            "bytes": bytes,
+        }))
+        .into_response()),
         other => Err(refusal(other)),
     }
 }

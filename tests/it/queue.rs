@@ -327,7 +327,43 @@ fn bad_queue_input_gets_its_documented_error() {
             400,
             "invalid_request",
         ),
+        (
+            "/queue/limits",
+            r#"{"max_msgs": 5}"#.into(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "/queue/limits",
+            r#"{"max_messages": 0}"#.into(),
+            400,
+            "invalid_request",
+        ),
     ];
+    // An ack that names a message nobody received leaves it queued.
+    let (status, v) = post(
+        gw,
+        "/queue/enq",
+        r#"{"queue": "waiting", "key": "k", "value": 1}"#,
+    );
+    assert_eq!(status, 200, "{v}");
+    let id = v["msg_id"].as_str().expect("msg_id").to_owned();
+    let ack = format!(r#"{{"queue": "waiting", "msg_id": "{id}"}}"#);
+    let (got, v) = post(gw, "/queue/ack", &ack);
+    assert_eq!((got, code(&v)), (409, "not_delivered"), "{v}");
+    let (status, v) = post(gw, "/queue/deq", r#"{"queue": "waiting"}"#);
+    assert_eq!(
+        (status, v["msg_id"].as_str()),
+        (200, Some(id.as_str())),
+        "{v}"
+    );
+    // The caps over all queues are set through the log and refuse the same enqueue.
+    let (status, v) = post(gw, "/queue/limits", r#"{"max_messages": 1}"#);
+    assert_eq!((status, v["max_messages"].as_u64()), (200, Some(1)), "{v}");
+    let (got, v) = post(gw, "/queue/enq", r#"{"key": "k", "value": 2}"#);
+    assert_eq!((got, code(&v)), (429, "queue_full"), "{v}");
+    let (status, v) = post(gw, "/queue/limits", r#"{"max_messages": 1000}"#);
+    assert_eq!(status, 200, "{v}");
     for (path, body, status, want) in cases {
         let (got, v) = post(gw, path, &body);
         assert_eq!((got, code(&v)), (status, want), "{path} {body:.80} -> {v}");

@@ -868,9 +868,18 @@ impl World {
                 let c = &mut self.clients[client as usize];
                 c.inbox.extend(messages.iter().map(|m| (m.id, m.receipt)));
             }
-            (Op::Ack, QueueReply::Acked { missing, stale, .. }) => {
+            (
+                Op::Ack,
+                QueueReply::Acked {
+                    missing,
+                    stale,
+                    undelivered,
+                    ..
+                },
+            ) => {
                 for &(id, receipt) in &cur.queue_ids {
-                    if !missing.contains(&id) && !stale.contains(&id) {
+                    if !missing.contains(&id) && !stale.contains(&id) && !undelivered.contains(&id)
+                    {
                         self.queue_history.acked(id, receipt);
                     }
                 }

@@ -245,6 +245,15 @@ pub enum QueueCommand {
         /// Most moved when none is named.
         max: u32,
     },
+    /// Change the caps over all queues (`None`: keep). They are replicated state, not
+    /// node flags, so every node refuses the same enqueue; a cap set below what is
+    /// stored keeps every message and refuses enqueues until it is under again.
+    Limits {
+        /// Messages over all queues (dead letters count).
+        max_messages: Option<u64>,
+        /// Value and key bytes over all queues.
+        max_bytes: Option<u64>,
+    },
 }
 
 /// One delivered message.
@@ -284,7 +293,8 @@ pub enum QueueReply {
         wait: WaitId,
     },
     /// Acks applied; `missing` names unknown or already acked ids, `stale` ids whose
-    /// named delivery was superseded by a later one (neither was acked).
+    /// named delivery was superseded by a later one, `undelivered` ids of messages no
+    /// consumer has received yet (none of these was acked).
     Acked {
         /// Acked.
         acked: u32,
@@ -292,6 +302,9 @@ pub enum QueueReply {
         missing: Vec<MsgId>,
         /// Stale receipts.
         stale: Vec<MsgId>,
+        /// Never delivered: an ack is for a message a consumer received, so an id that
+        /// names a waiting message (a typo, an id computed by hand) must not delete it.
+        undelivered: Vec<MsgId>,
     },
     /// Nacked or extended.
     Done,
@@ -316,6 +329,17 @@ pub enum QueueReply {
     Requeued {
         /// How many.
         count: u32,
+    },
+    /// The caps over all queues now, and what they hold.
+    Limits {
+        /// Messages at most.
+        max_messages: u64,
+        /// Bytes at most.
+        max_bytes: u64,
+        /// Messages stored.
+        messages: u64,
+        /// Bytes stored.
+        bytes: u64,
     },
     /// Created or reconfigured.
     Configured {
@@ -770,6 +794,10 @@ impl QueueSet {
             QueueCommand::Requeue { queue, ids, max } => {
                 self.requeue(&queue, &ids, max, &mut events)
             }
+            QueueCommand::Limits {
+                max_messages,
+                max_bytes,
+            } => self.set_limits(max_messages, max_bytes),
         };
         (reply, events)
     }
@@ -811,6 +839,20 @@ impl QueueSet {
         }
         // Dead letters stay counted; leases that ended changed no totals.
         events
+    }
+
+    fn set_limits(&mut self, max_messages: Option<u64>, max_bytes: Option<u64>) -> QueueReply {
+        if max_messages == Some(0) || max_bytes == Some(0) {
+            return QueueReply::Invalid("a cap over all queues is at least 1".into());
+        }
+        self.max_messages = max_messages.unwrap_or(self.max_messages);
+        self.max_bytes = max_bytes.unwrap_or(self.max_bytes);
+        QueueReply::Limits {
+            max_messages: self.max_messages,
+            max_bytes: self.max_bytes,
+            messages: self.messages,
+            bytes: self.bytes,
+        }
     }
 
     fn configure(&mut self, name: String, mut settings: QueueSettings) -> QueueReply {
@@ -1007,12 +1049,14 @@ impl QueueSet {
         }
         let mut missing = Vec::new();
         let mut stale = Vec::new();
+        let mut undelivered = Vec::new();
         let mut acked = 0u32;
         let Some(queue) = self.queues.get_mut(name) else {
             return QueueReply::Acked {
                 acked: 0,
                 missing: ids.iter().map(|(id, _)| *id).collect(),
                 stale,
+                undelivered,
             };
         };
         let mut seen = BTreeSet::new();
@@ -1051,6 +1095,10 @@ impl QueueSet {
                 stale.push(id);
                 continue;
             }
+            if m.deliveries == 0 {
+                undelivered.push(id);
+                continue;
+            }
             if let Some(m) = part.remove(id.seq) {
                 self.messages -= 1;
                 self.bytes -= m.size();
@@ -1062,6 +1110,7 @@ impl QueueSet {
             acked,
             missing,
             stale,
+            undelivered,
         }
     }
 

@@ -110,7 +110,8 @@ fn seed_flow_enqueue_dequeue_ack_then_404_then_empty() {
         QueueReply::Acked {
             acked: 0,
             missing: vec![id],
-            stale: vec![]
+            stale: vec![],
+            undelivered: vec![]
         }
     );
     assert_eq!(
@@ -119,6 +120,27 @@ fn seed_flow_enqueue_dequeue_ack_then_404_then_empty() {
     );
     assert_eq!(h.set.stats().enqueued, 1);
     assert_eq!(h.set.stats().acked, 1);
+}
+
+#[test]
+fn an_ack_of_a_message_nobody_received_leaves_it_queued() {
+    let mut h = Harness::new();
+    let id = h.enq("user:42", "hello");
+    assert_eq!(
+        h.ack(id, None),
+        QueueReply::Acked {
+            acked: 0,
+            missing: vec![],
+            stale: vec![],
+            undelivered: vec![id]
+        }
+    );
+    let d = h.deq_one();
+    assert_eq!((d.id, value(&d).as_str()), (id, "\"hello\""));
+    assert!(matches!(
+        h.ack(id, Some(d.receipt)),
+        QueueReply::Acked { acked: 1, .. }
+    ));
 }
 
 #[test]
@@ -173,7 +195,8 @@ fn a_lease_that_runs_out_redelivers_with_the_payload_and_stales_the_old_receipt(
         QueueReply::Acked {
             acked: 0,
             missing: vec![],
-            stale: vec![id]
+            stale: vec![id],
+            undelivered: vec![]
         }
     );
     assert!(matches!(
@@ -321,6 +344,46 @@ fn a_full_queue_refuses_the_whole_batch() {
     h.ack(d.id, None);
     h.enq("k", "3");
     h.enq("k", "4");
+}
+
+#[test]
+fn the_caps_over_all_queues_are_replicated_commands() {
+    let mut h = Harness::new();
+    h.enq("k", "1");
+    h.enq("k", "2");
+    let (reply, _) = h.run(QueueCommand::Limits {
+        max_messages: Some(2),
+        max_bytes: None,
+    });
+    assert!(
+        matches!(
+            reply,
+            QueueReply::Limits { max_messages: 2, max_bytes, messages: 2, .. } if max_bytes == DEFAULT_MAX_BYTES
+        ),
+        "{reply:?}"
+    );
+    let (reply, _) = h.run(enqueue("other", &[("k", "3", None)]));
+    assert!(
+        matches!(reply, QueueReply::Full { ref code, .. } if code == "queue_full"),
+        "{reply:?}"
+    );
+    let (reply, _) = h.run(QueueCommand::Limits {
+        max_messages: Some(0),
+        max_bytes: None,
+    });
+    assert!(matches!(reply, QueueReply::Invalid(_)), "{reply:?}");
+    let (reply, _) = h.run(QueueCommand::Limits {
+        max_messages: Some(3),
+        max_bytes: None,
+    });
+    assert!(matches!(
+        reply,
+        QueueReply::Limits {
+            max_messages: 3,
+            ..
+        }
+    ));
+    h.enq("k", "3");
 }
 
 #[test]
@@ -515,7 +578,8 @@ fn two_leases_in_one_entry_get_different_receipts() {
         QueueReply::Acked {
             acked: 0,
             missing: vec![],
-            stale: vec![id]
+            stale: vec![id],
+            undelivered: vec![]
         }
     );
     assert!(matches!(
