@@ -330,6 +330,13 @@ pub struct Services {
 #[error("services snapshot does not decode: {0}")]
 pub struct ServicesRestoreError(String);
 
+/// The first bytes of every state snapshot.
+const SNAPSHOT_MAGIC: &[u8; 4] = b"SMST";
+/// The layout of the state after [`SNAPSHOT_MAGIC`]: raised whenever a change to any
+/// service's state changes its encoding, so that a node never decodes a snapshot into
+/// the wrong fields (postcard is not self-describing) but says which build it needs.
+pub const SNAPSHOT_FORMAT: u16 = 1;
+
 /// Fold lock events into completions of the calls they answer.
 fn lock_completions(
     waits: &mut BTreeMap<WaitId, Vec<CallRef>>,
@@ -1081,12 +1088,29 @@ impl StateMachine for Services {
     }
 
     fn snapshot(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.extend_from_slice(&SNAPSHOT_FORMAT.to_le_bytes());
         // Encoding maps of plain data into a Vec cannot fail.
-        postcard::to_stdvec(self).unwrap_or_default()
+        postcard::to_extend(self, out).unwrap_or_default()
     }
 
     fn restore(&mut self, data: &[u8]) -> Result<(), ServicesRestoreError> {
-        *self = postcard::from_bytes(data).map_err(|e| ServicesRestoreError(e.to_string()))?;
+        let body = data.strip_prefix(SNAPSHOT_MAGIC.as_slice()).ok_or_else(|| {
+            ServicesRestoreError(
+                "not a syncmesh state snapshot (no format header: written by a build older than format 1, or damaged)".into(),
+            )
+        })?;
+        let (version, body) = body.split_first_chunk::<2>().ok_or_else(|| {
+            ServicesRestoreError("the snapshot ends inside its format header".into())
+        })?;
+        let version = u16::from_le_bytes(*version);
+        if version != SNAPSHOT_FORMAT {
+            return Err(ServicesRestoreError(format!(
+                "the snapshot is in state format {version}; this build reads format {SNAPSHOT_FORMAT} (run the build that wrote it, or one that reads both)"
+            )));
+        }
+        *self = postcard::from_bytes(body).map_err(|e| ServicesRestoreError(e.to_string()))?;
         Ok(())
     }
 }

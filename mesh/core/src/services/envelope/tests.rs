@@ -379,4 +379,25 @@ fn snapshot_round_trip_and_bad_bytes() {
     ));
     assert!(matches!(l.s.query_bytes(&[0xFF]), QueryReply::Invalid(_)));
     assert!(copy.restore(&[0xFF, 0xFF]).is_err());
+    // A snapshot says which state format it is in; another format is refused by name,
+    // never decoded into the wrong fields.
+    let bytes = l.s.snapshot();
+    assert_eq!(&bytes[..4], SNAPSHOT_MAGIC);
+    let before = copy.clone();
+    let headerless = copy.restore(&bytes[6..]).expect_err("no header");
+    assert!(
+        headerless.to_string().contains("no format header"),
+        "{headerless}"
+    );
+    let mut newer = bytes.clone();
+    newer[4..6].copy_from_slice(&(SNAPSHOT_FORMAT + 1).to_le_bytes());
+    let newer = copy.restore(&newer).expect_err("a newer format");
+    assert!(
+        newer
+            .to_string()
+            .contains(&format!("format {}", SNAPSHOT_FORMAT + 1)),
+        "{newer}"
+    );
+    assert!(copy.restore(&bytes[..5]).is_err());
+    assert_eq!(copy, before, "a refused snapshot changes nothing");
 }
