@@ -43,8 +43,9 @@ pub(crate) struct NodeArgs {
     snapshot_every: Option<u64>,
     /// A snapshot also waits until the log written since the last one is this many
     /// percent of the last snapshot's size, so a big state is not encoded again every
-    /// few thousand entries (0: count entries only) [default: 100].
-    #[arg(long, env = "SYNCMESH_SNAPSHOT_LOG_GROWTH_PCT")]
+    /// few thousand entries (0: count entries only; at most 1000) [default: 100].
+    #[arg(long, env = "SYNCMESH_SNAPSHOT_LOG_GROWTH_PCT",
+          value_parser = clap::value_parser!(u64).range(0..=1000))]
     snapshot_log_growth_pct: Option<u64>,
     /// Serve the whole HTTP API (DESIGN section 4) in this process on ADDR, calling this
     /// node in-process (repeat for several addresses).
@@ -182,10 +183,14 @@ impl NodeArgs {
                 .snapshot_every
                 .or(file.snapshot_every)
                 .unwrap_or(10_000),
-            snapshot_log_growth_pct: self
+            snapshot_log_growth_pct: match self
                 .snapshot_log_growth_pct
                 .or(file.snapshot_log_growth_pct)
-                .unwrap_or(100),
+                .unwrap_or(100)
+            {
+                pct @ 0..=1000 => pct,
+                pct => bail!("snapshot_log_growth_pct must be between 0 and 1000 (got {pct})"),
+            },
             fault_injection: std::env::var_os("SYNCMESH_FAULT_INJECTION").is_some_and(|v| v == "1"),
         };
         Ok((cfg, http))

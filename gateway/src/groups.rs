@@ -68,7 +68,7 @@ impl EnqueueGroups {
                 "gateway_enqueue_group_seconds",
                 "From a grouped proposal to its answer (a quorum fsync and the apply)",
             )
-            .buckets(prometheus::exponential_buckets(0.000_125, 2.0, 12)?),
+            .buckets(prometheus::exponential_buckets(0.000_125, 2.0, 16)?),
         )?;
         registry.register(Box::new(latency.clone()))?;
         Ok(Self {
@@ -192,14 +192,24 @@ async fn propose_group(state: &Arc<AppState>, queue: &str, group: Vec<Pending>) 
                 let _ = p.reply.send(Ok(id));
             }
         }
-        // Refused as a whole (a cap): each message on its own, for its own answer.
-        Ok(_) => {
+        // Refused as a whole (a cap, one bad message): each message on its own, for its
+        // own answer. Nothing of the batch was stored, so none is stored twice.
+        Ok(QueueReply::Full { .. } | QueueReply::Invalid(_)) => {
             let mut alone = tokio::task::JoinSet::new();
             for p in group {
                 let (state, queue) = (state.clone(), queue.to_owned());
                 alone.spawn(async move { propose_alone(&state, &queue, p).await });
             }
             while alone.join_next().await.is_some() {}
+        }
+        // Anything else is a bug; whether the batch was stored is unknown, so no message
+        // is proposed again.
+        Ok(other) => {
+            let e =
+                ApiError::internal(format!("unexpected answer to a grouped enqueue: {other:?}"));
+            for p in group {
+                let _ = p.reply.send(Err(e.clone()));
+            }
         }
         Err(e) => {
             for p in group {

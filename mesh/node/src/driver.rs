@@ -413,9 +413,13 @@ impl Driver {
     /// Encode a snapshot view off the loop; the core compacts once it is back.
     fn encode_snapshot(&self, view: SnapshotView) {
         let tx = self.snapshot_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let data = view.encode();
-            let _ = tx.send((view.index, data));
+        let index = view.index;
+        let encoding = tokio::task::spawn_blocking(move || view.encode());
+        tokio::spawn(async move {
+            // The core waits for this answer before it takes another snapshot: an encode
+            // that died is reported as no bytes, never left unanswered.
+            let data = encoding.await.unwrap_or_default();
+            let _ = tx.send((index, data));
         });
     }
 
@@ -457,6 +461,9 @@ impl Driver {
             }
             NodeEvent::SnapshotTaken { index, bytes } => {
                 tracing::info!(index, bytes, "snapshot taken");
+            }
+            NodeEvent::SnapshotFailed { index, why } => {
+                tracing::error!(index, why, "snapshot failed; the log is kept whole");
             }
             NodeEvent::Committed { latency_ms } => {
                 self.metrics

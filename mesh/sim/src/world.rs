@@ -841,6 +841,9 @@ impl World {
                     None => Ok(()),
                 }
             }
+            NodeEvent::SnapshotFailed { index, why } => {
+                Err(format!("n{id}: the snapshot at {index} failed: {why}"))
+            }
             _ => Ok(()),
         }
     }

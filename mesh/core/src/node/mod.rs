@@ -57,6 +57,14 @@ pub struct Time {
     pub wall_ms: u64,
 }
 
+/// What an applied entry adds to the log besides its payload, for the snapshot rule.
+const ENTRY_OVERHEAD_BYTES: u64 = 64;
+/// A snapshot is due at the latest after this many times `snapshot_every` entries,
+/// whatever the growth rule says.
+pub const SNAPSHOT_GROWTH_CEILING: u64 = 20;
+/// The highest `snapshot_log_growth_pct` honoured.
+pub const MAX_SNAPSHOT_LOG_GROWTH_PCT: u64 = 1000;
+
 /// Settings of the node core.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -71,8 +79,10 @@ pub struct NodeConfig {
     /// encodes the whole state, so with a big queue a fixed entry count would encode
     /// it again and again (seen: a third of a follower's CPU under a 64-client enqueue
     /// load); growth in proportion to the state keeps the cost per logged byte
-    /// bounded, and keeps the log at most about as big as the state. Redis's
-    /// `auto-aof-rewrite-percentage` is the same rule.
+    /// bounded, and keeps the log between snapshots at most about as big as the last
+    /// snapshot. Redis's `auto-aof-rewrite-percentage` is the same rule. At most
+    /// [`MAX_SNAPSHOT_LOG_GROWTH_PCT`]; a snapshot is due anyway after
+    /// [`SNAPSHOT_GROWTH_CEILING`] times `snapshot_every` entries.
     pub snapshot_log_growth_pct: u64,
     /// A proposal or read not answered within this is answered `Unknown` (or retryable).
     pub call_timeout_ms: u64,
@@ -200,6 +210,14 @@ pub enum NodeEvent {
         index: LogIndex,
         /// Its size.
         bytes: usize,
+    },
+    /// A snapshot view could not be encoded: nothing was compacted, and the next one is
+    /// tried when it is due again.
+    SnapshotFailed {
+        /// The view's index.
+        index: LogIndex,
+        /// Why.
+        why: String,
     },
     /// A proposal was answered after this long.
     Committed {
@@ -520,10 +538,21 @@ impl Node {
         self.drive();
     }
 
-    /// The view of [`Action::Snapshot`] at `index` was encoded into `data`.
+    /// The view of [`Action::Snapshot`] at `index` was encoded into `data` (empty: the
+    /// encode failed or died; nothing is compacted).
     pub fn snapshot_encoded(&mut self, now: Time, index: LogIndex, data: Vec<u8>) {
         self.now = now;
         self.snapshotting = false;
+        if data.is_empty() {
+            // The services never encode to nothing (a state snapshot has a header): an
+            // encode that failed or died must not become the base of the log.
+            self.actions.push(Action::Event(NodeEvent::SnapshotFailed {
+                index,
+                why: "the state did not encode (the encoder failed or died)".into(),
+            }));
+            self.drive();
+            return;
+        }
         let bytes = data.len();
         if self.raft.compact(index, data).is_ok() {
             if let Some(s) = self.raft.snapshot() {
@@ -795,9 +824,10 @@ impl Node {
             EntryPayload::Command(data) => Some(data.as_slice()),
             EntryPayload::Noop | EntryPayload::Config(_) => None,
         };
+        // An entry costs about its payload plus its framing and index in the log.
         self.applied_bytes_since_snapshot = self
             .applied_bytes_since_snapshot
-            .saturating_add(payload.map_or(0, |p| p.len() as u64));
+            .saturating_add(payload.map_or(0, |p| p.len() as u64) + ENTRY_OVERHEAD_BYTES);
         let applied = self.services.apply_entry(entry.index, entry.term, payload);
         if self.cfg.trace_applies {
             self.actions.push(Action::Event(NodeEvent::Applied {
@@ -923,9 +953,18 @@ impl Node {
         {
             return;
         }
+        // The growth rule waits for the log to catch up with the last snapshot's size,
+        // but never past SNAPSHOT_GROWTH_CEILING times the entry count: after a big
+        // queue drains, the state is small and the last snapshot big, and the log
+        // must not wait for a whole big snapshot's worth of small commands.
         let last_bytes = self.raft.snapshot().map_or(0, |s| s.data.len() as u64);
-        let due_bytes = last_bytes.saturating_mul(self.cfg.snapshot_log_growth_pct) / 100;
-        if self.applied_bytes_since_snapshot < due_bytes {
+        let pct = self
+            .cfg
+            .snapshot_log_growth_pct
+            .min(MAX_SNAPSHOT_LOG_GROWTH_PCT);
+        let due_bytes = last_bytes.saturating_mul(pct) / 100;
+        let ceiling = self.raft.snapshot_index() + every.saturating_mul(SNAPSHOT_GROWTH_CEILING);
+        if self.applied_bytes_since_snapshot < due_bytes && applied < ceiling {
             return;
         }
         self.applied_bytes_since_snapshot = 0;

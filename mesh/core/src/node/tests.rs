@@ -25,15 +25,22 @@ struct Cluster {
     /// Test client number -> the session the log assigned it.
     sessions: std::collections::BTreeMap<u64, u64>,
     next_call: CallId,
+    /// Snapshot views the nodes asked to have encoded, not yet handed back.
+    views: Vec<(NodeId, SnapshotView)>,
 }
 
 impl Cluster {
     fn new(n: u64) -> Self {
+        Self::with_config(n, |_| {})
+    }
+
+    fn with_config(n: u64, set: impl Fn(&mut NodeConfig)) -> Self {
         let voters = Membership::with_voters(1..=n);
         let nodes = (1..=n)
             .map(|id| {
                 let mut cfg = NodeConfig::new(id);
                 cfg.raft.seed = id;
+                set(&mut cfg);
                 let state = InitialState {
                     hard_state: HardState::default(),
                     snapshot: None,
@@ -51,6 +58,7 @@ impl Cluster {
             replies: Vec::new(),
             sessions: std::collections::BTreeMap::new(),
             next_call: 1_000,
+            views: Vec::new(),
         }
     }
 
@@ -68,6 +76,7 @@ impl Cluster {
                 Action::Reply { call, response } => {
                     self.replies.push((id, *call, response.clone()))
                 }
+                Action::Snapshot(view) => self.views.push((id, view.clone())),
                 _ => {}
             }
         }
@@ -419,4 +428,103 @@ fn restore_job(actions: &[Action]) -> RestoreJob {
             _ => None,
         })
         .unwrap_or_else(|| panic!("a restore job: {actions:?}"))
+}
+
+/// Apply `n` small commands through `l` as client 9 (sequence numbers from `seq`).
+fn ticks(c: &mut Cluster, l: NodeId, seq: &mut u64, n: u64) {
+    for _ in 0..n {
+        *seq += 1;
+        let id = 50_000 + *seq;
+        c.call(l, id, 9, *seq, Command::Tick);
+        c.settle();
+    }
+}
+
+/// Encode and hand back every snapshot view the leader asked for: how many there were.
+fn take_snapshots(c: &mut Cluster, l: NodeId) -> usize {
+    let views: Vec<SnapshotView> = std::mem::take(&mut c.views)
+        .into_iter()
+        .filter(|(id, _)| *id == l)
+        .map(|(_, v)| v)
+        .collect();
+    for v in &views {
+        let now = t(c.now);
+        c.node(l).snapshot_encoded(now, v.index, v.encode());
+        c.settle();
+    }
+    views.len()
+}
+
+/// A big state is not encoded again every `snapshot_every` entries: the next snapshot
+/// waits until the log since the last one is as big as it (the growth rule), and at
+/// most 20 times `snapshot_every` entries; with the rule off, entries alone count.
+#[test]
+fn a_big_state_is_snapshotted_when_the_log_has_grown_by_its_size() {
+    use crate::services::queue::{Field, NewMessage, QueueCommand};
+    for pct in [100, 0] {
+        let mut c = Cluster::with_config(3, |cfg| {
+            cfg.snapshot_every = 5;
+            cfg.snapshot_log_growth_pct = pct;
+        });
+        let l = c.elect();
+        let big = Command::Queue(QueueCommand::Enqueue {
+            queue: "q".into(),
+            messages: vec![NewMessage {
+                key: "k".into(),
+                value: format!("\"{}\"", "v".repeat(100_000)).into_bytes(),
+                field: Field::Value,
+                dedup_id: None,
+            }],
+        });
+        c.call(l, 1, 1, 1, big);
+        c.settle();
+        let mut seq = 0;
+        ticks(&mut c, l, &mut seq, 6);
+        assert_eq!(
+            take_snapshots(&mut c, l),
+            1,
+            "the first snapshot is due by count"
+        );
+        let first = c.node(l).raft().snapshot_index();
+        ticks(&mut c, l, &mut seq, 10);
+        let taken = take_snapshots(&mut c, l);
+        if pct == 0 {
+            assert!(taken >= 1, "by entry count alone");
+            continue;
+        }
+        assert_eq!(taken, 0, "ten small entries are not 100 kB of log");
+        // The ceiling: 20 x 5 entries after the last snapshot at the latest.
+        ticks(&mut c, l, &mut seq, 5 * SNAPSHOT_GROWTH_CEILING);
+        assert_eq!(take_snapshots(&mut c, l), 1, "due by the ceiling");
+        assert!(c.node(l).raft().snapshot_index() >= first + 5 * SNAPSHOT_GROWTH_CEILING);
+    }
+}
+
+/// An encode that failed (no bytes) compacts nothing, and a later snapshot is taken.
+#[test]
+fn a_failed_snapshot_encode_compacts_nothing_and_snapshots_go_on() {
+    let mut c = Cluster::with_config(3, |cfg| cfg.snapshot_every = 5);
+    let l = c.elect();
+    let mut seq = 0;
+    ticks(&mut c, l, &mut seq, 6);
+    let views = std::mem::take(&mut c.views);
+    let view = views
+        .into_iter()
+        .find(|(id, _)| *id == l)
+        .map(|(_, v)| v)
+        .expect("a view");
+    let now = t(c.now);
+    c.node(l).snapshot_encoded(now, view.index, Vec::new());
+    let actions = c.collect(l);
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Event(NodeEvent::SnapshotFailed { .. }))),
+        "{actions:?}"
+    );
+    assert!(!actions.iter().any(|a| matches!(a, Action::Compact(_))));
+    assert_eq!(c.node(l).raft().snapshot_index(), 0, "nothing compacted");
+    ticks(&mut c, l, &mut seq, 1);
+    assert_eq!(take_snapshots(&mut c, l), 1, "the next snapshot is taken");
+    assert!(c.node(l).raft().snapshot_index() > 0);
 }

@@ -54,6 +54,13 @@ pub const MAX_DEDUP_WINDOW_MS: u64 = 24 * 3600 * 1000;
 /// Dedup ids remembered per queue at most; past it an enqueue with a new one is refused
 /// (429) rather than the window silently shortened.
 pub const MAX_DEDUP_IDS: usize = 1_000_000;
+/// Dedup ids remembered over all queues at most (each is up to [`MAX_KEY_BYTES`]).
+pub const MAX_TOTAL_DEDUP_IDS: usize = 4_000_000;
+/// The highest the caps over all queues may be set to (`POST /queue/limits`): a node
+/// holds about 520 bytes of memory per queued message besides its value.
+pub const CEILING_MAX_MESSAGES: u64 = 50_000_000;
+/// The highest the byte cap over all queues may be set to.
+pub const CEILING_MAX_BYTES: u64 = 32 << 30;
 /// Longest long poll.
 pub const MAX_WAIT_MS: u64 = 60_000;
 /// Most messages one dequeue leases, or one enqueue or ack carries.
@@ -511,6 +518,31 @@ fn check_name(what: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `new_ids` more dedup ids fit in queue `name` (which has `in_queue`) and over
+/// all queues (`in_all`).
+fn dedup_room(
+    name: &str,
+    in_queue: usize,
+    in_all: usize,
+    new_ids: usize,
+) -> Result<(), QueueReply> {
+    if new_ids > 0 && in_queue + new_ids > MAX_DEDUP_IDS {
+        return Err(QueueReply::Full {
+            code: "queue_full".into(),
+            message: format!("queue {name} remembers {MAX_DEDUP_IDS} dedup ids within its window"),
+        });
+    }
+    if new_ids > 0 && in_all + new_ids > MAX_TOTAL_DEDUP_IDS {
+        return Err(QueueReply::Full {
+            code: "queue_full".into(),
+            message: format!(
+                "the queues remember {MAX_TOTAL_DEDUP_IDS} dedup ids within their windows"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Check messages to enqueue before anything is stored.
 fn check_new(messages: &[NewMessage]) -> Result<(), String> {
     if messages.is_empty() || messages.len() > MAX_BATCH {
@@ -845,6 +877,13 @@ impl QueueSet {
         if max_messages == Some(0) || max_bytes == Some(0) {
             return QueueReply::Invalid("a cap over all queues is at least 1".into());
         }
+        if max_messages.is_some_and(|m| m > CEILING_MAX_MESSAGES)
+            || max_bytes.is_some_and(|b| b > CEILING_MAX_BYTES)
+        {
+            return QueueReply::Invalid(format!(
+                "the caps over all queues are at most {CEILING_MAX_MESSAGES} messages and {CEILING_MAX_BYTES} bytes"
+            ));
+        }
         self.max_messages = max_messages.unwrap_or(self.max_messages);
         self.max_bytes = max_bytes.unwrap_or(self.max_bytes);
         QueueReply::Limits {
@@ -902,6 +941,13 @@ impl QueueSet {
         let now = self.now_ms;
         let (total_messages, total_bytes) = (self.messages, self.bytes);
         let (max_messages, max_bytes) = (self.max_messages, self.max_bytes);
+        // Only an enqueue that names dedup ids pays for counting them (over at most
+        // MAX_QUEUES queues).
+        let total_dedup: usize = if messages.iter().any(|m| m.dedup_id.is_some()) {
+            self.queues.values().map(|q| q.dedup.len()).sum()
+        } else {
+            0
+        };
         let queue = match Self::queue_entry(&mut self.queues, name) {
             Ok(q) => q,
             Err(reply) => return reply,
@@ -920,13 +966,8 @@ impl QueueSet {
             }
         }
         let new_ids = fresh_ids.len();
-        if new_ids > 0 && queue.dedup.len() + new_ids > MAX_DEDUP_IDS {
-            return QueueReply::Full {
-                code: "queue_full".into(),
-                message: format!(
-                    "queue {name} remembers {MAX_DEDUP_IDS} dedup ids within its window"
-                ),
-            };
+        if let Err(full) = dedup_room(name, queue.dedup.len(), total_dedup, new_ids) {
+            return full;
         }
         let (queue_messages, queue_bytes) = (queue.live_messages(), queue.live_bytes());
         if queue_messages + add.0 > queue.settings.max_messages
@@ -1095,7 +1136,8 @@ impl QueueSet {
                 stale.push(id);
                 continue;
             }
-            if m.deliveries == 0 {
+            // Not delivered since it entered the queue (or was requeued).
+            if m.deliveries <= m.requeued_at {
                 undelivered.push(id);
                 continue;
             }
@@ -1212,6 +1254,9 @@ impl QueueSet {
             queue.dead_bytes -= message.size();
             message.requeued_at = message.deliveries;
             message.lease = None;
+            // Receipts of deliveries before it died name nothing now (no receipt is 0):
+            // a consumer that comes back with one must not ack the requeued message.
+            message.receipt = 0;
             if let Some(part) = queue
                 .partitions
                 .get_mut(id.partition as usize)

@@ -210,9 +210,11 @@ fn a_lease_that_runs_out_redelivers_with_the_payload_and_stales_the_old_receipt(
 fn poison_message_becomes_a_dead_letter_and_requeue_brings_it_back() {
     let mut h = Harness::new();
     let id = h.enq("k", "poison");
+    let mut last_receipt = 0;
     for n in 1..=DEFAULT_MAX_DELIVERIES {
         let d = h.deq_one();
         assert_eq!(d.deliveries, n);
+        last_receipt = d.receipt;
         let (reply, _) = h.run(QueueCommand::Nack {
             queue: Q.into(),
             id,
@@ -232,6 +234,14 @@ fn poison_message_becomes_a_dead_letter_and_requeue_brings_it_back() {
         max: 10,
     });
     assert_eq!(reply, QueueReply::Requeued { count: 1 });
+    // A consumer of a delivery from before it died acks nothing: its receipt is stale,
+    // and without one the message has not been delivered since the requeue.
+    assert!(
+        matches!(h.ack(id, Some(last_receipt)), QueueReply::Acked { acked: 0, ref stale, .. } if stale == &[id])
+    );
+    assert!(
+        matches!(h.ack(id, None), QueueReply::Acked { acked: 0, ref undelivered, .. } if undelivered == &[id])
+    );
     // It comes back with its payload; the count goes on (so it is not taken for a first
     // delivery), and it has a fresh budget of deliveries.
     let d = h.deq_one();
@@ -367,11 +377,18 @@ fn the_caps_over_all_queues_are_replicated_commands() {
         matches!(reply, QueueReply::Full { ref code, .. } if code == "queue_full"),
         "{reply:?}"
     );
-    let (reply, _) = h.run(QueueCommand::Limits {
-        max_messages: Some(0),
-        max_bytes: None,
-    });
-    assert!(matches!(reply, QueueReply::Invalid(_)), "{reply:?}");
+    for (max_messages, max_bytes) in [
+        (Some(0), None),
+        (None, Some(0)),
+        (Some(CEILING_MAX_MESSAGES + 1), None),
+        (None, Some(u64::MAX)),
+    ] {
+        let (reply, _) = h.run(QueueCommand::Limits {
+            max_messages,
+            max_bytes,
+        });
+        assert!(matches!(reply, QueueReply::Invalid(_)), "{reply:?}");
+    }
     let (reply, _) = h.run(QueueCommand::Limits {
         max_messages: Some(3),
         max_bytes: None,
