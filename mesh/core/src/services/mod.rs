@@ -5,6 +5,7 @@
 //! and can be captured into and restored from a snapshot. Same log, same state, on every
 //! node.
 
+pub mod cache;
 pub mod envelope;
 pub mod lock;
 pub mod queue;
