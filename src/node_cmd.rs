@@ -44,8 +44,7 @@ pub(crate) struct NodeArgs {
     /// A snapshot also waits until the log written since the last one is this many
     /// percent of the last snapshot's size, so a big state is not encoded again every
     /// few thousand entries (0: count entries only; at most 1000) [default: 100].
-    #[arg(long, env = "SYNCMESH_SNAPSHOT_LOG_GROWTH_PCT",
-          value_parser = clap::value_parser!(u64).range(0..=1000))]
+    #[arg(long, env = "SYNCMESH_SNAPSHOT_LOG_GROWTH_PCT")]
     snapshot_log_growth_pct: Option<u64>,
     /// Serve the whole HTTP API (DESIGN section 4) in this process on ADDR, calling this
     /// node in-process (repeat for several addresses).

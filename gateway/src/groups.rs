@@ -55,22 +55,18 @@ pub(crate) struct EnqueueGroups {
 impl EnqueueGroups {
     /// Groups whose sizes are observed in `registry`.
     pub(crate) fn new(registry: &prometheus::Registry) -> Result<Self, prometheus::Error> {
-        let sizes = prometheus::Histogram::with_opts(
-            prometheus::HistogramOpts::new(
-                "gateway_enqueue_group_messages",
-                "Single enqueues proposed together as one batch",
-            )
-            .buckets(prometheus::exponential_buckets(1.0, 2.0, 9)?),
+        let sizes = histogram(
+            registry,
+            "gateway_enqueue_group_messages",
+            "Single enqueues proposed together as one batch",
+            prometheus::exponential_buckets(1.0, 2.0, 9)?,
         )?;
-        registry.register(Box::new(sizes.clone()))?;
-        let latency = prometheus::Histogram::with_opts(
-            prometheus::HistogramOpts::new(
-                "gateway_enqueue_group_seconds",
-                "From a grouped proposal to its answer (a quorum fsync and the apply)",
-            )
-            .buckets(prometheus::exponential_buckets(0.000_125, 2.0, 16)?),
+        let latency = histogram(
+            registry,
+            "gateway_enqueue_group_seconds",
+            "From a grouped proposal to its answer (a quorum fsync and the apply)",
+            prometheus::exponential_buckets(0.000_125, 2.0, 16)?,
         )?;
-        registry.register(Box::new(latency.clone()))?;
         Ok(Self {
             queues: Mutex::new(BTreeMap::new()),
             sizes,
@@ -126,6 +122,20 @@ impl EnqueueGroups {
             queues.remove(queue);
         }
     }
+}
+
+/// A histogram registered in `registry`.
+fn histogram(
+    registry: &prometheus::Registry,
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+) -> Result<prometheus::Histogram, prometheus::Error> {
+    let h = prometheus::Histogram::with_opts(
+        prometheus::HistogramOpts::new(name, help).buckets(buckets),
+    )?;
+    registry.register(Box::new(h.clone()))?;
+    Ok(h)
 }
 
 /// One queue's group: take what waits, propose it, repeat; end when idle.

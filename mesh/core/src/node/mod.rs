@@ -77,7 +77,7 @@ pub struct NodeConfig {
     /// A snapshot also waits until the commands applied since the last one add up to
     /// this percentage of the last snapshot's size (0: count entries only). A snapshot
     /// encodes the whole state, so with a big queue a fixed entry count would encode
-    /// it again and again (seen: a third of a follower's CPU under a 64-client enqueue
+    /// it again and again (seen: a fifth of a follower's CPU under a 64-client enqueue
     /// load); growth in proportion to the state keeps the cost per logged byte
     /// bounded, and keeps the log between snapshots at most about as big as the last
     /// snapshot. Redis's `auto-aof-rewrite-percentage` is the same rule. At most

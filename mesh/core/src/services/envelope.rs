@@ -1091,7 +1091,8 @@ impl StateMachine for Services {
         let mut out = Vec::with_capacity(64);
         out.extend_from_slice(SNAPSHOT_MAGIC);
         out.extend_from_slice(&SNAPSHOT_FORMAT.to_le_bytes());
-        // Encoding maps of plain data into a Vec cannot fail.
+        // Encoding maps of plain data into a Vec cannot fail; if it ever did, the empty
+        // result is refused by `Node::snapshot_encoded` and nothing is compacted.
         postcard::to_extend(self, out).unwrap_or_default()
     }
 

@@ -305,10 +305,6 @@ impl CacheLines {
                 } else {
                     line.state
                 };
-            } else if downgrade {
-                // Written again since: still dirty, but the directory moved on to
-                // sharing; the caller must write back again before it may downgrade.
-                line.version = version;
             }
         }
     }
