@@ -239,9 +239,11 @@ impl CacheLines {
         if fill.state == Mesi::Invalid {
             return Ok(self.take(key).into_iter().collect());
         }
-        // The old line of the key is replaced, not evicted: its grant is the new one.
-        let _ = self.take(key);
-        let evicted = self.make_room(size, 1);
+        // The old line of the key is replaced by the new grant; if it held unwritten
+        // writes it comes back with the evicted lines, to be written back, never dropped.
+        let replaced = self.take(key).filter(|e| e.line.dirty_since_ms.is_some());
+        let mut evicted: Vec<Evicted> = replaced.into_iter().collect();
+        evicted.extend(self.make_room(size, 1));
         self.stats.fills += 1;
         self.insert(key, line);
         Ok(evicted)
@@ -513,6 +515,21 @@ mod tests {
             ("a", Mesi::Modified, &b"2"[..])
         );
         assert_eq!(out[0].line.dirty_since_ms, Some(5));
+        check(&t);
+    }
+
+    #[test]
+    fn a_new_grant_over_a_dirty_line_hands_the_dirty_value_back() {
+        let mut t = CacheLines::new(10, 1 << 20);
+        t.fill("k", fill("1", Mesi::Exclusive), 0).expect("fill");
+        t.write_owned("k", b"2".to_vec(), None, 1).expect("owned");
+        let out = t.fill("k", fill("1", Mesi::Shared), 2).expect("fill");
+        assert_eq!(
+            out.iter()
+                .map(|e| (e.key.as_str(), e.line.value.as_slice()))
+                .collect::<Vec<_>>(),
+            [("k", &b"2"[..])]
+        );
         check(&t);
     }
 
