@@ -39,6 +39,9 @@ use crate::raft::{
     ConfChange, Config, Entry, EntryPayload, HardState, InitError, InitialState, LogIndex, Message,
     MessageBody, NodeId, ProposeError, Raft, Ready, Role, Snapshot, Status, Term,
 };
+use crate::services::cache::{
+    AgentOutput, CacheAgent, CacheAnswer, CacheCall, CacheCommand, CacheConfig, CacheError,
+};
 pub use crate::services::envelope::Gauge;
 use crate::services::envelope::{Command, Envelope, Reply, Services};
 use crate::services::StateMachine;
@@ -95,6 +98,11 @@ pub struct NodeConfig {
     /// every service decision that has a reference implementation against it (the
     /// simulator's oracles; costly, off in production).
     pub trace_applies: bool,
+    /// This node's cache.
+    pub cache: CacheConfig,
+    /// Differs between this node's processes (the shell picks it at random): the cache
+    /// agent recognises its own registration by it.
+    pub cache_nonce: u64,
 }
 
 impl NodeConfig {
@@ -109,6 +117,8 @@ impl NodeConfig {
             wait_limit_ms: 120_000,
             max_calls: 100_000,
             trace_applies: false,
+            cache: CacheConfig::default(),
+            cache_nonce: id,
         }
     }
 }
@@ -298,6 +308,8 @@ pub struct Node {
     cfg: NodeConfig,
     raft: Raft,
     services: Services,
+    /// This node's half of the cache (not replicated: a restart starts it empty).
+    cache: CacheAgent,
     now: Time,
     last_tick_ms: u64,
     office: Option<Office>,
@@ -332,6 +344,11 @@ fn may_send_before_persist(m: &Message) -> bool {
             | MessageBody::InstallSnapshot { .. }
             | MessageBody::TimeoutNow
     )
+}
+
+fn encode_answer(answer: &CacheAnswer) -> Vec<u8> {
+    // Encoding plain data into a Vec cannot fail.
+    postcard::to_stdvec(answer).unwrap_or_default()
 }
 
 fn encode_reply(reply: &Reply) -> Vec<u8> {
@@ -371,6 +388,7 @@ impl Node {
         services.set_audit(cfg.trace_applies);
         let raft = Raft::new(cfg.raft.clone(), state)?;
         Ok(Self {
+            cache: CacheAgent::new(cfg.cache.clone(), cfg.raft.id, cfg.cache_nonce),
             raft,
             services,
             now,
@@ -418,9 +436,69 @@ impl Node {
         self.raft.status()
     }
 
-    /// Gauges of the services, for metrics.
+    /// Gauges of the services and of this node's cache, for metrics.
     pub fn gauges(&self) -> Vec<Gauge> {
-        self.services.gauges()
+        let mut out = self.services.gauges();
+        let s = self.cache.stats(self.now.mono_ms);
+        let counter = |name: &'static str, help: &'static str, value: u64| Gauge {
+            name,
+            counter: true,
+            help,
+            labels: Vec::new(),
+            value: value as f64,
+        };
+        out.push(counter(
+            "cache_hits_total",
+            "Cache gets served from this node's memory",
+            s.hits,
+        ));
+        out.push(counter(
+            "cache_misses_total",
+            "Cache gets that went to the directory",
+            s.misses,
+        ));
+        out.push(counter(
+            "cache_invalidations_total",
+            "Cache lines this node dropped because the directory revoked them",
+            s.invalidations,
+        ));
+        out.push(counter(
+            "cache_writebacks_total",
+            "Cache values this node wrote back (accepted by the directory)",
+            s.writebacks,
+        ));
+        out.push(counter(
+            "cache_evictions_total",
+            "Cache lines evicted at this node (LRU or on request)",
+            s.evictions,
+        ));
+        out.push(counter(
+            "cache_fills_total",
+            "Cache lines filled from the directory",
+            s.fills,
+        ));
+        for (state, n) in ["M", "E", "S"].into_iter().zip(s.lines) {
+            out.push(Gauge {
+                name: "cache_lines",
+                counter: false,
+                help: "Cache lines this node holds, by MESI state",
+                labels: vec![("state", state.to_string())],
+                value: n as f64,
+            });
+        }
+        out.push(Gauge {
+            name: "cache_lease_valid",
+            counter: false,
+            help: "Whether this node's cache lease is valid (1) or not (0)",
+            labels: Vec::new(),
+            value: f64::from(u8::from(s.lease_valid)),
+        });
+        out
+    }
+
+    /// This node's cache agent (read only: tests, the simulator's invariants).
+    pub fn cache(&self) -> &CacheAgent {
+        &self.cache
     }
 
     /// Calls in flight.
@@ -444,8 +522,25 @@ impl Node {
     /// A message from a peer.
     pub fn step(&mut self, now: Time, m: Message) {
         self.now = now;
-        self.raft.step(m);
+        if let MessageBody::Forward { command } = &m.body {
+            if m.to == self.raft.id() {
+                self.forwarded(m.from, command);
+            }
+        } else {
+            self.raft.step(m);
+        }
         self.drive();
+    }
+
+    /// A command `from` asks this leader to propose: only one that names `from` (a
+    /// node speaks for itself alone), and only while leading (the sender resends).
+    fn forwarded(&mut self, from: NodeId, bytes: &[u8]) {
+        let Ok(command) = postcard::from_bytes::<CacheCommand>(bytes) else {
+            return;
+        };
+        if command.node() == from {
+            let _ = self.propose_envelope(Envelope::new(0, 0, 0, Command::Cache(command)));
+        }
     }
 
     /// Time passed: run the Raft ticks that are due, time out calls, propose a service
@@ -465,6 +560,7 @@ impl Node {
                 self.last_tick_ms + due * self.cfg.tick_ms
             };
         }
+        self.cache.tick(now.mono_ms, self.services.cache());
         for (id, state) in self.calls.expire(now.mono_ms) {
             let response = match state {
                 CallState::Reading { .. } => ClientResponse::Error {
@@ -506,6 +602,17 @@ impl Node {
                 };
                 self.reply(id, ClientResponse::Status(status));
             }
+            ClientRequest::Local(bytes) => match postcard::from_bytes::<CacheCall>(&bytes) {
+                Ok(call) => self
+                    .cache
+                    .call(now.mono_ms, id, call, self.services.cache()),
+                Err(e) => self.reply(
+                    id,
+                    ClientResponse::Local(encode_answer(&CacheAnswer::Error(CacheError::Invalid(
+                        format!("malformed cache call: {e}"),
+                    )))),
+                ),
+            },
         }
         self.drive();
     }
@@ -518,6 +625,7 @@ impl Node {
     /// `release_grant` itself.
     pub fn cancel(&mut self, now: Time, id: CallId) {
         self.now = now;
+        self.cache.cancel(id);
         if let Some(call) = self.calls.cancel(id) {
             self.withdraw(call);
         }
@@ -688,6 +796,7 @@ impl Node {
         loop {
             self.note_leadership();
             self.leader_duties();
+            self.cache_duties();
             if self.persisting.is_some() || self.restoring.is_some() || !self.raft.has_ready() {
                 break;
             }
@@ -796,6 +905,10 @@ impl Node {
                 index: s.meta.index,
                 bytes: s.data.len(),
             }));
+        // The events in between were skipped: the cache keeps what the directory still
+        // grants it.
+        self.cache
+            .reconcile(self.now.mono_ms, self.services.cache());
         for id in self.calls.proposed_up_to(s.meta.index) {
             self.reply(id, unknown("a snapshot replaced the log before the answer"));
         }
@@ -829,6 +942,10 @@ impl Node {
             .applied_bytes_since_snapshot
             .saturating_add(payload.map_or(0, |p| p.len() as u64) + ENTRY_OVERHEAD_BYTES);
         let applied = self.services.apply_entry(entry.index, entry.term, payload);
+        if !applied.cache.is_empty() {
+            self.cache
+                .applied(self.now.mono_ms, &applied.cache, self.services.cache());
+        }
         if self.cfg.trace_applies {
             self.actions.push(Action::Event(NodeEvent::Applied {
                 index: entry.index,
@@ -915,6 +1032,36 @@ impl Node {
                 }
             }
             None => {}
+        }
+    }
+
+    /// Carry out what the cache agent asks: answer its calls, and send its commands to
+    /// the log (proposed here when leading, else forwarded to the leader; without one
+    /// they are dropped, and the agent sends them again).
+    fn cache_duties(&mut self) {
+        self.cache.flush(self.now.mono_ms, self.services.applied());
+        for output in self.cache.take_outputs() {
+            match output {
+                AgentOutput::Reply { call, answer } => {
+                    self.reply(call, ClientResponse::Local(encode_answer(&answer)));
+                }
+                AgentOutput::Propose(command) => {
+                    if self.office_elapsed().is_some() {
+                        let _ =
+                            self.propose_envelope(Envelope::new(0, 0, 0, Command::Cache(command)));
+                    } else if let Some(leader) = self.raft.leader() {
+                        if leader != self.raft.id() {
+                            let command = postcard::to_stdvec(&command).unwrap_or_default();
+                            self.actions.push(Action::Send(Message {
+                                from: self.raft.id(),
+                                to: leader,
+                                term: self.raft.term(),
+                                body: MessageBody::Forward { command },
+                            }));
+                        }
+                    }
+                }
+            }
         }
     }
 

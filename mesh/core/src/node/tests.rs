@@ -366,11 +366,13 @@ fn a_snapshot_from_the_leader_is_decoded_off_the_loop_while_heartbeats_go_on() {
             }
             let actions = c.node(f).take_actions();
             assert!(
-                !actions.iter().any(|a| matches!(
-                    a,
-                    Action::Persist(_) | Action::Restore(_) | Action::Send(_)
-                )),
-                "nothing until the snapshot is back: {actions:?}"
+                !actions.iter().any(|a| match a {
+                    Action::Persist(_) | Action::Restore(_) => true,
+                    // (The cache agent's forwards to the leader go on.)
+                    Action::Send(m) => !matches!(m.body, MessageBody::Forward { .. }),
+                    _ => false,
+                }),
+                "no Raft answer until the snapshot is back: {actions:?}"
             );
             if wire.is_empty() {
                 break;
@@ -527,4 +529,290 @@ fn a_failed_snapshot_encode_compacts_nothing_and_snapshots_go_on() {
     ticks(&mut c, l, &mut seq, 1);
     assert_eq!(take_snapshots(&mut c, l), 1, "the next snapshot is taken");
     assert!(c.node(l).raft().snapshot_index() > 0);
+}
+
+// --- The cache: the MESI protocol through three node cores -------------------------
+
+use crate::services::cache::{CacheAnswer, CacheCall, CacheStats, Mesi};
+
+impl Cluster {
+    /// Let `ms` pass in ticks of 10 ms, delivering everything.
+    fn run_ms(&mut self, ms: u64) {
+        for _ in 0..ms / 10 {
+            self.now += 10;
+            for id in 1..=self.nodes.len() as u64 {
+                let now = t(self.now);
+                self.node(id).tick(now);
+            }
+            self.settle();
+        }
+    }
+
+    /// A cache call at node `at`, run until answered (at most 10 s of ticks).
+    fn cache(&mut self, at: NodeId, call: CacheCall) -> CacheAnswer {
+        self.next_call += 1;
+        let id = self.next_call;
+        let bytes = postcard::to_stdvec(&call).expect("encode");
+        let now = t(self.now);
+        self.node(at).call(now, id, ClientRequest::Local(bytes));
+        for _ in 0..1_000 {
+            self.settle();
+            if let Some(r) = self.replies.iter().find(|r| r.1 == id) {
+                let ClientResponse::Local(bytes) = &r.2 else {
+                    panic!("cache call {id}: {:?}", r.2);
+                };
+                return postcard::from_bytes(bytes).expect("answer");
+            }
+            self.run_ms(10);
+        }
+        panic!("cache call {id} at node{at} not answered");
+    }
+
+    fn put(&mut self, at: NodeId, key: &str, val: &str) -> CacheAnswer {
+        self.cache(
+            at,
+            CacheCall::Put {
+                key: key.into(),
+                value: val.as_bytes().to_vec(),
+                ttl_ms: None,
+                durable: None,
+            },
+        )
+    }
+
+    fn get(&mut self, at: NodeId, key: &str) -> CacheAnswer {
+        self.cache(at, CacheCall::Get { key: key.into() })
+    }
+
+    /// The state `key` is served in at every node.
+    fn states(&self, key: &str) -> Vec<Mesi> {
+        self.nodes
+            .iter()
+            .map(|n| n.cache().serving_state(key, self.now))
+            .collect()
+    }
+
+    /// One tick of 10 ms with everything to or from `cut` lost.
+    fn tick_without(&mut self, cut: NodeId) {
+        self.now += 10;
+        for n in 1..=self.nodes.len() as u64 {
+            let now = t(self.now);
+            self.node(n).tick(now);
+        }
+        for _ in 0..50 {
+            for n in 1..=self.nodes.len() as u64 {
+                self.collect(n);
+                if let Some(token) = self.persists[(n - 1) as usize].take() {
+                    let now = t(self.now);
+                    self.node(n).persisted(now, token);
+                }
+            }
+            let wire: Vec<Message> = std::mem::take(&mut self.wire)
+                .into_iter()
+                .filter(|m| m.from != cut && m.to != cut)
+                .collect();
+            if wire.is_empty() {
+                break;
+            }
+            for m in wire {
+                let now = t(self.now);
+                self.node(m.to).step(now, m);
+            }
+        }
+    }
+
+    fn stats(&self, id: NodeId) -> CacheStats {
+        self.nodes[(id - 1) as usize].cache().stats(self.now)
+    }
+}
+
+fn got(val: &str, state: Mesi) -> CacheAnswer {
+    CacheAnswer::Got {
+        hit: true,
+        value: Some(val.as_bytes().to_vec()),
+        state,
+    }
+}
+
+/// The protocol walk of the cache's issue, through the node cores: M at the writer,
+/// S at both after a read elsewhere, I everywhere else after a write elsewhere, E for a
+/// read nobody else holds, and no directory traffic for a write to an owned line.
+#[test]
+fn the_mesi_walk_invalidates_downgrades_and_hits_locally() {
+    use Mesi::{Exclusive as E, Invalid as I, Modified as M, Shared as S};
+    let mut c = Cluster::new(3);
+    c.elect();
+    c.run_ms(500);
+    assert_eq!(c.put(1, "k", "v1"), CacheAnswer::Put { state: M });
+    assert_eq!(c.states("k"), [M, I, I]);
+    assert_eq!(
+        c.get(1, "k"),
+        got("v1", M),
+        "a hit on the writer's own line"
+    );
+    assert_eq!(
+        c.get(2, "k"),
+        got("v1", S),
+        "the owner wrote back and shares"
+    );
+    assert_eq!(c.states("k"), [S, S, I]);
+    assert_eq!(c.put(3, "k", "v3"), CacheAnswer::Put { state: M });
+    assert_eq!(c.states("k"), [I, I, M]);
+    assert_eq!(c.get(1, "k"), got("v3", S));
+    assert_eq!(
+        c.get(2, "nowhere"),
+        CacheAnswer::Got {
+            hit: false,
+            value: None,
+            state: I
+        }
+    );
+    // Evicted at its writer, then read elsewhere: E there, with the written-back value.
+    assert_eq!(c.put(2, "e", "w"), CacheAnswer::Put { state: M });
+    assert_eq!(
+        c.cache(2, CacheCall::Evict { key: "e".into() }),
+        CacheAnswer::Evicted { was: M }
+    );
+    assert_eq!(c.states("e"), [I, I, I]);
+    assert_eq!(c.get(1, "e"), got("w", E));
+    // A write to an owned line needs no directory traffic.
+    let before = c.stats(1);
+    assert_eq!(c.put(1, "e", "w2"), CacheAnswer::Put { state: M });
+    let after = c.stats(1);
+    assert_eq!(after.requests, before.requests, "no directory request");
+    assert_eq!(after.local_puts, before.local_puts + 1);
+    assert_eq!(c.get(3, "e"), got("w2", S));
+    // A durable put leaves E.
+    assert_eq!(
+        c.cache(
+            2,
+            CacheCall::Put {
+                key: "d".into(),
+                value: b"x".to_vec(),
+                ttl_ms: None,
+                durable: Some(true),
+            }
+        ),
+        CacheAnswer::Put { state: E }
+    );
+    assert_eq!(c.states("d"), [I, E, I]);
+    assert_eq!(c.get(3, "d"), got("x", S));
+    assert!(c.stats(1).invalidations >= 1 && c.stats(2).writebacks >= 1);
+}
+
+/// A TTL makes the key a miss everywhere, and never brings back the value before it.
+#[test]
+fn a_ttl_makes_the_key_a_miss_everywhere() {
+    let mut c = Cluster::new(3);
+    c.elect();
+    c.run_ms(500);
+    assert_eq!(
+        c.put(1, "t", "old"),
+        CacheAnswer::Put {
+            state: Mesi::Modified
+        }
+    );
+    assert_eq!(c.get(2, "t"), got("old", Mesi::Shared));
+    let ttl = CacheCall::Put {
+        key: "t".into(),
+        value: b"new".to_vec(),
+        ttl_ms: Some(1_000),
+        durable: None,
+    };
+    assert_eq!(
+        c.cache(3, ttl),
+        CacheAnswer::Put {
+            state: Mesi::Modified
+        }
+    );
+    assert_eq!(c.get(1, "t"), got("new", Mesi::Shared));
+    c.run_ms(1_500);
+    for at in 1..=3 {
+        assert_eq!(
+            c.get(at, "t"),
+            CacheAnswer::Got {
+                hit: false,
+                value: None,
+                state: Mesi::Invalid
+            },
+            "node{at} after the TTL"
+        );
+    }
+}
+
+/// A write completes once the other copy is invalid: a holder that cannot be reached
+/// stops serving when its own lease runs out, and the write completes once the
+/// directory's lease for it ran out, never before.
+#[test]
+fn a_write_waits_for_an_unreachable_holder_s_lease() {
+    let mut c = Cluster::new(3);
+    let l = c.elect();
+    c.run_ms(500);
+    let cut = (1..=3).find(|&n| n != l).expect("a follower");
+    let writer = (1..=3).find(|&n| n != l && n != cut).expect("another");
+    assert_eq!(
+        c.put(cut, "p", "a"),
+        CacheAnswer::Put {
+            state: Mesi::Modified
+        }
+    );
+    c.run_ms(200);
+    // Cut `cut` off: nothing to or from it is delivered.
+    let started = c.now;
+    c.next_call += 1;
+    let id = c.next_call;
+    let call = CacheCall::Put {
+        key: "p".into(),
+        value: b"b".to_vec(),
+        ttl_ms: None,
+        durable: None,
+    };
+    let now = t(c.now);
+    c.node(writer).call(
+        now,
+        id,
+        ClientRequest::Local(postcard::to_stdvec(&call).expect("encode")),
+    );
+    let mut stopped_serving = None;
+    for _ in 0..400 {
+        c.tick_without(cut);
+        if stopped_serving.is_none()
+            && c.nodes[(cut - 1) as usize]
+                .cache()
+                .serving_state("p", c.now)
+                == Mesi::Invalid
+        {
+            stopped_serving = Some(c.now);
+        }
+        if c.replies.iter().any(|r| r.1 == id) {
+            break;
+        }
+    }
+    let answered = c.now;
+    let stopped = stopped_serving.expect("the cut-off holder stopped serving");
+    assert!(
+        c.replies.iter().any(|r| r.1 == id),
+        "the write completed once the holder's lease ran out"
+    );
+    assert!(
+        stopped < answered,
+        "the holder stopped serving ({stopped}) before the write completed ({answered})"
+    );
+    assert!(
+        answered - started >= 1_500,
+        "the write waited for the lease ({} ms)",
+        answered - started
+    );
+    let reply = c.replies.iter().find(|r| r.1 == id).map(|r| r.2.clone());
+    let Some(ClientResponse::Local(bytes)) = reply else {
+        panic!("not a cache answer: {reply:?}");
+    };
+    let answer: CacheAnswer = postcard::from_bytes(&bytes).expect("answer");
+    assert_eq!(
+        answer,
+        CacheAnswer::Put {
+            state: Mesi::Modified
+        }
+    );
+    assert_eq!(c.get(writer, "p"), got("b", Mesi::Modified));
 }

@@ -577,6 +577,8 @@ impl Raft {
                 done,
             } => self.handle_install_snapshot_resp(from, index, next_offset, done),
             MessageBody::TimeoutNow => self.handle_timeout_now(from),
+            // The node core's, never handed to Raft.
+            MessageBody::Forward { .. } => {}
         }
     }
 

@@ -272,6 +272,13 @@ pub enum MessageBody {
     },
     /// Leadership transfer: start an election now.
     TimeoutNow,
+    /// Not a Raft RPC: a command a node asks the leader to propose for it (its cache
+    /// agent's requests). The node core takes it before Raft would see it; the leader
+    /// proposes it only if it names the node that sent it.
+    Forward {
+        /// The encoded command.
+        command: Vec<u8>,
+    },
 }
 
 impl MessageBody {
@@ -289,6 +296,7 @@ impl MessageBody {
             Self::InstallSnapshot { .. } => "install_snapshot",
             Self::InstallSnapshotResp { .. } => "install_snapshot_resp",
             Self::TimeoutNow => "timeout_now",
+            Self::Forward { .. } => "forward",
         }
     }
 }

@@ -22,6 +22,7 @@
 //! office. Lock time is `max(previous, base + elapsed)`: it never runs backwards, a
 //! failover only lengthens leases, and no node's wall clock enters it.
 
+use super::cache::{CacheCommand, CacheDirectory, CacheEvent};
 use super::lock::{KeyView, LockCommand, LockEvent, LockReply, LockStats, LockTable, WaitId};
 use super::queue::{DeadView, MsgId, QueueCommand, QueueEvent, QueueReply, QueueSet, QueueView};
 use super::register::{Register, RegisterCommand, RegisterQuery, RegisterReply};
@@ -48,6 +49,9 @@ pub enum Command {
     Lock(LockCommand),
     /// The queue service.
     Queue(QueueCommand),
+    /// The cache directory (sent by a node's cache agent, with session 0: the
+    /// directory numbers a node's requests itself).
+    Cache(CacheCommand),
     /// Withdraw call (`session`, `seq`): what it waits for is given up.
     ///
     /// With `release_grant` its caller gave up on it for good (the gateway's HTTP caller
@@ -137,6 +141,9 @@ pub enum Reply {
     Lock(LockReply),
     /// From the queues.
     Queue(QueueReply),
+    /// The cache directory applied a command (its outcomes are events every node
+    /// sees, not a reply).
+    Cached,
     /// The call was withdrawn (its caller went away), or a withdrawal was applied.
     Withdrawn,
     /// Time advanced.
@@ -248,6 +255,8 @@ pub struct Applied {
     pub reply: Option<Reply>,
     /// Calls of earlier entries answered now.
     pub completions: Vec<Completion>,
+    /// What the cache directory tells the nodes' cache agents.
+    pub cache: Vec<CacheEvent>,
 }
 
 /// A gauge or counter for metrics, named as in DESIGN.md section 7.
@@ -315,6 +324,7 @@ pub struct Services {
     register: Register,
     locks: LockTable,
     queues: QueueSet,
+    cache: CacheDirectory,
     sessions: BTreeMap<u64, Session>,
     /// (last use, session): the least recently used session first.
     sessions_by_use: BTreeSet<(u64, u64)>,
@@ -335,7 +345,7 @@ const SNAPSHOT_MAGIC: &[u8; 4] = b"SMST";
 /// The layout of the state after [`SNAPSHOT_MAGIC`]: raised whenever a change to any
 /// service's state changes its encoding, so that a node never decodes a snapshot into
 /// the wrong fields (postcard is not self-describing) but says which build it needs.
-pub const SNAPSHOT_FORMAT: u16 = 1;
+pub const SNAPSHOT_FORMAT: u16 = 2;
 
 /// Fold lock events into completions of the calls they answer.
 fn lock_completions(
@@ -439,6 +449,11 @@ impl Services {
         &self.locks
     }
 
+    /// The cache directory (for the nodes' cache agents and reads).
+    pub fn cache(&self) -> &CacheDirectory {
+        &self.cache
+    }
+
     /// Lock time as committed entries define it.
     pub fn clock(&self) -> LockClock {
         self.clock
@@ -500,6 +515,7 @@ impl Services {
         [
             self.locks.next_deadline_ms(),
             self.queues.next_deadline_ms(),
+            self.cache.next_deadline_ms(),
         ]
         .into_iter()
         .flatten()
@@ -609,7 +625,7 @@ impl Services {
             Err(e) => Applied {
                 call: None,
                 reply: Some(Reply::Invalid(e.to_string())),
-                completions: Vec::new(),
+                ..Applied::default()
             },
         }
     }
@@ -670,6 +686,18 @@ impl Services {
             events,
             &mut completions,
         );
+        let mut cache = Vec::new();
+        self.cache.advance(index, now, &mut cache);
+        if let Command::Cache(cmd) = e.command {
+            // Not a session call: the directory deduplicates a node's requests itself.
+            self.cache.apply(index, now, cmd, &mut cache);
+            return Applied {
+                call: Some((0, index)),
+                reply: Some(Reply::Cached),
+                completions,
+                cache,
+            };
+        }
         let call = if e.session == 0 {
             (0, index)
         } else {
@@ -684,6 +712,7 @@ impl Services {
             call: Some(call),
             reply: Some(reply),
             completions,
+            cache,
         }
     }
 
@@ -797,6 +826,8 @@ impl Services {
                 (Reply::Withdrawn, None)
             }
             Command::Tick => (Reply::Ticked, None),
+            // Applied before sessions are looked at (see `apply_envelope`).
+            Command::Cache(_) => (Reply::Cached, None),
             Command::OpenSession => {
                 self.open_session(index, index, now, completions);
                 (Reply::SessionOpened { session: index }, None)

@@ -46,6 +46,9 @@ pub enum ClientRequest {
     Read(Vec<u8>),
     /// The node's own view: role, term, leader, commit (not linearizable).
     Status,
+    /// A call to this node's own cache (an encoded `CacheCall`): answered by this
+    /// node, whether it leads or not.
+    Local(Vec<u8>),
 }
 
 /// A node's view of the cluster, answered to [`ClientRequest::Status`].
@@ -95,6 +98,8 @@ pub enum ClientResponse {
     },
     /// The node's status.
     Status(NodeStatus),
+    /// The answer to [`ClientRequest::Local`] (an encoded `CacheAnswer`).
+    Local(Vec<u8>),
     /// The call may or may not have been carried out (its entry was proposed, then the
     /// leader changed or the answer did not come in time). Retrying the same session
     /// and sequence number is safe: it is answered, never applied twice.

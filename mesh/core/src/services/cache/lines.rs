@@ -12,10 +12,11 @@
 //! what one node was granted, serves hits from memory, and refuses a local write on a
 //! line it does not own.
 
-use std::collections::BTreeMap;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A line's MESI state. A key with no line is Invalid.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Mesi {
     /// Owned and changed since it was last written back.
     Modified,
@@ -60,6 +61,10 @@ pub struct Line {
     pub expires_at_ms: Option<u64>,
     /// When the oldest local write not yet written back was made (Modified only).
     pub dirty_since_ms: Option<u64>,
+    /// The write stamp of the line's latest local write (the node's own increasing
+    /// counter): a write-back names the write it carries by it, so a write made after
+    /// the write-back left keeps the line dirty even if it wrote the same bytes again.
+    pub stamp: u64,
     /// Recency stamp: the LRU order.
     touched: u64,
 }
@@ -122,6 +127,8 @@ pub struct CacheLines {
     lines: BTreeMap<String, Line>,
     /// Recency stamp → key; the first entry is the least recently used line.
     lru: BTreeMap<u64, String>,
+    /// (dirty since, key) of every line with an unwritten write: the oldest first.
+    dirty: BTreeSet<(u64, String)>,
     next_touch: u64,
     bytes: u64,
     max_entries: usize,
@@ -136,6 +143,7 @@ impl CacheLines {
         Self {
             lines: BTreeMap::new(),
             lru: BTreeMap::new(),
+            dirty: BTreeSet::new(),
             next_touch: 0,
             bytes: 0,
             max_entries: max_entries.max(1),
@@ -187,6 +195,11 @@ impl CacheLines {
             .map_or(Mesi::Invalid, |l| l.state)
     }
 
+    /// Every key held, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.lines.keys().map(String::as_str)
+    }
+
     /// The line of `key`, as it is (tests, the console).
     pub fn peek(&self, key: &str) -> Option<&Line> {
         self.lines.get(key)
@@ -227,6 +240,7 @@ impl CacheLines {
             epoch: fill.epoch,
             expires_at_ms: fill.ttl_ms.map(|t| now_ms.saturating_add(t)),
             dirty_since_ms: (fill.state == Mesi::Modified).then_some(now_ms),
+            stamp: fill.stamp,
             touched: 0,
         };
         let size = line.bytes(key);
@@ -250,14 +264,16 @@ impl CacheLines {
     }
 
     /// A write at this node on a line it owns (M or E): the line becomes Modified with
-    /// `value`, dirty since `now_ms` if it was clean. The TTL, if `ttl_ms` is given,
-    /// starts again. A line not owned is refused: the write goes through the directory.
+    /// `value` and write `stamp`, dirty since `now_ms` if it was clean. The TTL, if
+    /// `ttl_ms` is given, starts again. A line not owned is refused: the write goes
+    /// through the directory.
     pub fn write_owned(
         &mut self,
         key: &str,
         value: Vec<u8>,
         ttl_ms: Option<u64>,
         now_ms: u64,
+        stamp: u64,
     ) -> Result<Vec<Evicted>, LineError> {
         let state = self.state(key, now_ms);
         if !state.owned() {
@@ -276,6 +292,7 @@ impl CacheLines {
                 None => old.expires_at_ms,
             },
             dirty_since_ms: old.dirty_since_ms.or(Some(now_ms)),
+            stamp,
             touched: 0,
         };
         let size = line.bytes(key);
@@ -292,14 +309,16 @@ impl CacheLines {
         Ok(evicted)
     }
 
-    /// The directory recorded the write-back of `value` for `key` at `version`: the line
-    /// is clean again (Exclusive, or Shared when `downgrade`). A line written again
-    /// since the write-back left (its value is no longer `value`) stays dirty.
-    pub fn written_back(&mut self, key: &str, value: &[u8], version: u64, downgrade: bool) {
+    /// The directory recorded the write-back of the write `stamp` of `key` at
+    /// `version`: the line is clean again (Exclusive, or Shared when `downgrade`). A
+    /// line written again since the write-back left (a later stamp) stays dirty.
+    pub fn written_back(&mut self, key: &str, stamp: u64, version: u64, downgrade: bool) {
         if let Some(line) = self.lines.get_mut(key) {
-            if line.value == value {
+            if line.stamp == stamp {
                 line.version = version;
-                line.dirty_since_ms = None;
+                if let Some(t) = line.dirty_since_ms.take() {
+                    self.dirty.remove(&(t, key.to_owned()));
+                }
                 line.state = if downgrade {
                     Mesi::Shared
                 } else if line.state == Mesi::Modified {
@@ -308,6 +327,19 @@ impl CacheLines {
                     line.state
                 };
             }
+        }
+    }
+
+    /// The directory asked for `key` back in Shared (another node reads it): from now
+    /// on the line takes no local write. It stays dirty until its value is written
+    /// back ([`CacheLines::written_back`]). Whether there was an owned line.
+    pub fn downgrade(&mut self, key: &str) -> bool {
+        match self.lines.get_mut(key) {
+            Some(line) if line.state.owned() => {
+                line.state = Mesi::Shared;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -352,16 +384,21 @@ impl CacheLines {
     /// Modified lines whose oldest unwritten write is at or before `before_ms`: what a
     /// write-back round must send (oldest first by key order).
     pub fn dirty_since(&self, before_ms: u64) -> Vec<(&str, &Line)> {
-        self.lines
+        self.dirty
             .iter()
-            .filter(|(_, l)| l.dirty_since_ms.is_some_and(|t| t <= before_ms))
-            .map(|(k, l)| (k.as_str(), l))
+            .take_while(|(t, _)| *t <= before_ms)
+            .filter_map(|(_, k)| self.lines.get(k).map(|l| (k.as_str(), l)))
             .collect()
     }
 
     /// The oldest unwritten local write, if any.
     pub fn oldest_dirty_ms(&self) -> Option<u64> {
-        self.lines.values().filter_map(|l| l.dirty_since_ms).min()
+        self.dirty.first().map(|(t, _)| *t)
+    }
+
+    /// Lines with an unwritten write.
+    pub fn dirty_count(&self) -> usize {
+        self.dirty.len()
     }
 
     fn touch(&mut self, key: &str) {
@@ -377,6 +414,9 @@ impl CacheLines {
         self.next_touch += 1;
         line.touched = self.next_touch;
         self.bytes += line.bytes(key);
+        if let Some(t) = line.dirty_since_ms {
+            self.dirty.insert((t, key.to_owned()));
+        }
         self.lru.insert(self.next_touch, key.to_owned());
         self.lines.insert(key.to_owned(), line);
     }
@@ -385,6 +425,9 @@ impl CacheLines {
         let line = self.lines.remove(key)?;
         self.lru.remove(&line.touched);
         self.bytes -= line.bytes(key);
+        if let Some(t) = line.dirty_since_ms {
+            self.dirty.remove(&(t, key.to_owned()));
+        }
         Some(Evicted {
             key: key.to_owned(),
             line,
@@ -401,6 +444,9 @@ impl CacheLines {
             };
             if let Some(line) = self.lines.remove(&key) {
                 self.bytes -= line.bytes(&key);
+                if let Some(t) = line.dirty_since_ms {
+                    self.dirty.remove(&(t, key.clone()));
+                }
                 self.stats.evictions += 1;
                 out.push(Evicted { key, line });
             }
@@ -422,6 +468,9 @@ pub struct Fill {
     pub epoch: u64,
     /// Time to live from the fill (`None`: none).
     pub ttl_ms: Option<u64>,
+    /// The write stamp of a Modified fill (a write granted by the directory); 0
+    /// otherwise.
+    pub stamp: u64,
 }
 
 #[cfg(test)]
@@ -435,6 +484,7 @@ mod tests {
             version: 1,
             epoch: 1,
             ttl_ms: None,
+            stamp: 0,
         }
     }
 
@@ -446,6 +496,12 @@ mod tests {
         for (stamp, key) in &t.lru {
             assert_eq!(t.lines[key].touched, *stamp);
         }
+        let dirty: BTreeSet<(u64, String)> = t
+            .lines
+            .iter()
+            .filter_map(|(k, l)| l.dirty_since_ms.map(|d| (d, k.clone())))
+            .collect();
+        assert_eq!(dirty, t.dirty, "the dirty index is the dirty lines");
     }
 
     #[test]
@@ -503,7 +559,8 @@ mod tests {
     fn an_evicted_modified_line_comes_back_to_be_written_back() {
         let mut t = CacheLines::new(1, 1 << 20);
         t.fill("a", fill("1", Mesi::Exclusive), 0).expect("fill");
-        t.write_owned("a", b"2".to_vec(), None, 5).expect("owned");
+        t.write_owned("a", b"2".to_vec(), None, 5, 5)
+            .expect("owned");
         let out = t.fill("b", fill("1", Mesi::Shared), 6).expect("fill");
         assert_eq!(out.len(), 1);
         assert_eq!(
@@ -522,7 +579,8 @@ mod tests {
     fn a_new_grant_over_a_dirty_line_hands_the_dirty_value_back() {
         let mut t = CacheLines::new(10, 1 << 20);
         t.fill("k", fill("1", Mesi::Exclusive), 0).expect("fill");
-        t.write_owned("k", b"2".to_vec(), None, 1).expect("owned");
+        t.write_owned("k", b"2".to_vec(), None, 1, 1)
+            .expect("owned");
         let out = t.fill("k", fill("1", Mesi::Shared), 2).expect("fill");
         assert_eq!(
             out.iter()
@@ -537,19 +595,19 @@ mod tests {
     fn a_local_write_needs_an_owned_line_and_makes_it_modified() {
         let mut t = CacheLines::new(10, 1 << 20);
         assert_eq!(
-            t.write_owned("k", b"1".to_vec(), None, 0),
+            t.write_owned("k", b"1".to_vec(), None, 0, 0),
             Err(LineError::NotOwned(Mesi::Invalid))
         );
         t.fill("k", fill("1", Mesi::Shared), 0).expect("fill");
         assert_eq!(
-            t.write_owned("k", b"2".to_vec(), None, 1),
+            t.write_owned("k", b"2".to_vec(), None, 1, 1),
             Err(LineError::NotOwned(Mesi::Shared))
         );
         assert_eq!(t.peek("k").map(|l| l.value.clone()), Some(b"1".to_vec()));
         t.fill("k", fill("1", Mesi::Exclusive), 2).expect("fill");
-        t.write_owned("k", b"2".to_vec(), None, 3)
+        t.write_owned("k", b"2".to_vec(), None, 3, 3)
             .expect("E is owned");
-        t.write_owned("k", b"3".to_vec(), None, 4)
+        t.write_owned("k", b"3".to_vec(), None, 4, 4)
             .expect("M is owned");
         let line = t.peek("k").expect("line");
         assert_eq!(
@@ -559,20 +617,21 @@ mod tests {
         );
         assert_eq!(t.oldest_dirty_ms(), Some(3));
         // Written back: clean and Exclusive again; a downgrade makes it Shared.
-        t.written_back("k", b"3", 2, false);
+        t.written_back("k", 4, 2, false);
         let line = t.peek("k").expect("line");
         assert_eq!(
             (line.state, line.version, line.dirty_since_ms),
             (Mesi::Exclusive, 2, None)
         );
-        t.write_owned("k", b"4".to_vec(), None, 9).expect("owned");
-        t.written_back("k", b"3", 3, true);
+        t.write_owned("k", b"4".to_vec(), None, 9, 9)
+            .expect("owned");
+        t.written_back("k", 4, 3, true);
         assert_eq!(
             t.peek("k").map(|l| (l.state, l.dirty_since_ms)),
             Some((Mesi::Modified, Some(9))),
             "a write-back of an older value leaves a newer write dirty"
         );
-        t.written_back("k", b"4", 4, true);
+        t.written_back("k", 9, 4, true);
         assert_eq!(t.state("k", 10), Mesi::Shared);
         check(&t);
     }
@@ -593,7 +652,7 @@ mod tests {
         f.ttl_ms = Some(10);
         t.fill("a", f.clone(), 0).expect("fill");
         t.fill("b", f, 0).expect("fill");
-        t.write_owned("b", b"w".to_vec(), Some(100), 5)
+        t.write_owned("b", b"w".to_vec(), Some(100), 5, 5)
             .expect("owned");
         let out = t.expire(20);
         assert_eq!(
@@ -642,7 +701,7 @@ mod tests {
                     let _ = t.fill(&key, f, step);
                 }
                 2 => {
-                    let _ = t.write_owned(&key, value.into_bytes(), None, step);
+                    let _ = t.write_owned(&key, value.into_bytes(), None, step, step);
                 }
                 3 => {
                     let _ = t.get(&key, step);
