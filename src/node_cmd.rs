@@ -46,6 +46,21 @@ pub(crate) struct NodeArgs {
     /// few thousand entries (0: count entries only; at most 1000) [default: 100].
     #[arg(long, env = "SYNCMESH_SNAPSHOT_LOG_GROWTH_PCT")]
     snapshot_log_growth_pct: Option<u64>,
+    /// Cache lines this node holds at most (least recently used go first) [default: 100000].
+    #[arg(long, env = "SYNCMESH_CACHE_MAX_ENTRIES")]
+    cache_max_entries: Option<usize>,
+    /// Cache key and value bytes this node holds at most [default: 268435456].
+    #[arg(long, env = "SYNCMESH_CACHE_MAX_BYTES")]
+    cache_max_bytes: Option<u64>,
+    /// A write-back cache put is acknowledged only while this node's oldest write not yet
+    /// written back is younger than this: what a crash or a partition can lose
+    /// [default: 100].
+    #[arg(long, env = "SYNCMESH_CACHE_WRITEBACK_MS")]
+    cache_writeback_ms: Option<u64>,
+    /// Cache puts are durable (acknowledged once committed) unless they say
+    /// `"durable": false`.
+    #[arg(long, env = "SYNCMESH_CACHE_DURABLE")]
+    cache_durable: Option<bool>,
     /// Serve the whole HTTP API (DESIGN section 4) in this process on ADDR, calling this
     /// node in-process (repeat for several addresses).
     #[arg(long = "http", env = "SYNCMESH_HTTP", value_delimiter = ',')]
@@ -69,6 +84,10 @@ struct NodeFile {
     tick_ms: Option<u64>,
     snapshot_every: Option<u64>,
     snapshot_log_growth_pct: Option<u64>,
+    cache_max_entries: Option<usize>,
+    cache_max_bytes: Option<u64>,
+    cache_writeback_ms: Option<u64>,
+    cache_durable: Option<bool>,
     #[serde(default)]
     http: Vec<SocketAddr>,
 }
@@ -158,6 +177,23 @@ impl NodeArgs {
         if http.is_empty() {
             http = file.http;
         }
+        let mut cache = mesh_core::services::cache::CacheConfig::default();
+        cache.max_entries = match self.cache_max_entries.or(file.cache_max_entries) {
+            None => cache.max_entries,
+            Some(n @ 1..=100_000_000) => n,
+            Some(n) => bail!("cache_max_entries must be between 1 and 100000000 (got {n})"),
+        };
+        cache.max_bytes = match self.cache_max_bytes.or(file.cache_max_bytes) {
+            None => cache.max_bytes,
+            Some(n @ 1024..=1_099_511_627_776) => n,
+            Some(n) => bail!("cache_max_bytes must be between 1024 and 1 TiB (got {n})"),
+        };
+        cache.writeback_ms = match self.cache_writeback_ms.or(file.cache_writeback_ms) {
+            None => cache.writeback_ms,
+            Some(n @ 4..=60_000) => n,
+            Some(n) => bail!("cache_writeback_ms must be between 4 and 60000 (got {n})"),
+        };
+        cache.durable_default = self.cache_durable.or(file.cache_durable).unwrap_or(false);
         let cfg = NodeConfig {
             id,
             listen: self
@@ -191,6 +227,7 @@ impl NodeArgs {
                 pct => bail!("snapshot_log_growth_pct must be between 0 and 1000 (got {pct})"),
             },
             fault_injection: std::env::var_os("SYNCMESH_FAULT_INJECTION").is_some_and(|v| v == "1"),
+            cache,
         };
         Ok((cfg, http))
     }

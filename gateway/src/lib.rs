@@ -11,6 +11,7 @@
 //! the first reply, so nothing is applied twice. The same router runs standalone over
 //! QUIC, or inside a node (`syncmesh node --http`), calling that node in-process.
 
+mod cache;
 mod error;
 mod groups;
 mod locks;
@@ -228,6 +229,18 @@ pub fn router_over(
         .route("/queue/stats", get(queues::stats))
         .route("/queue/dead", get(queues::dead))
         .route("/queue/dead/requeue", post(queues::requeue))
+        .route("/cache/put", post(cache::put))
+        .route("/cache/get", post(cache::get))
+        .route("/cache/del", post(cache::del))
+        .route("/cache/evict", post(cache::evict))
+        .route("/cache/state", get(cache::state))
+        .route("/cache/stats", get(cache::stats))
+        .route(
+            "/cache/{key}",
+            get(cache::rest_get)
+                .put(cache::rest_put)
+                .delete(cache::rest_delete),
+        )
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::extract::DefaultBodyLimit::disable())

@@ -426,6 +426,11 @@ pub(crate) fn http_on(
             .post(&url)
             .header("content-type", "application/json")
             .send(body),
+        "PUT" => agent
+            .put(&url)
+            .header("content-type", "application/json")
+            .send(body),
+        "DELETE" => agent.delete(&url).call(),
         other => panic!("method {other}"),
     };
     let mut r = response.expect("the HTTP API answers");

@@ -173,6 +173,30 @@ impl Cluster {
         }
     }
 
+    /// A call `node` answers itself (its cache), in-process when it is this process's
+    /// node; `Err` says why it got no answer.
+    pub async fn call_at(
+        &self,
+        node: NodeId,
+        request: ClientRequest,
+        deadline: Duration,
+    ) -> Result<ClientResponse, String> {
+        match &self.local {
+            Some(local) if local.id == node => {
+                local.call(request, deadline).await.map_err(|e| match e {
+                    LocalError::Overloaded => "node is overloaded; try again".to_string(),
+                    LocalError::Lost(why) => why.to_string(),
+                })
+            }
+            _ => self.mesh.call_at(node, &request, deadline).await,
+        }
+    }
+
+    /// The node of this process, if it runs one.
+    pub fn local_id(&self) -> Option<NodeId> {
+        self.local.as_ref().map(|l| l.id)
+    }
+
     /// One node's own view (`Status`), in-process when it is this process's node.
     pub async fn status_of(&self, node: NodeId) -> Result<ClientResponse, String> {
         match &self.local {

@@ -92,6 +92,30 @@ impl MeshClient {
         Ok(conn)
     }
 
+    /// The nodes this client knows.
+    pub fn nodes(&self) -> Vec<NodeId> {
+        self.inner.nodes.keys().copied().collect()
+    }
+
+    /// One call to `node` itself (not to the leader: a call that node answers, such as
+    /// its cache's), within `deadline`. A connection that failed is dropped, so the next
+    /// call makes a new one.
+    pub async fn call_at(
+        &self,
+        node: NodeId,
+        req: &ClientRequest,
+        deadline: Duration,
+    ) -> Result<ClientResponse, String> {
+        match tokio::time::timeout(deadline, self.call_node(node, req)).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => {
+                self.inner.conns.lock().await.remove(&node);
+                Err(format!("{}: {e}", node_name(node)))
+            }
+            Err(_) => Err(format!("{} did not answer in time", node_name(node))),
+        }
+    }
+
     /// One call to one node.
     pub async fn call_node(
         &self,

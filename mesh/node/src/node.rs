@@ -42,6 +42,8 @@ pub struct NodeConfig {
     pub snapshot_log_growth_pct: u64,
     /// Serve the fault endpoints tests use (see [`crate::faults`]); never in production.
     pub fault_injection: bool,
+    /// This node's cache.
+    pub cache: mesh_core::services::cache::CacheConfig,
 }
 
 /// Why a node could not start or stopped with an error.
@@ -109,6 +111,12 @@ pub async fn run(
     core_cfg.tick_ms = cfg.tick.as_millis().max(1) as u64;
     core_cfg.snapshot_every = cfg.snapshot_every;
     core_cfg.snapshot_log_growth_pct = cfg.snapshot_log_growth_pct;
+    core_cfg.cache = cfg.cache.clone();
+    // Tells this process's cache registration from an earlier one's.
+    core_cfg.cache_nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id()).rotate_left(40);
     let clock_start = std::time::Instant::now();
     let start = Time {
         mono_ms: 0,

@@ -815,10 +815,14 @@ impl CacheAgent {
             self.expire_calls(now_ms);
             return;
         };
+        // A lease is only worth renewing for lines held or calls waiting: an idle node
+        // adds nothing to the log.
         let lease_ms = dir.limits().lease_ms;
-        if self
-            .last_renew_ms
-            .is_none_or(|t| now_ms.saturating_sub(t) >= lease_ms / 4)
+        let busy = !self.lines.is_empty() || !self.waiting.is_empty() || !self.releasing.is_empty();
+        if busy
+            && self
+                .last_renew_ms
+                .is_none_or(|t| now_ms.saturating_sub(t) >= lease_ms / 4)
         {
             self.renew_due = true;
         }

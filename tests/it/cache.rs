@@ -1,0 +1,245 @@
+//! The cache over HTTP against real processes: the seed's requests, the MESI walk of
+//! DESIGN.md section 6, and the documented refusals.
+
+use crate::support::{eventually, http, TestCluster};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+fn post(at: SocketAddr, path: &str, body: &Value) -> (u16, Value) {
+    http(at, "POST", path, body.to_string().as_bytes())
+}
+
+fn put(at: SocketAddr, key: &str, val: Value) -> Value {
+    let (status, body) = post(at, "/cache/put", &json!({ "key": key, "val": val }));
+    assert_eq!(status, 200, "put {key}: {body}");
+    body
+}
+
+fn get(at: SocketAddr, key: &str) -> Value {
+    let (status, body) = post(at, "/cache/get", &json!({ "key": key }));
+    assert_eq!(status, 200, "get {key}: {body}");
+    body
+}
+
+/// The state of `key` on every node, as `GET /cache/state` reports it.
+fn states(at: SocketAddr, key: &str) -> Vec<String> {
+    let (status, body) = http(at, "GET", &format!("/cache/state?key={key}"), b"");
+    assert_eq!(status, 200, "{body}");
+    (1..=3)
+        .map(|i| {
+            body["nodes"][format!("node{i}")]["state"]
+                .as_str()
+                .unwrap_or("?")
+                .to_string()
+        })
+        .collect()
+}
+
+fn stat(at: SocketAddr, node: &str, field: &str) -> u64 {
+    let (status, body) = http(at, "GET", "/cache/stats", b"");
+    assert_eq!(status, 200, "{body}");
+    body["nodes"][node][field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {field} for {node}: {body}"))
+}
+
+#[test]
+fn the_seed_cache_requests_work_on_a_node_port_and_through_the_gateway() {
+    let mut c = TestCluster::start("cache-seed", 3);
+    c.wait_for_leader(Duration::from_secs(10));
+    let gw = c.start_gateway();
+    let seed_val = json!({"name": "Arya", "score": 99});
+    for at in [c.nodes[0].http, gw] {
+        let (status, body) = http(
+            at,
+            "POST",
+            "/cache/put",
+            br#"{"key": "user:42", "val": {"name": "Arya", "score": 99}}"#,
+        );
+        assert_eq!((status, body), (200, json!({"ok": true, "state": "M"})));
+        let (status, body) = http(at, "POST", "/cache/get", br#"{"key": "user:42"}"#);
+        assert_eq!(
+            (status, body),
+            (200, json!({"hit": true, "val": seed_val, "state": "M"}))
+        );
+    }
+}
+
+/// The scripted walk of the cache issue: M at the writer, S at both after a read
+/// elsewhere, I elsewhere after a write, a miss for a key nowhere, E for a read of an
+/// evicted key, a write to an owned line with no directory traffic, E after a durable
+/// put, and a miss everywhere after a TTL.
+#[test]
+fn the_mesi_walk_over_http() {
+    let mut c = TestCluster::start("cache-walk", 3);
+    c.wait_for_leader(Duration::from_secs(10));
+    let n: Vec<SocketAddr> = c.nodes.iter().map(|n| n.http).collect();
+    assert_eq!(
+        put(n[0], "k", json!("one")),
+        json!({"ok": true, "state": "M"})
+    );
+    assert_eq!(states(n[1], "k"), ["M", "I", "I"]);
+    assert_eq!(
+        get(n[1], "k"),
+        json!({"hit": true, "val": "one", "state": "S"})
+    );
+    assert_eq!(states(n[2], "k"), ["S", "S", "I"]);
+    assert_eq!(
+        put(n[2], "k", json!("three")),
+        json!({"ok": true, "state": "M"})
+    );
+    assert_eq!(states(n[0], "k"), ["I", "I", "M"]);
+    assert_eq!(
+        get(n[0], "k"),
+        json!({"hit": true, "val": "three", "state": "S"})
+    );
+    assert_eq!(
+        get(n[1], "nowhere"),
+        json!({"hit": false, "val": null, "state": "I"})
+    );
+    // Put at node2, evicted there, read at node1: E with the written-back value.
+    put(n[1], "e", json!({"v": 1}));
+    let (status, body) = post(n[1], "/cache/evict", &json!({"key": "e"}));
+    assert_eq!(
+        (status, &body["ok"], &body["was"]),
+        (200, &json!(true), &json!("M"))
+    );
+    assert_eq!(states(n[0], "e"), ["I", "I", "I"]);
+    assert_eq!(
+        get(n[0], "e"),
+        json!({"hit": true, "val": {"v": 1}, "state": "E"})
+    );
+    // A put at node1 on it is M with no directory traffic (`node` picks the cache).
+    let before = stat(n[2], "node1", "directory_requests");
+    let local_before = stat(n[2], "node1", "local_puts");
+    let (status, body) = post(
+        n[2],
+        "/cache/put",
+        &json!({"key": "e", "val": 2, "node": "node1"}),
+    );
+    assert_eq!((status, body), (200, json!({"ok": true, "state": "M"})));
+    assert_eq!(
+        stat(n[2], "node1", "directory_requests"),
+        before,
+        "no directory request"
+    );
+    assert_eq!(stat(n[2], "node1", "local_puts"), local_before + 1);
+    // A durable put leaves E.
+    let (status, body) = post(
+        n[0],
+        "/cache/put",
+        &json!({"key": "d", "val": 5, "durable": true}),
+    );
+    assert_eq!((status, body), (200, json!({"ok": true, "state": "E"})));
+    // The REST aliases.
+    let (status, _) = http(n[0], "PUT", "/cache/rest", br#"{"a": [1, 2]}"#);
+    assert_eq!(status, 200);
+    let (status, body) = http(n[1], "GET", "/cache/rest", b"");
+    assert_eq!(
+        (status, body),
+        (
+            200,
+            json!({"hit": true, "val": {"a": [1, 2]}, "state": "S"})
+        )
+    );
+    let (status, _) = http(n[1], "DELETE", "/cache/rest", b"");
+    assert_eq!(status, 200);
+    for at in &n {
+        let (_, body) = http(*at, "GET", "/cache/rest", b"");
+        assert_eq!(body["hit"], false, "deleted everywhere: {body}");
+    }
+    // A TTL makes the key a miss everywhere; the value before it does not come back.
+    put(n[0], "t", json!("old"));
+    let (status, _) = post(
+        n[0],
+        "/cache/put",
+        &json!({"key": "t", "val": "new", "ttl_ms": 800}),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(get(n[1], "t")["val"], "new");
+    let miss = json!({"hit": false, "val": null, "state": "I"});
+    eventually(
+        "the TTL to end the key everywhere",
+        Duration::from_secs(5),
+        || n.iter().all(|at| get(*at, "t") == miss),
+    );
+    for at in &n {
+        assert_eq!(get(*at, "t"), miss, "and it stays gone");
+    }
+    assert!(stat(n[0], "node1", "invalidations") >= 1);
+    assert!(stat(n[0], "node2", "writebacks") >= 1);
+}
+
+#[test]
+fn bad_cache_input_gets_its_documented_4xx() {
+    let mut c = TestCluster::start("cache-bad", 3);
+    c.wait_for_leader(Duration::from_secs(10));
+    let at = c.nodes[0].http;
+    let long_key = "k".repeat(2_000);
+    for (path, body, status, code) in [
+        (
+            "/cache/put",
+            r#"{"key": "a"}"#.to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "/cache/put",
+            r#"{"val": 1}"#.to_string(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "/cache/put",
+            r#"{"key": "", "val": 1}"#.to_string(),
+            400,
+            "invalid_key",
+        ),
+        (
+            "/cache/put",
+            format!(r#"{{"key": "{long_key}", "val": 1}}"#),
+            400,
+            "invalid_key",
+        ),
+        (
+            "/cache/put",
+            r#"{"key": "a", "val": 1, "ttl_ms": 0}"#.to_string(),
+            400,
+            "invalid_ttl",
+        ),
+        (
+            "/cache/put",
+            r#"{"key": "a", "val": 1, "node": "node9"}"#.to_string(),
+            400,
+            "unknown_node",
+        ),
+        (
+            "/cache/get",
+            r#"{"key": "a", "node": "nodeX"}"#.to_string(),
+            400,
+            "unknown_node",
+        ),
+        ("/cache/get", "{not json".to_string(), 400, "malformed_json"),
+        ("/cache/get", String::new(), 400, "malformed_json"),
+        (
+            "/cache/evict",
+            r#"{"key": 5}"#.to_string(),
+            400,
+            "invalid_request",
+        ),
+    ] {
+        let (got, reply) = http(at, "POST", path, body.as_bytes());
+        assert_eq!(
+            (got, reply["error"]["code"].as_str().unwrap_or("")),
+            (status, code),
+            "{path} {body:.60}: {reply}"
+        );
+        assert_eq!(reply["ok"], false);
+    }
+    let big = format!(r#"{{"key": "a", "val": "{}"}}"#, "x".repeat(1 << 20));
+    let (got, _) = http(at, "POST", "/cache/put", big.as_bytes());
+    assert_eq!(got, 413);
+    let (got, reply) = http(at, "GET", "/cache/state", b"");
+    assert_eq!((got, &reply["error"]["code"]), (400, &json!("invalid_key")));
+}
