@@ -654,6 +654,9 @@ impl World {
     }
 
     fn handle_answer(&mut self, client: u64, node: NodeId, call: CallId, response: ClientResponse) {
+        if client >= crate::cachecheck::CACHE_CLIENT_BASE {
+            return self.cache_answer(client, call, response);
+        }
         let nodes = self.params.nodes;
         let Some(cur) = self.clients[client as usize].current.as_mut() else {
             return;

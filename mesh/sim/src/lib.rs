@@ -7,6 +7,7 @@
 //! cluster must converge within a bounded virtual time, and the clients' history must be
 //! linearizable. A failure names the seed; `--replay SEED` runs it again, step for step.
 
+mod cachecheck;
 mod client;
 pub mod invariants;
 pub mod kv;

@@ -62,6 +62,8 @@ pub struct SimParams {
     /// Nodes take what arrives close together as one batch (the driver's group
     /// commit: `begin_batch` .. `end_batch`).
     pub batching: bool,
+    /// Cache clients (0: no cache workload).
+    pub cache_clients: u64,
 }
 
 impl SimParams {
@@ -117,6 +119,7 @@ impl SimParams {
             shared_ids,
             queue: rng.chance(0.6),
             batching: rng.chance(0.5),
+            cache_clients: if rng.chance(0.6) { rng.range(2, 5) } else { 0 },
         }
     }
 }

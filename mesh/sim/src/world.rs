@@ -8,6 +8,7 @@
 //! executed the way the tokio driver executes them (persist then report, send, reply,
 //! wake at), and the invariants are checked after each step.
 
+use crate::cachecheck::{CacheClient, CacheHistory, CACHE_CLIENT_BASE};
 use crate::client::{Client, ClientEvent};
 use crate::invariants::{Invariants, NodeMarks};
 use crate::kv::Fnv;
@@ -51,6 +52,13 @@ pub(crate) enum Event {
         call: CallId,
     },
     Client(ClientEvent),
+    /// A cache client starts its next operation.
+    CacheStart(u64),
+    /// A cache client stops waiting for its `attempt`.
+    CacheGiveUp {
+        client: u64,
+        attempt: u64,
+    },
     Nemesis,
     /// A snapshot from the leader has been decoded off the node's loop (the job decodes
     /// when this is handled; meanwhile the node goes on taking messages and ticks).
@@ -143,6 +151,12 @@ pub struct Coverage {
     pub batches: u64,
     /// Snapshots from a leader decoded off a node's loop and handed back to it.
     pub snapshots_restored: u64,
+    /// Cache gets answered.
+    pub cache_gets: u64,
+    /// Cache gets answered from a node's memory (no directory traffic).
+    pub cache_local_hits: u64,
+    /// Cache lines revoked because their holder's lease ran out.
+    pub cache_lease_expiries: u64,
 }
 
 impl Coverage {
@@ -164,6 +178,9 @@ impl Coverage {
         self.queue_acked += o.queue_acked;
         self.batches += o.batches;
         self.snapshots_restored += o.snapshots_restored;
+        self.cache_gets += o.cache_gets;
+        self.cache_local_hits += o.cache_local_hits;
+        self.cache_lease_expiries += o.cache_lease_expiries;
     }
 }
 
@@ -229,6 +246,10 @@ pub struct World {
     pub(crate) lock_ops: usize,
     /// What producers and consumers were told.
     pub(crate) queue_history: crate::queuecheck::QueueHistory,
+    pub(crate) cache_clients: Vec<CacheClient>,
+    pub(crate) cache_history: CacheHistory,
+    /// Per node, the lease-expiry revokes of its lines seen so far.
+    lapses_seen: BTreeMap<NodeId, u64>,
     verbose: bool,
 }
 
@@ -259,6 +280,7 @@ impl World {
                 marks: NodeMarks::default(),
             })
             .collect();
+        let cache_clients = params.cache_clients as usize;
         let clients = (0..params.clients)
             .map(|c| {
                 let app = if params.shared_ids { c / 2 } else { c };
@@ -288,6 +310,9 @@ impl World {
             coverage: Coverage::default(),
             lock_ops: 0,
             queue_history: crate::queuecheck::QueueHistory::default(),
+            cache_clients: vec![CacheClient::default(); cache_clients],
+            cache_history: CacheHistory::default(),
+            lapses_seen: BTreeMap::new(),
             verbose,
         };
         for id in 1..=world.params.nodes {
@@ -301,6 +326,10 @@ impl World {
             let delay = world.rng.range(0, 50);
             world.schedule(delay, Event::Client(ClientEvent::Start(c)));
         }
+        for c in 0..world.params.cache_clients {
+            let delay = world.rng.range(200, 400);
+            world.schedule(delay, Event::CacheStart(CACHE_CLIENT_BASE + c));
+        }
         let first = world.params.nemesis_every_ms;
         world.schedule(first, Event::Nemesis);
         world
@@ -313,6 +342,10 @@ impl World {
 
     fn node_config(&self, id: NodeId) -> NodeConfig {
         let mut cfg = NodeConfig::new(id);
+        // Each process of a node registers its cache anew (the driver picks a random
+        // nonce; here the incarnation makes it unique).
+        cfg.cache_nonce = (id << 32) | (self.nodes[(id - 1) as usize].incarnation + 1);
+        cfg.cache.call_timeout_ms = 3_000;
         cfg.raft.election_ticks = 10;
         cfg.raft.heartbeat_ticks = 2;
         cfg.raft.max_entries_per_msg = self.params.max_entries_per_msg;
@@ -357,6 +390,7 @@ impl World {
     }
 
     fn crash_node(&mut self, id: NodeId) {
+        self.cache_history.loss(id, self.clock);
         let n = &mut self.nodes[(id - 1) as usize];
         n.node = None;
         n.pending = None;
@@ -411,6 +445,7 @@ impl World {
                 v.key, v.ops
             )
         })?;
+        self.cache_history.check()?;
         self.collect_coverage();
         Ok(RunReport {
             steps,
@@ -444,6 +479,13 @@ impl World {
             self.coverage.queue_deduplicated = q.deduplicated;
         }
         self.coverage.queue_polls_woken = self.queue_history.polls_woken;
+        self.coverage.cache_gets = self.cache_history.gets;
+        self.coverage.cache_local_hits = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.node.as_ref())
+            .map(|n| n.cache().stats(0).hits)
+            .sum::<u64>();
         self.coverage.queue_acked = self.queue_history.counts().2 as u64;
     }
 
@@ -489,7 +531,8 @@ impl World {
 
     /// A leader exists, every client is idle and every member has applied its commit.
     fn converged(&self) -> bool {
-        if self.clients.iter().any(Client::busy) {
+        if self.clients.iter().any(Client::busy) || self.cache_clients.iter().any(CacheClient::busy)
+        {
             return false;
         }
         let Some(leader) = self
@@ -582,6 +625,56 @@ impl World {
                         n.id
                     ));
                 }
+                node.services()
+                    .cache()
+                    .check()
+                    .map_err(|e| format!("node {}: cache directory: {e}", n.id))?;
+            }
+        }
+        self.check_cache()
+    }
+
+    /// The cache's single-writer rule, on every node's own clock (DESIGN section 6): a
+    /// node that serves a key in M or E is the only node serving it. And each node's
+    /// lease-expiry losses, for the history check.
+    fn check_cache(&mut self) -> Result<(), String> {
+        if self.params.cache_clients == 0 {
+            return Ok(());
+        }
+        for key in crate::cachecheck::all_keys() {
+            let name = crate::cachecheck::key_name(key);
+            let mut owner = None;
+            let mut serving = Vec::new();
+            for n in &self.nodes {
+                let Some(node) = &n.node else { continue };
+                let state = node.cache().serving_state(&name, n.clock.mono(self.now));
+                if state != mesh_core::services::cache::Mesi::Invalid {
+                    serving.push((n.id, state));
+                    if state.owned() {
+                        owner = Some(n.id);
+                    }
+                }
+            }
+            if owner.is_some() && serving.len() > 1 {
+                return Err(format!(
+                    "cache: {name} is served by {serving:?}: an owner must be alone"
+                ));
+            }
+        }
+        let best = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.node.as_ref())
+            .max_by_key(|n| n.services().applied());
+        if let Some(best) = best {
+            for id in 1..=self.params.nodes {
+                let lapsed = best.services().cache().lapsed_of(id);
+                let seen = self.lapses_seen.entry(id).or_default();
+                if lapsed > *seen {
+                    *seen = lapsed;
+                    self.cache_history.loss(id, self.clock);
+                    self.coverage.cache_lease_expiries += 1;
+                }
             }
         }
         Ok(())
@@ -670,6 +763,16 @@ impl World {
             Event::Client(e) => {
                 self.trace.write(6);
                 self.handle_client(e);
+                Ok(None)
+            }
+            Event::CacheStart(client) => {
+                self.trace.write(10);
+                self.start_cache_op(client);
+                Ok(None)
+            }
+            Event::CacheGiveUp { client, attempt } => {
+                self.trace.write(11);
+                self.cache_give_up(client, attempt);
                 Ok(None)
             }
             Event::Nemesis => {

@@ -1104,13 +1104,20 @@ impl Node {
         // but never past SNAPSHOT_GROWTH_CEILING times the entry count: after a big
         // queue drains, the state is small and the last snapshot big, and the log
         // must not wait for a whole big snapshot's worth of small commands.
+        let ceiling = self.raft.snapshot_index() + every.saturating_mul(SNAPSHOT_GROWTH_CEILING);
+        // While a follower receives the snapshot, a newer one would restart its transfer
+        // and compact away the entries it needs after it: with a steady trickle of
+        // commands (cache lease renewals) and a slow link it would never catch up. The
+        // leader waits (as etcd does while it sends snapshots), up to the ceiling.
+        if self.raft.sending_snapshot() && applied < ceiling {
+            return;
+        }
         let last_bytes = self.raft.snapshot().map_or(0, |s| s.data.len() as u64);
         let pct = self
             .cfg
             .snapshot_log_growth_pct
             .min(MAX_SNAPSHOT_LOG_GROWTH_PCT);
         let due_bytes = last_bytes.saturating_mul(pct) / 100;
-        let ceiling = self.raft.snapshot_index() + every.saturating_mul(SNAPSHOT_GROWTH_CEILING);
         if self.applied_bytes_since_snapshot < due_bytes && applied < ceiling {
             return;
         }

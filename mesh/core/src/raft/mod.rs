@@ -426,6 +426,15 @@ impl Raft {
         self.snapshot.as_ref()
     }
 
+    /// Whether this leader is sending a snapshot to some follower.
+    pub fn sending_snapshot(&self) -> bool {
+        self.role == Role::Leader
+            && self
+                .progress
+                .values()
+                .any(|p| matches!(p.state, progress::ProgressState::Snapshot { .. }))
+    }
+
     /// Index of the latest snapshot (cheaper than [`Raft::status`]).
     pub fn snapshot_index(&self) -> LogIndex {
         self.log.snapshot.index

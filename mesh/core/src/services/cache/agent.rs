@@ -739,15 +739,11 @@ impl CacheAgent {
                 if was.owned() {
                     self.give_up(gone, written, Some(call));
                 } else {
-                    // A Shared copy holds nothing the directory lacks: it is dropped
-                    // here and the directory is told, without waiting for it.
-                    self.outbox.push(WriteBackLine {
-                        key,
-                        epoch: gone.line.epoch,
-                        stamp: 0,
-                        written: Written::Unchanged,
-                        keep: Keep::Nothing,
-                    });
+                    // A Shared copy holds nothing the directory lacks: it is dropped here
+                    // and the directory is not told (a release could not be told from
+                    // one of an earlier copy under the same epoch); the next writer's
+                    // revoke finds no line and is confirmed at once.
+                    let _ = key;
                     self.reply(call, CacheAnswer::Evicted { was });
                 }
             }
@@ -766,17 +762,9 @@ impl CacheAgent {
             } else {
                 Written::Unchanged
             };
+            // (Shared lines are dropped without a word: see `evict`.)
             if gone.line.state.owned() {
                 self.give_up(gone, written, None);
-            } else {
-                let line = WriteBackLine {
-                    key: gone.key,
-                    epoch: gone.line.epoch,
-                    stamp: 0,
-                    written: Written::Unchanged,
-                    keep: Keep::Nothing,
-                };
-                self.outbox.push(line);
             }
         }
     }
@@ -1001,6 +989,7 @@ impl CacheAgent {
                 self.out.push(AgentOutput::Propose(CacheCommand::WriteBack {
                     node: self.node,
                     session,
+                    applied,
                     lines: std::mem::take(&mut batch),
                 }));
                 bytes = 0;
@@ -1012,6 +1001,7 @@ impl CacheAgent {
             self.out.push(AgentOutput::Propose(CacheCommand::WriteBack {
                 node: self.node,
                 session,
+                applied,
                 lines: batch,
             }));
         }
@@ -1087,6 +1077,17 @@ impl CacheAgent {
                     self.reply(call, CacheAnswer::Evicted { was: r.line.state });
                 }
             }
+            return;
+        }
+        // Asked again (a snapshot carried the revoke we answered already): the answer
+        // on its way is sent again, never replaced by an emptier one.
+        let answered = self
+            .unconfirmed
+            .get(key)
+            .filter(|(l, _)| l.epoch == epoch && l.keep != Keep::Owner)
+            .map(|(l, _)| l.clone());
+        if let Some(line) = answered {
+            self.outbox.push(line);
             return;
         }
         let held = self.lines.peek(key).filter(|l| l.epoch == epoch).cloned();
@@ -1218,6 +1219,17 @@ impl CacheAgent {
         // counted here from when it left, it ends before the directory's.
         let ttl_from_now = |t: u64| (p.first_sent_ms + margin(t)).saturating_sub(now_ms).max(1);
         match (&p.op, grant) {
+            (CacheOp::Read, Grant::Exclusive) if self.lines.state(&p.key, now_ms).owned() => {
+                // Granted to us again while we hold it (a put of ours was granted first,
+                // while this read waited): our line holds the later write. It stays, under
+                // the new epoch, and answers the read.
+                let line = self.lines.regrant(&p.key, epoch)?;
+                Some(CacheAnswer::Got {
+                    hit: true,
+                    value: Some(line.value.clone()),
+                    state: line.state,
+                })
+            }
             (CacheOp::Read, g) => {
                 let value = value.cloned().unwrap_or_default();
                 let state = if g == Grant::Shared {
@@ -1321,7 +1333,9 @@ impl CacheAgent {
                 state
             }
             Err(_) => {
-                self.hand_back(key, epoch);
+                if state.owned() {
+                    self.hand_back(key, epoch);
+                }
                 Mesi::Invalid
             }
         }
@@ -1399,11 +1413,14 @@ impl CacheAgent {
             self.register_sent_ms = None;
             self.lease_until_ms = 0;
         }
+        let revokes = dir.revokes_of(self.node);
         let keys: Vec<String> = self.lines.keys().map(str::to_owned).collect();
         for key in keys {
             let keep = match (self.lines.peek(&key), dir.holds(self.node, &key)) {
                 (Some(l), Some((Grant::Exclusive, e))) => l.state.owned() && l.epoch == e,
                 (Some(l), Some((Grant::Shared, _))) => l.state == Mesi::Shared,
+                // Being revoked: kept for the answer below (a downgrade writes it back).
+                (Some(l), None) => revokes.iter().any(|(k, e, _)| *k == key && *e == l.epoch),
                 _ => false,
             };
             if !keep || self.session.is_none() {
@@ -1411,7 +1428,7 @@ impl CacheAgent {
             }
         }
         if self.session.is_some() {
-            for (key, epoch, downgrade) in dir.revokes_of(self.node) {
+            for (key, epoch, downgrade) in revokes {
                 self.revoked(now_ms, &key, epoch, downgrade);
             }
         }

@@ -183,6 +183,10 @@ pub enum CacheCommand {
         node: NodeId,
         /// Its registration.
         session: LogIndex,
+        /// The node's applied index when it sent this: a write-back answers a revoke
+        /// only if the node had applied the revoke (one sent before says nothing about
+        /// what the node does after it).
+        applied: LogIndex,
         /// The lines.
         lines: Vec<WriteBackLine>,
     },
@@ -346,6 +350,9 @@ struct AgentRecord {
     holds: BTreeSet<String>,
     /// Revokes of its lines not yet confirmed.
     revoking: usize,
+    /// Revokes of its lines that ended because its lease had run out, ever (what it held
+    /// dirty then is lost).
+    lapsed: u64,
 }
 
 /// A revoke in progress.
@@ -529,6 +536,59 @@ impl CacheDirectory {
             .map(|(k, r)| (k.as_str(), r.owner, &r.sharers))
     }
 
+    /// Revokes of `node`'s lines that ended by its lease running out, ever.
+    pub fn lapsed_of(&self, node: NodeId) -> u64 {
+        self.agents.get(&node).map_or(0, |a| a.lapsed)
+    }
+
+    /// Check the directory's own bookkeeping (the simulator runs this after every step):
+    /// an owner is no sharer, a copy being revoked is neither, every agent's index of
+    /// what it holds and of its revokes matches the keys, and the counts match.
+    pub fn check(&self) -> Result<(), String> {
+        let mut holds: BTreeMap<NodeId, BTreeSet<&str>> = BTreeMap::new();
+        let mut revoking: BTreeMap<NodeId, usize> = BTreeMap::new();
+        let (mut waiting, mut bytes) = (0, 0);
+        for (key, rec) in &self.keys {
+            if rec.owner.is_some_and(|o| rec.sharers.contains(&o)) {
+                return Err(format!("{key}: the owner is also a sharer"));
+            }
+            for n in rec.revoking.keys() {
+                if rec.owner == Some(*n) || rec.sharers.contains(n) {
+                    return Err(format!("{key}: node{n} is revoked and still holds it"));
+                }
+                *revoking.entry(*n).or_default() += 1;
+            }
+            for n in rec.holders().chain(rec.revoking.keys().copied()) {
+                holds.entry(n).or_default().insert(key);
+            }
+            if rec.is_idle() {
+                return Err(format!("{key}: an idle record is kept"));
+            }
+            waiting += rec.queue.len();
+            bytes += rec.bytes(key);
+        }
+        for (node, agent) in &self.agents {
+            let want = holds.remove(node).unwrap_or_default();
+            let have: BTreeSet<&str> = agent.holds.iter().map(String::as_str).collect();
+            if want != have {
+                return Err(format!("node{node}: holds {have:?}, the keys say {want:?}"));
+            }
+            if agent.revoking != revoking.remove(node).unwrap_or(0) {
+                return Err(format!("node{node}: the revoke count is off"));
+            }
+        }
+        if let Some((node, keys)) = holds.into_iter().next() {
+            return Err(format!("node{node} holds {keys:?} but has no agent record"));
+        }
+        if waiting != self.waiting || bytes != self.bytes {
+            return Err(format!(
+                "counts: waiting {} (keys say {waiting}), bytes {} (keys say {bytes})",
+                self.waiting, self.bytes
+            ));
+        }
+        Ok(())
+    }
+
     /// The lease of `node` in lock time (0: none).
     pub fn lease_until(&self, node: NodeId) -> u64 {
         self.agents.get(&node).map_or(0, |a| a.lease_until_ms)
@@ -573,8 +633,23 @@ impl CacheDirectory {
                 .map(|a| a.holds.iter().cloned().collect())
                 .unwrap_or_default();
             for key in keys {
+                let epoch = self.keys.get(&key).map_or(0, |r| r.epoch);
                 if self.end_revoke(node, &key, false) {
                     self.lease_expiries += 1;
+                    if let Some(a) = self.agents.get_mut(&node) {
+                        a.lapsed += 1;
+                        a.last_revoke = index;
+                    }
+                    // The node may yet apply the revoke it did not answer (a downgrade
+                    // would leave it a Shared copy the directory no longer knows of):
+                    // this one drops the line, and its lease counts again only once it
+                    // has applied it.
+                    out.push(CacheEvent::Revoke {
+                        node,
+                        key: key.clone(),
+                        epoch,
+                        downgrade: false,
+                    });
                     self.pump(index, now, &key, out);
                 }
             }
@@ -620,13 +695,14 @@ impl CacheDirectory {
             CacheCommand::WriteBack {
                 node,
                 session,
+                applied,
                 lines,
             } => {
                 if self.session_of(node) != Some(session) {
                     return;
                 }
                 for line in lines {
-                    self.write_back(index, now, node, session, line, out);
+                    self.write_back(index, now, (node, session, applied), line, out);
                 }
             }
         }
@@ -834,12 +910,11 @@ impl CacheDirectory {
         &mut self,
         index: LogIndex,
         now: u64,
-        node: NodeId,
-        session: LogIndex,
+        (node, session, applied): (NodeId, LogIndex, LogIndex),
         line: WriteBackLine,
         out: &mut Vec<CacheEvent>,
     ) {
-        let refused = self.accept_write_back(now, node, &line);
+        let refused = self.accept_write_back(now, node, applied, &line);
         if refused == Some(WriteBackRefusal::Stale) {
             self.stale_writebacks += 1;
         }
@@ -861,6 +936,7 @@ impl CacheDirectory {
         &mut self,
         now: u64,
         node: NodeId,
+        applied: LogIndex,
         line: &WriteBackLine,
     ) -> Option<WriteBackRefusal> {
         let max_bytes = self.limits.max_bytes;
@@ -869,14 +945,6 @@ impl CacheDirectory {
             _ => return Some(WriteBackRefusal::Stale),
         };
         let changes = !matches!(line.written, Written::Unchanged);
-        if rec.sharers.contains(&node) && !changes && line.keep == Keep::Nothing {
-            // A Shared copy given up.
-            rec.sharers.remove(&node);
-            if let Some(a) = self.agents.get_mut(&node) {
-                a.holds.remove(&line.key);
-            }
-            return None;
-        }
         if rec.owner != Some(node) && !rec.revoking.contains_key(&node) {
             return Some(WriteBackRefusal::Stale);
         }
@@ -899,6 +967,8 @@ impl CacheDirectory {
             self.store(now, &line.key, value);
         }
         match revoking {
+            // Sent before the node applied the revoke: only the value counts.
+            Some(r) if applied < r.index => {}
             // A downgrade ends with this write-back; an invalidation only hears the
             // value (a writer elsewhere takes over, whatever the node wanted to keep).
             Some(r) => {
@@ -991,11 +1061,16 @@ impl CacheDirectory {
             return;
         };
         agent.last_revoke = index;
+        // A node past its lease is told to drop the line, never to keep a Shared copy
+        // the directory no longer counts.
+        let downgrade = downgrade && agent.lease_until_ms > now;
         if agent.lease_until_ms > now {
             agent.revoking += 1;
             rec.revoking.insert(node, Revoking { index, downgrade });
         } else {
             agent.holds.remove(key);
+            agent.lapsed += 1;
+            self.lease_expiries += 1;
         }
         out.push(CacheEvent::Revoke {
             node,
@@ -1085,9 +1160,10 @@ impl CacheDirectory {
         if rec.value.is_none() {
             return Outcome::Miss;
         }
-        let grant = if rec.owner == Some(node) {
-            Grant::Exclusive
-        } else if rec.owner.is_none() && rec.sharers.is_empty() {
+        // Every grant of ownership is a new epoch, even to the owner again (it lost its
+        // line): a write-back or release of the earlier grant still on its way must not
+        // count for this one.
+        let grant = if rec.owner == Some(node) || rec.owner.is_none() && rec.sharers.is_empty() {
             rec.owner = Some(node);
             rec.epoch += 1;
             rec.stamp = 0;
@@ -1121,11 +1197,9 @@ impl CacheDirectory {
                 ttl_ms,
                 stamp,
             } => {
-                if rec.owner != Some(q.node) {
-                    rec.owner = Some(q.node);
-                    rec.epoch += 1;
-                    rec.stamp = 0;
-                }
+                rec.owner = Some(q.node);
+                rec.epoch += 1;
+                rec.stamp = 0;
                 if value.is_some() {
                     rec.stamp = rec.stamp.max(*stamp);
                 }

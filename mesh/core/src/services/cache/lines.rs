@@ -330,6 +330,14 @@ impl CacheLines {
         }
     }
 
+    /// The directory granted `key` again under `epoch` while this node holds it owned:
+    /// the line (its value and dirtiness) stays, under the new epoch.
+    pub fn regrant(&mut self, key: &str, epoch: u64) -> Option<&Line> {
+        let line = self.lines.get_mut(key).filter(|l| l.state.owned())?;
+        line.epoch = epoch;
+        Some(line)
+    }
+
     /// The directory asked for `key` back in Shared (another node reads it): from now
     /// on the line takes no local write. It stays dirty until its value is written
     /// back ([`CacheLines::written_back`]). Whether there was an owned line.
