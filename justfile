@@ -36,6 +36,11 @@ bench *args:
 bench-enq *args:
     cargo run --release -- bench enq {{args}}
 
+# Cache workloads (gets on a warm key set, puts on owned and moving lines, durable puts) on a
+# node's own port and through the gateway of a fresh local cluster.
+bench-cache *args:
+    cargo run --release -- bench cache {{args}}
+
 # Queue dequeue + ack workload (single and batched) through the gateway of a fresh cluster.
 bench-deq-ack *args:
     cargo run --release -- bench deq-ack {{args}}

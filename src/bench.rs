@@ -30,6 +30,9 @@ pub(crate) enum BenchCommand {
     Enq(crate::bench_queue::QueueBenchArgs),
     /// Queue dequeue + ack through the gateway: N clients, single messages and batches.
     DeqAck(crate::bench_queue::QueueBenchArgs),
+    /// Cache gets and puts (owned, moving, durable) on a node's own port and through the
+    /// gateway of a fresh local cluster.
+    Cache(crate::bench_cache::CacheBenchArgs),
 }
 
 /// Options of `bench lock`.
@@ -104,6 +107,7 @@ pub(crate) fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::DeqAck(args) => {
             crate::bench_queue::run_workload(crate::bench_queue::QueueWorkload::DeqAck, &args)
         }
+        BenchCommand::Cache(args) => crate::bench_cache::run(&args),
     }
 }
 

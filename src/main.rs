@@ -1,6 +1,7 @@
 //! `syncmesh`: the one binary: certificates, nodes, the local cluster, benchmarks.
 
 mod bench;
+mod bench_cache;
 mod bench_lock;
 mod bench_queue;
 mod certs_cmd;

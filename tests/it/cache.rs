@@ -1,10 +1,10 @@
 //! The cache over HTTP against real processes: the seed's requests, the MESI walk of
 //! DESIGN.md section 6, and the documented refusals.
 
-use crate::support::{eventually, http, TestCluster};
+use crate::support::{agent, eventually, http, TestCluster};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn post(at: SocketAddr, path: &str, body: &Value) -> (u16, Value) {
     http(at, "POST", path, body.to_string().as_bytes())
@@ -242,4 +242,190 @@ fn bad_cache_input_gets_its_documented_4xx() {
     assert_eq!(got, 413);
     let (got, reply) = http(at, "GET", "/cache/state", b"");
     assert_eq!((got, &reply["error"]["code"]), (400, &json!("invalid_key")));
+}
+
+/// A writer that keeps putting `keys` at `at` (values 1, 2, ... round the keys) until
+/// `stop` is set or its node stops answering; every acknowledged put with when it was
+/// acknowledged.
+fn writer(
+    at: SocketAddr,
+    keys: &'static [&'static str],
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(&'static str, u64, Instant)>> {
+    std::thread::spawn(move || {
+        let agent = agent(Duration::from_secs(3));
+        let mut acked = Vec::new();
+        let mut failures = 0;
+        for v in 1u64.. {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) || failures > 20 {
+                break;
+            }
+            let key = keys[(v as usize) % keys.len()];
+            let body = json!({"key": key, "val": v}).to_string();
+            let url = format!("http://{at}/cache/put");
+            match agent.post(&url).send(body.as_bytes()) {
+                Ok(r) if r.status() == 200 => acked.push((key, v, Instant::now())),
+                _ => {
+                    failures += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        acked
+    })
+}
+
+/// For each key, the value the others read now, and how long the read took.
+fn read_back(at: SocketAddr, keys: &[&str]) -> Vec<(String, u64, Duration)> {
+    keys.iter()
+        .map(|key| {
+            let started = Instant::now();
+            let body = get(at, key);
+            let v = body["val"].as_u64().unwrap_or(0);
+            (key.to_string(), v, started.elapsed())
+        })
+        .collect()
+}
+
+/// Acknowledged puts newer than what was read: (count, the oldest one's age at `cut`).
+fn lost_puts(
+    acked: &[(&'static str, u64, Instant)],
+    read: &[(String, u64, Duration)],
+    cut: Instant,
+) -> (usize, Duration) {
+    let mut lost = 0;
+    let mut oldest = Duration::ZERO;
+    for (key, v, _) in read {
+        for (k, av, at) in acked {
+            if k == key && av > v {
+                lost += 1;
+                oldest = oldest.max(cut.saturating_duration_since(*at));
+            }
+        }
+    }
+    (lost, oldest)
+}
+
+/// DESIGN section 6 with real processes: a writer holding lines in M is killed (-9), and
+/// another is cut off from its peers (a test-only switch on its links). The other nodes
+/// read, within the lease time, the last acknowledged durable value and, for write-back
+/// puts, a value at most one write-back window old; the cut-off writer stops
+/// acknowledging within that window.
+#[test]
+fn a_killed_or_cut_off_writer_loses_at_most_its_write_back_window() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut c = TestCluster::start("cache-faults", 3);
+    for i in 0..3 {
+        c.kill9(i);
+        c.start_node_with_env(i, &[("SYNCMESH_FAULT_INJECTION", "1".to_string())]);
+    }
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let (killed, cut) = (followers[0], followers[1]);
+    let reader = c.nodes[leader].http;
+
+    // A durable put is never lost.
+    for v in 1..=20 {
+        let (status, _) = post(
+            c.nodes[killed].http,
+            "/cache/put",
+            &json!({"key": "durable", "val": v, "durable": true}),
+        );
+        assert_eq!(status, 200);
+    }
+    // kill -9 while it writes back.
+    const KILL_KEYS: &[&str] = &["k1", "k2", "k3", "k4"];
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(c.nodes[killed].http, KILL_KEYS, stop.clone());
+    std::thread::sleep(Duration::from_millis(700));
+    c.kill9(killed);
+    let killed_at = Instant::now();
+    let acked = w.join().expect("writer");
+    assert!(
+        acked.len() > 50,
+        "the writer was acknowledged: {}",
+        acked.len()
+    );
+    let read = read_back(reader, KILL_KEYS);
+    assert_eq!(get(reader, "durable")["val"], 20, "the last durable put");
+    for (key, v, took) in &read {
+        assert!(
+            *took < Duration::from_secs(5),
+            "{key} read in {took:?}, within the lease"
+        );
+        assert!(*v > 0, "{key}: some write-back arrived before the kill");
+    }
+    let (lost, oldest) = lost_puts(&acked, &read, killed_at);
+    println!(
+        "kill -9: {lost} of {} acknowledged write-back puts lost, the oldest acknowledged \
+         {oldest:?} before the kill (window 100 ms)",
+        acked.len()
+    );
+    assert!(
+        oldest < Duration::from_millis(400),
+        "lost puts are within the window: {oldest:?}"
+    );
+
+    // Back to three nodes (the restarted one holds every line I), so that cutting one
+    // off leaves a quorum.
+    c.start_node_with_env(killed, &[("SYNCMESH_FAULT_INJECTION", "1".to_string())]);
+    c.wait_for_leader(Duration::from_secs(10));
+    let restarted = c.nodes[killed].http;
+    eventually("the restarted node to serve its cache", Duration::from_secs(10), || {
+        post(restarted, "/cache/get", &json!({"key": "k1"})).0 == 200
+    });
+    assert_eq!(
+        post(restarted, "/cache/get", &json!({"key": "k1"})).1["val"],
+        read[0].1,
+        "the restarted node reads what the others read"
+    );
+
+    // Cut off from its peers while it writes: it stops acknowledging within the window.
+    const CUT_KEYS: &[&str] = &["p1", "p2", "p3"];
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(c.nodes[cut].http, CUT_KEYS, stop.clone());
+    std::thread::sleep(Duration::from_millis(700));
+    let (status, _) = http(c.nodes[cut].admin, "POST", "/fault/isolate", b"");
+    assert_eq!(status, 200, "fault injection is on");
+    let cut_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(3_000));
+    stop.store(true, Ordering::Relaxed);
+    let acked = w.join().expect("writer");
+    let last_ack = acked.last().map(|a| a.2).expect("acknowledged puts");
+    let acked_after = last_ack.saturating_duration_since(cut_at);
+    assert!(
+        acked_after < Duration::from_millis(500),
+        "the cut-off node stopped acknowledging within the window ({acked_after:?} after the cut)"
+    );
+    let read = read_back(reader, CUT_KEYS);
+    for (key, _, took) in &read {
+        assert!(
+            *took < Duration::from_secs(5),
+            "{key} read in {took:?}, within the lease"
+        );
+    }
+    let (lost, oldest) = lost_puts(&acked, &read, cut_at);
+    println!(
+        "cut off: {lost} of {} acknowledged write-back puts lost, the oldest acknowledged \
+         {oldest:?} before the cut; the last ack came {acked_after:?} after it",
+        acked.len()
+    );
+    assert!(
+        oldest < Duration::from_millis(400),
+        "lost puts are within the window: {oldest:?}"
+    );
+    // Healed, the node drops what it lost and reads what the others read.
+    let (status, _) = http(c.nodes[cut].admin, "POST", "/fault/heal", b"");
+    assert_eq!(status, 200);
+    eventually(
+        "the healed node to read what the others read",
+        Duration::from_secs(10),
+        || {
+            CUT_KEYS
+                .iter()
+                .zip(&read)
+                .all(|(key, (_, v, _))| get(c.nodes[cut].http, key)["val"].as_u64() == Some(*v))
+        },
+    );
 }

@@ -1,5 +1,6 @@
 //! The admin HTTP server of a node: `GET /health` (DESIGN.md section 4) and `GET /metrics`;
-//! with fault injection on, `POST /fault/hold-answers` and `POST /fault/lose-held` (see
+//! with fault injection on, `POST /fault/hold-answers`, `/fault/lose-held`, `/fault/isolate`
+//! and `/fault/heal` (see
 //! [`crate::faults`]).
 
 use crate::faults::AnswerFaults;
@@ -68,7 +69,21 @@ async fn lose_held(State(faults): State<Arc<AnswerFaults>>) -> Json<serde_json::
 
 async fn fault_state(State(faults): State<Arc<AnswerFaults>>) -> Json<serde_json::Value> {
     let (holding, held) = faults.holding();
-    Json(serde_json::json!({"holding": holding, "held_request": held}))
+    Json(
+        serde_json::json!({"holding": holding, "held_request": held, "isolated": faults.isolated()}),
+    )
+}
+
+async fn isolate(State(faults): State<Arc<AnswerFaults>>) -> Json<serde_json::Value> {
+    faults.set_isolated(true);
+    tracing::warn!("fault injection: cut off from every peer");
+    Json(serde_json::json!({"ok": true, "isolated": true}))
+}
+
+async fn heal(State(faults): State<Arc<AnswerFaults>>) -> Json<serde_json::Value> {
+    faults.set_isolated(false);
+    tracing::warn!("fault injection: peers reachable again");
+    Json(serde_json::json!({"ok": true, "isolated": false}))
 }
 
 /// Serve on `listener` until `shutdown` completes; the fault endpoints only with
@@ -86,6 +101,8 @@ pub async fn serve(
             Router::new()
                 .route("/fault/hold-answers", post(hold_answers))
                 .route("/fault/lose-held", post(lose_held))
+                .route("/fault/isolate", post(isolate))
+                .route("/fault/heal", post(heal))
                 .route("/fault", get(fault_state))
                 .with_state(faults),
         );

@@ -33,6 +33,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 const INPUT_BATCH: usize = 1024;
 /// How often calls whose caller went away are looked for.
 const CANCEL_SWEEP: Duration = Duration::from_millis(50);
+/// How long a stopping node waits for what only it holds to reach the quorum.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
 /// A failure that stops the node.
 #[derive(Debug, thiserror::Error)]
@@ -247,7 +249,9 @@ impl Driver {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), DriverError> {
         tokio::pin!(shutdown);
-        let mut stopping: Option<Instant> = None;
+        // Stopping: since when, and whether leadership has been handed over yet (first
+        // the node drains what only it holds, such as unwritten cache lines).
+        let mut stopping: Option<(Instant, bool)> = None;
         let mut sweep = tokio::time::interval(CANCEL_SWEEP);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let now = self.clock.now();
@@ -256,12 +260,10 @@ impl Driver {
         loop {
             tokio::select! {
                 () = &mut shutdown, if stopping.is_none() => {
-                    stopping = Some(Instant::now());
+                    stopping = Some((Instant::now(), false));
                     let now = self.clock.now();
-                    if !self.node.handover(now) {
-                        break;
-                    }
-                    tracing::info!("shutting down: transferring leadership");
+                    self.node.begin_stop(now);
+                    tracing::info!("shutting down: draining");
                 }
                 () = tokio::time::sleep_until(self.wake) => {
                     let now = self.clock.now();
@@ -318,11 +320,23 @@ impl Driver {
                 }
             }
             self.execute()?;
-            if let Some(since) = stopping {
-                let leads = self.node.raft().role() == Role::Leader;
-                if !leads || since.elapsed() > Duration::from_secs(1) {
-                    break;
+            match stopping {
+                Some((since, false)) if self.node.drained() || since.elapsed() > DRAIN_LIMIT => {
+                    stopping = Some((Instant::now(), true));
+                    let now = self.clock.now();
+                    if !self.node.handover(now) {
+                        break;
+                    }
+                    self.execute()?;
+                    tracing::info!("shutting down: transferring leadership");
                 }
+                Some((since, true)) => {
+                    let leads = self.node.raft().role() == Role::Leader;
+                    if !leads || since.elapsed() > Duration::from_secs(1) {
+                        break;
+                    }
+                }
+                _ => {}
             }
         }
         tracing::info!(node = %node_name(self.node.raft().id()), "stopping");
@@ -394,6 +408,13 @@ impl Driver {
             Action::Send(m) => {
                 if let Some((op, true)) = rpc_op(&m.body) {
                     self.rpc_sent.entry((m.to, op)).or_insert_with(Instant::now);
+                }
+                if let Ok(c) = self
+                    .metrics
+                    .messages_sent
+                    .get_metric_with_label_values(&[m.body.kind()])
+                {
+                    c.inc();
                 }
                 self.transport.send(m);
             }

@@ -7,7 +7,10 @@
 //! its answer to the next proposal it is asked, and to every repeat of that very request
 //! (a retry sends the same bytes), until `POST /fault/lose-held`, which resets those
 //! streams unanswered. The calls themselves are carried out as usual; only their answers
-//! go missing. Without the variable none of this exists: no endpoint, no check.
+//! go missing. `POST /fault/isolate` cuts the node off from its peers (every Raft message
+//! in or out is dropped; clients still reach it) until `POST /fault/heal`: a node that is
+//! alive but partitioned away. Without the variable none of this exists: no endpoint, no
+//! check.
 
 use std::sync::Mutex;
 use tokio::sync::watch;
@@ -18,6 +21,8 @@ pub struct AnswerFaults {
     state: Mutex<FaultState>,
     /// Bumped by every `lose_held`: held answers wait on it.
     lost: watch::Sender<u64>,
+    /// Cut off from the peers.
+    isolated: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -43,6 +48,7 @@ impl Default for AnswerFaults {
         Self {
             state: Mutex::new(FaultState::default()),
             lost: watch::channel(0).0,
+            isolated: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -53,6 +59,17 @@ impl AnswerFaults {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.armed = true;
         s.held = None;
+    }
+
+    /// Cut the node off from its peers (`true`) or heal it.
+    pub fn set_isolated(&self, on: bool) {
+        self.isolated
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the node is cut off from its peers.
+    pub fn isolated(&self) -> bool {
+        self.isolated.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Lose every held answer; how many there were.

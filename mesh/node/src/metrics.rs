@@ -34,6 +34,8 @@ pub struct NodeMetrics {
     pub connections_refused: IntCounterVec,
     /// Raft messages dropped because a peer's queue was full or it was unreachable.
     pub messages_dropped: IntCounter,
+    /// Node-to-node messages handed to the transport, by kind.
+    pub messages_sent: IntCounterVec,
     /// The services' own series (locks held, waiters, ...), registered when first
     /// reported.
     services: Arc<Mutex<BTreeMap<&'static str, ServiceMetric>>>,
@@ -87,6 +89,13 @@ impl NodeMetrics {
                 "mesh_messages_dropped_total",
                 "Raft messages dropped (peer queue full or unreachable)",
             )?,
+            messages_sent: IntCounterVec::new(
+                Opts::new(
+                    "mesh_messages_sent_total",
+                    "Node-to-node messages sent, by kind",
+                ),
+                &["kind"],
+            )?,
             services: Arc::new(Mutex::new(BTreeMap::new())),
             registry,
         };
@@ -100,6 +109,7 @@ impl NodeMetrics {
             .register(Box::new(m.raft_leader_changes.clone()))?;
         m.registry.register(Box::new(m.storage_fsync.clone()))?;
         m.registry.register(Box::new(m.frames_rejected.clone()))?;
+        m.registry.register(Box::new(m.messages_sent.clone()))?;
         m.registry
             .register(Box::new(m.connections_refused.clone()))?;
         m.registry.register(Box::new(m.messages_dropped.clone()))?;

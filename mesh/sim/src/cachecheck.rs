@@ -160,7 +160,11 @@ impl CacheHistory {
                         e.invoked,
                         e.returned.map_or("-".into(), |r| r.to_string()),
                         if e.write_back { " wb" } else { "" },
-                        if self.lost_after(e.node, e.invoked) { " lost-able" } else { "" },
+                        if self.lost_after(e.node, e.invoked) {
+                            " lost-able"
+                        } else {
+                            ""
+                        },
                     )
                 })
                 .collect();
@@ -256,7 +260,9 @@ impl World {
         if !self.faults || self.cache_clients[idx].busy() {
             return;
         }
-        let key = self.rng.range(0, WRITE_BACK_KEYS + DURABLE_KEYS + TTL_KEYS - 1);
+        let key = self
+            .rng
+            .range(0, WRITE_BACK_KEYS + DURABLE_KEYS + TTL_KEYS - 1);
         let node = self.rng.range(1, self.params.nodes);
         let kind = match self.rng.range(0, 99) {
             0..=49 => CacheOpKind::Get,
@@ -319,13 +325,7 @@ impl World {
         } else {
             GIVE_UP_MS
         };
-        self.schedule(
-            after,
-            Event::CacheGiveUp {
-                client,
-                attempt,
-            },
-        );
+        self.schedule(after, Event::CacheGiveUp { client, attempt });
     }
 
     /// A cache client stops waiting for its call.
@@ -359,10 +359,12 @@ impl World {
             _ => None,
         };
         let Some(answer) = answer else {
-            self.violation = Some(format!("cache: a node answered a cache call with {answer:?}"));
+            self.violation = Some(format!(
+                "cache: a node answered a cache call with {answer:?}"
+            ));
             return;
         };
-        let record = |w: &mut World, op: RegisterOp| {
+        let record = |w: &mut Self, op: RegisterOp| {
             if let Some(i) = cur.entry {
                 let e = &mut w.cache_history.entries[i];
                 e.op = op;

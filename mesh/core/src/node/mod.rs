@@ -672,6 +672,20 @@ impl Node {
         self.drive();
     }
 
+    /// The node is about to stop: what only it holds (cache lines not yet written back)
+    /// goes to the log now, and no new such thing is acknowledged. Then wait for
+    /// [`Node::drained`] (a while), then [`Node::handover`].
+    pub fn begin_stop(&mut self, now: Time) {
+        self.now = now;
+        self.cache.begin_stop(now.mono_ms);
+        self.drive();
+    }
+
+    /// Whether nothing acknowledged lives only in this node any more.
+    pub fn drained(&self) -> bool {
+        self.cache.drained()
+    }
+
     /// Hand leadership to the most up-to-date follower (before a shutdown). Whether a
     /// transfer started.
     pub fn handover(&mut self, now: Time) -> bool {

@@ -107,6 +107,8 @@ pub struct Transport {
     endpoint: Endpoint,
     links: BTreeMap<NodeId, mpsc::Sender<Message>>,
     metrics: NodeMetrics,
+    /// With fault injection: a test may cut this node off from its peers.
+    faults: Option<Arc<AnswerFaults>>,
 }
 
 struct Inbound {
@@ -164,11 +166,15 @@ impl Transport {
             endpoint,
             links,
             metrics,
+            faults: cfg.faults.clone(),
         })
     }
 
     /// Queue a Raft message for its peer; dropped (and counted) if the queue is full.
     pub fn send(&self, m: Message) {
+        if self.faults.as_ref().is_some_and(|f| f.isolated()) {
+            return;
+        }
         let Some(link) = self.links.get(&m.to) else {
             self.metrics.messages_dropped.inc();
             return;
@@ -494,6 +500,9 @@ async fn read_raft_stream(
                 if m.from != node || m.to != inbound.id {
                     refuse_identity(&conn, &inbound, node, m.from);
                     return;
+                }
+                if inbound.faults.as_ref().is_some_and(|f| f.isolated()) {
+                    continue;
                 }
                 if inbound.raft_tx.try_send(m).is_err() {
                     inbound.metrics.messages_dropped.inc();

@@ -28,7 +28,7 @@
 
 use super::directory::{
     CacheCommand, CacheDirectory, CacheEvent, CacheOp, CacheRefusal, Grant, Keep, KeyDirView,
-    Outcome, WriteBackLine, WriteBackRefusal, Written, MAX_KEY_BYTES, MAX_VALUE_BYTES,
+    Outcome, RevokeMode, WriteBackLine, WriteBackRefusal, Written, MAX_KEY_BYTES, MAX_VALUE_BYTES,
 };
 use super::lines::{CacheLines, Evicted, Fill, Line, Mesi};
 use crate::raft::{LogIndex, NodeId};
@@ -280,6 +280,8 @@ struct Pending {
     put: Option<(Vec<u8>, Option<u64>)>,
     first_sent_ms: u64,
     sent_ms: u64,
+    /// Times sent again.
+    resends: u32,
     deadline_ms: u64,
 }
 
@@ -312,15 +314,30 @@ pub struct CacheAgent {
     waiting: VecDeque<Waiting>,
     releasing: BTreeMap<String, Releasing>,
     /// Write-back lines sent and not yet applied, by key: (line, sent at).
-    unconfirmed: BTreeMap<String, (WriteBackLine, u64)>,
+    /// (line, when to send it again, sends so far).
+    unconfirmed: BTreeMap<String, (WriteBackLine, u64, u32)>,
     outbox: Vec<WriteBackLine>,
     last_expiry_sweep_ms: u64,
+    /// The node is stopping: local puts are no longer acknowledged.
+    stopping: bool,
     stats: CacheStats,
     out: Vec<AgentOutput>,
 }
 
 fn ttl_left(line: &Line, now_ms: u64) -> Option<u64> {
     line.expires_at_ms.map(|t| t.saturating_sub(now_ms))
+}
+
+/// What a write-back of `line` carries: its value if it is dirty.
+fn written_of(line: &Line, now_ms: u64) -> Written {
+    if line.dirty_since_ms.is_some() {
+        Written::Value {
+            value: line.value.clone(),
+            ttl_ms: ttl_left(line, now_ms),
+        }
+    } else {
+        Written::Unchanged
+    }
 }
 
 impl CacheAgent {
@@ -347,6 +364,7 @@ impl CacheAgent {
             unconfirmed: BTreeMap::new(),
             outbox: Vec::new(),
             last_expiry_sweep_ms: 0,
+            stopping: false,
             stats: CacheStats::default(),
             out: Vec::new(),
         }
@@ -650,9 +668,41 @@ impl CacheAgent {
         None
     }
 
+    /// The node is stopping: every dirty line is written back now, and no local put is
+    /// acknowledged from here on (they wait, and fail when the node is gone).
+    pub fn begin_stop(&mut self, now_ms: u64) {
+        self.stopping = true;
+        let lines: Vec<WriteBackLine> = self
+            .lines
+            .dirty_since(u64::MAX)
+            .into_iter()
+            .filter(|(_, l)| l.state.owned())
+            .map(|(key, line)| WriteBackLine {
+                key: key.to_owned(),
+                epoch: line.epoch,
+                stamp: line.stamp,
+                written: Written::Value {
+                    value: line.value.clone(),
+                    ttl_ms: ttl_left(line, now_ms),
+                },
+                keep: Keep::Owner,
+            })
+            .collect();
+        self.outbox.extend(lines);
+    }
+
+    /// Whether every acknowledged write is in the directory (nothing dirty here, nothing
+    /// given up still on its way).
+    pub fn drained(&self) -> bool {
+        self.lines.dirty_count() == 0 && self.releasing.is_empty()
+    }
+
     /// Whether a write-back put may be acknowledged: the oldest write not yet written
     /// back is younger than `writeback_ms`.
     fn window_open(&self, now_ms: u64) -> bool {
+        if self.stopping {
+            return false;
+        }
         let oldest = [
             self.lines.oldest_dirty_ms(),
             self.releasing
@@ -694,6 +744,7 @@ impl CacheAgent {
                 put,
                 first_sent_ms: now_ms,
                 sent_ms: now_ms,
+                resends: 0,
                 deadline_ms: w.deadline_ms,
             },
         );
@@ -810,7 +861,7 @@ impl CacheAgent {
         if busy
             && self
                 .last_renew_ms
-                .is_none_or(|t| now_ms.saturating_sub(t) >= lease_ms / 4)
+                .is_none_or(|t| now_ms.saturating_sub(t) >= lease_ms / 3)
         {
             self.renew_due = true;
         }
@@ -837,7 +888,7 @@ impl CacheAgent {
             let sent = self
                 .unconfirmed
                 .get(key)
-                .is_some_and(|(l, t)| l.stamp == line.stamp && now_ms < t + self.cfg.resend_ms);
+                .is_some_and(|(l, _, _)| l.stamp == line.stamp && l.epoch == line.epoch);
             // (A dirty Shared line is answering a downgrade: that write-back is sent
             // and resent on its own.)
             if sent || !line.state.owned() {
@@ -862,8 +913,8 @@ impl CacheAgent {
         let resend: Vec<WriteBackLine> = self
             .unconfirmed
             .values()
-            .filter(|(_, t)| now_ms >= t + self.cfg.resend_ms)
-            .map(|(l, _)| l.clone())
+            .filter(|(_, due, _)| now_ms >= *due)
+            .map(|(l, _, _)| l.clone())
             .collect();
         self.outbox.extend(resend);
     }
@@ -871,8 +922,11 @@ impl CacheAgent {
     fn resend_requests(&mut self, now_ms: u64, session: LogIndex) {
         let ack = self.ack();
         for (seq, p) in &mut self.pending {
-            if p.call.is_some() && now_ms >= p.sent_ms + self.cfg.resend_ms {
+            // Backing off: when commits are slow, resends must not add to the load.
+            let gap = self.cfg.resend_ms << p.resends.min(3);
+            if p.call.is_some() && now_ms >= p.sent_ms + gap {
                 p.sent_ms = now_ms;
+                p.resends += 1;
                 self.out.push(AgentOutput::Propose(CacheCommand::Request {
                     node: self.node,
                     session,
@@ -976,9 +1030,16 @@ impl CacheAgent {
         let mut batch = Vec::new();
         let mut bytes = 0usize;
         for line in lines {
-            // Every line hears back (accepted or refused); until then it is resent.
+            // Every line hears back (accepted or refused); until then it is resent, less
+            // and less often.
+            let tries = self
+                .unconfirmed
+                .get(&line.key)
+                .filter(|(l, _, _)| l == &line)
+                .map_or(0, |(_, _, n)| n + 1);
+            let due = now_ms + (self.cfg.resend_ms << tries.min(3));
             self.unconfirmed
-                .insert(line.key.clone(), (line.clone(), now_ms));
+                .insert(line.key.clone(), (line.clone(), due, tries));
             let size = match &line.written {
                 Written::Value { value, .. } => value.len(),
                 _ => 0,
@@ -1037,9 +1098,9 @@ impl CacheAgent {
                     node,
                     key,
                     epoch,
-                    downgrade,
+                    mode,
                 } if *node == self.node && self.session.is_some() => {
-                    self.revoked(now_ms, key, *epoch, *downgrade);
+                    self.revoked(now_ms, key, *epoch, *mode);
                 }
                 CacheEvent::Answered {
                     node,
@@ -1067,9 +1128,9 @@ impl CacheAgent {
         self.retry_waiting(now_ms);
     }
 
-    fn revoked(&mut self, now_ms: u64, key: &str, epoch: u64, downgrade: bool) {
+    fn revoked(&mut self, now_ms: u64, key: &str, epoch: u64, mode: RevokeMode) {
         self.renew_due = true;
-        if !downgrade {
+        if mode == RevokeMode::Invalidate {
             self.lines.invalidate(key);
             self.unconfirmed.remove(key);
             if let Some(r) = self.releasing.remove(key) {
@@ -1084,13 +1145,22 @@ impl CacheAgent {
         let answered = self
             .unconfirmed
             .get(key)
-            .filter(|(l, _)| l.epoch == epoch && l.keep != Keep::Owner)
-            .map(|(l, _)| l.clone());
+            .filter(|(l, _, _)| l.epoch == epoch && l.keep != Keep::Owner)
+            .map(|(l, _, _)| l.clone());
         if let Some(line) = answered {
             self.outbox.push(line);
             return;
         }
         let held = self.lines.peek(key).filter(|l| l.epoch == epoch).cloned();
+        if mode == RevokeMode::Flush && held.is_some() {
+            // Written back and given up: held back here until the directory has it.
+            if let Some(gone) = self.lines.invalidate(key) {
+                let written = written_of(&gone.line, now_ms);
+                self.unconfirmed.remove(key);
+                self.give_up(gone, written, None);
+            }
+            return;
+        }
         let line = match (held, self.releasing.get(key)) {
             (Some(line), _) if line.state.owned() || line.dirty_since_ms.is_some() => {
                 self.lines.downgrade(key);
@@ -1098,14 +1168,7 @@ impl CacheAgent {
                     key: key.to_owned(),
                     epoch,
                     stamp: line.stamp,
-                    written: if line.dirty_since_ms.is_some() {
-                        Written::Value {
-                            value: line.value.clone(),
-                            ttl_ms: ttl_left(&line, now_ms),
-                        }
-                    } else {
-                        Written::Unchanged
-                    },
+                    written: written_of(&line, now_ms),
                     keep: Keep::Shared,
                 }
             }
@@ -1113,14 +1176,7 @@ impl CacheAgent {
                 key: key.to_owned(),
                 epoch,
                 stamp: r.line.stamp,
-                written: if r.line.dirty_since_ms.is_some() {
-                    Written::Value {
-                        value: r.line.value.clone(),
-                        ttl_ms: ttl_left(&r.line, now_ms),
-                    }
-                } else {
-                    Written::Unchanged
-                },
+                written: written_of(&r.line, now_ms),
                 keep: Keep::Nothing,
             },
             _ => {
@@ -1363,7 +1419,7 @@ impl CacheAgent {
         if self
             .unconfirmed
             .get(key)
-            .is_some_and(|(l, _)| l.epoch == epoch && l.stamp == stamp)
+            .is_some_and(|(l, _, _)| l.epoch == epoch && l.stamp == stamp)
             && refused != Some(WriteBackRefusal::Full)
         {
             self.unconfirmed.remove(key);
@@ -1428,8 +1484,8 @@ impl CacheAgent {
             }
         }
         if self.session.is_some() {
-            for (key, epoch, downgrade) in revokes {
-                self.revoked(now_ms, &key, epoch, downgrade);
+            for (key, epoch, mode) in revokes {
+                self.revoked(now_ms, &key, epoch, mode);
             }
         }
         self.renew_due = true;

@@ -215,6 +215,20 @@ pub enum Grant {
     Shared,
 }
 
+/// What a revoke asks of a copy's holder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RevokeMode {
+    /// Drop it (a writer with its own value, a delete, a lapsed lease). Confirmed by a
+    /// renewal sent after the node applied the revoke.
+    Invalidate,
+    /// Write it back and keep it Shared (a reader). Confirmed by the write-back.
+    Downgrade,
+    /// Write it back and drop it (a write-back writer: until the new owner writes back,
+    /// the stored value must be the latest acknowledged one, so the old owner's dirty
+    /// value is saved first). Confirmed by the write-back.
+    Flush,
+}
+
 /// Why the directory refused a request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CacheRefusal {
@@ -288,8 +302,7 @@ pub enum CacheEvent {
         /// Whether it counted.
         counted: bool,
     },
-    /// `node` must give up its copy of `key` (or, with `downgrade`, write it back and
-    /// keep it Shared).
+    /// `node` must give up its copy of `key` as `mode` says.
     Revoke {
         /// The node.
         node: NodeId,
@@ -297,8 +310,8 @@ pub enum CacheEvent {
         key: String,
         /// The epoch of the copy revoked.
         epoch: u64,
-        /// Downgrade to S (a reader) rather than invalidate (a writer).
-        downgrade: bool,
+        /// What the node must do.
+        mode: RevokeMode,
     },
     /// A request was answered.
     Answered {
@@ -360,8 +373,8 @@ struct AgentRecord {
 struct Revoking {
     /// The entry that issued it.
     index: LogIndex,
-    /// Downgrade (confirmed only by a write-back) or invalidate.
-    downgrade: bool,
+    /// What was asked.
+    mode: RevokeMode,
 }
 
 /// A request waiting for its turn on a key.
@@ -495,7 +508,7 @@ impl CacheDirectory {
 
     /// Keys whose copy at `node` is being revoked, with the epoch and whether it is a
     /// downgrade (an agent that skipped the events, by a snapshot, answers them).
-    pub fn revokes_of(&self, node: NodeId) -> Vec<(String, u64, bool)> {
+    pub fn revokes_of(&self, node: NodeId) -> Vec<(String, u64, RevokeMode)> {
         let Some(agent) = self.agents.get(&node) else {
             return Vec::new();
         };
@@ -506,7 +519,7 @@ impl CacheDirectory {
                 let rec = self.keys.get(k)?;
                 rec.revoking
                     .get(&node)
-                    .map(|r| (k.clone(), rec.epoch, r.downgrade))
+                    .map(|r| (k.clone(), rec.epoch, r.mode))
             })
             .collect()
     }
@@ -648,7 +661,7 @@ impl CacheDirectory {
                         node,
                         key: key.clone(),
                         epoch,
-                        downgrade: false,
+                        mode: RevokeMode::Invalidate,
                     });
                     self.pump(index, now, &key, out);
                 }
@@ -767,7 +780,7 @@ impl CacheDirectory {
                 self.keys
                     .get(*k)
                     .and_then(|r| r.revoking.get(&node))
-                    .is_some_and(|r| !r.downgrade && r.index <= applied)
+                    .is_some_and(|r| r.mode == RevokeMode::Invalidate && r.index <= applied)
             })
             .cloned()
             .collect();
@@ -972,7 +985,7 @@ impl CacheDirectory {
             // A downgrade ends with this write-back; an invalidation only hears the
             // value (a writer elsewhere takes over, whatever the node wanted to keep).
             Some(r) => {
-                let keep_shared = r.downgrade && line.keep != Keep::Nothing;
+                let keep_shared = r.mode == RevokeMode::Downgrade && line.keep != Keep::Nothing;
                 self.end_revoke(node, &line.key, keep_shared);
             }
             None => match line.keep {
@@ -1033,7 +1046,7 @@ impl CacheDirectory {
         self.bytes -= old_bytes - rec.bytes(key);
         let sharers: Vec<NodeId> = rec.sharers.iter().copied().collect();
         for node in sharers {
-            self.revoke(index, now, key, node, false, out);
+            self.revoke(index, now, key, node, RevokeMode::Invalidate, out);
         }
         self.pump(index, now, key, out);
     }
@@ -1046,7 +1059,7 @@ impl CacheDirectory {
         now: u64,
         key: &str,
         node: NodeId,
-        downgrade: bool,
+        mode: RevokeMode,
         out: &mut Vec<CacheEvent>,
     ) {
         let Some(rec) = self.keys.get_mut(key) else {
@@ -1063,10 +1076,14 @@ impl CacheDirectory {
         agent.last_revoke = index;
         // A node past its lease is told to drop the line, never to keep a Shared copy
         // the directory no longer counts.
-        let downgrade = downgrade && agent.lease_until_ms > now;
+        let mode = if agent.lease_until_ms > now {
+            mode
+        } else {
+            RevokeMode::Invalidate
+        };
         if agent.lease_until_ms > now {
             agent.revoking += 1;
-            rec.revoking.insert(node, Revoking { index, downgrade });
+            rec.revoking.insert(node, Revoking { index, mode });
         } else {
             agent.holds.remove(key);
             agent.lapsed += 1;
@@ -1076,7 +1093,7 @@ impl CacheDirectory {
             node,
             key: key.to_owned(),
             epoch,
-            downgrade,
+            mode,
         });
     }
 
@@ -1122,25 +1139,38 @@ impl CacheDirectory {
             if self.agents.get(&q.node).map(|a| a.session) != Some(q.session) {
                 continue;
             }
-            let blockers: Vec<(NodeId, bool)> = match &q.op {
-                CacheOp::Read => rec
-                    .owner
+            let owner = rec.owner;
+            let blockers: Vec<(NodeId, RevokeMode)> = match &q.op {
+                CacheOp::Read => owner
                     .filter(|o| *o != q.node)
-                    .map(|o| (o, true))
+                    .map(|o| (o, RevokeMode::Downgrade))
                     .into_iter()
                     .collect(),
-                CacheOp::Write { .. } => rec
+                // A durable write brings its own value; a write-back one does not, and
+                // if its writer never holds the line (its caller gave up), the stored
+                // value must still be the latest acknowledged: the old owner's is saved.
+                CacheOp::Write { value, .. } => rec
                     .holders()
                     .filter(|n| *n != q.node)
-                    .map(|n| (n, false))
+                    .map(|n| {
+                        let flush = value.is_none() && Some(n) == owner;
+                        (
+                            n,
+                            if flush {
+                                RevokeMode::Flush
+                            } else {
+                                RevokeMode::Invalidate
+                            },
+                        )
+                    })
                     .collect(),
-                CacheOp::Delete => rec.holders().map(|n| (n, false)).collect(),
+                CacheOp::Delete => rec.holders().map(|n| (n, RevokeMode::Invalidate)).collect(),
             };
             if !blockers.is_empty() {
                 rec.queue.push_front(q);
                 self.waiting += 1;
-                for (node, downgrade) in blockers {
-                    self.revoke(index, now, key, node, downgrade, out);
+                for (node, mode) in blockers {
+                    self.revoke(index, now, key, node, mode, out);
                 }
                 continue;
             }
@@ -1232,5 +1262,228 @@ impl CacheDirectory {
             }
         }
         outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory with two registered nodes (1 and 2), both with a valid lease.
+    fn two_nodes(limits: DirectoryLimits) -> (CacheDirectory, Vec<CacheEvent>) {
+        let mut d = CacheDirectory {
+            limits,
+            ..CacheDirectory::default()
+        };
+        let mut out = Vec::new();
+        for (node, index) in [(1, 1), (2, 2)] {
+            d.apply(
+                index,
+                0,
+                CacheCommand::Register { node, nonce: 7 },
+                &mut out,
+            );
+            d.apply(
+                index + 10,
+                0,
+                CacheCommand::Renew {
+                    node,
+                    session: index,
+                    renew: 1,
+                    applied: index,
+                },
+                &mut out,
+            );
+        }
+        (d, out)
+    }
+
+    fn request(node: NodeId, seq: u64, key: &str, op: CacheOp) -> CacheCommand {
+        CacheCommand::Request {
+            node,
+            session: node,
+            seq,
+            ack: 1,
+            key: key.into(),
+            op,
+        }
+    }
+
+    fn write(value: Option<&str>) -> CacheOp {
+        CacheOp::Write {
+            value: value.map(|v| v.as_bytes().to_vec()),
+            ttl_ms: None,
+            stamp: 0,
+        }
+    }
+
+    fn outcome(out: &[CacheEvent], node: NodeId, seq: u64) -> Option<Outcome> {
+        out.iter().find_map(|e| match e {
+            CacheEvent::Answered {
+                node: n,
+                seq: s,
+                outcome,
+                ..
+            } if *n == node && *s == seq => Some(outcome.clone()),
+            _ => None,
+        })
+    }
+
+    fn wb(key: &str, epoch: u64, stamp: u64, value: &str, keep: Keep) -> WriteBackLine {
+        WriteBackLine {
+            key: key.into(),
+            epoch,
+            stamp,
+            written: Written::Value {
+                value: value.as_bytes().to_vec(),
+                ttl_ms: None,
+            },
+            keep,
+        }
+    }
+
+    /// A write-back sent before its node applied the revoke says nothing about what the
+    /// node does afterwards: it stores the value but ends no revoke. One sent after
+    /// does; a write-back writer's revoke of the owner needs the owner's value.
+    #[test]
+    fn only_a_write_back_sent_after_the_revoke_answers_it() {
+        let (mut d, _) = two_nodes(DirectoryLimits::default());
+        let mut out = Vec::new();
+        d.apply(20, 0, request(1, 1, "k", write(None)), &mut out);
+        assert!(matches!(
+            outcome(&out, 1, 1),
+            Some(Outcome::Granted {
+                grant: Grant::Modified,
+                epoch: 1,
+                ..
+            })
+        ));
+        out.clear();
+        d.apply(21, 0, request(2, 1, "k", write(None)), &mut out);
+        assert!(outcome(&out, 2, 1).is_none(), "waits for node1's copy");
+        let early = CacheCommand::WriteBack {
+            node: 1,
+            session: 1,
+            applied: 20,
+            lines: vec![wb("k", 1, 5, "v1", Keep::Owner)],
+        };
+        out.clear();
+        d.apply(22, 0, early, &mut out);
+        assert!(
+            outcome(&out, 2, 1).is_none(),
+            "a write-back from before the revoke"
+        );
+        assert_eq!(d.value("k"), Some(&b"v1"[..]), "its value is kept");
+        // The owner's dirty value must reach the store first (a flush): a renewal does
+        // not end it; its write-back sent after the revoke does.
+        let renew = CacheCommand::Renew {
+            node: 1,
+            session: 1,
+            renew: 2,
+            applied: 21,
+        };
+        out.clear();
+        d.apply(23, 0, renew, &mut out);
+        assert!(outcome(&out, 2, 1).is_none(), "a flush needs the value");
+        let late = CacheCommand::WriteBack {
+            node: 1,
+            session: 1,
+            applied: 21,
+            lines: vec![wb("k", 1, 6, "v2", Keep::Nothing)],
+        };
+        d.apply(24, 0, late, &mut out);
+        assert_eq!(
+            d.value("k"),
+            Some(&b"v2"[..]),
+            "the latest acknowledged value"
+        );
+        assert!(matches!(
+            outcome(&out, 2, 1),
+            Some(Outcome::Granted {
+                grant: Grant::Modified,
+                epoch: 2,
+                ..
+            })
+        ));
+        d.check().expect("bookkeeping");
+    }
+
+    /// A holder that does not answer holds a writer up until its lease runs out (lock
+    /// time), never longer; it is then told to drop its line, and a write-back of the
+    /// old epoch is refused.
+    #[test]
+    fn an_unanswered_revoke_ends_when_the_holders_lease_runs_out() {
+        let (mut d, _) = two_nodes(DirectoryLimits::default());
+        let mut out = Vec::new();
+        d.apply(20, 0, request(1, 1, "k", write(None)), &mut out);
+        d.apply(21, 100, request(2, 1, "k", write(None)), &mut out);
+        assert_eq!(d.next_deadline_ms(), Some(2_000), "node1's lease");
+        out.clear();
+        d.advance(22, 1_999, &mut out);
+        assert!(outcome(&out, 2, 1).is_none());
+        d.advance(23, 2_000, &mut out);
+        assert!(out.iter().any(|e| matches!(
+            e,
+            CacheEvent::Revoke {
+                node: 1,
+                mode: RevokeMode::Invalidate,
+                ..
+            }
+        )));
+        assert!(matches!(outcome(&out, 2, 1), Some(Outcome::Granted { .. })));
+        assert_eq!(d.lapsed_of(1), 1);
+        out.clear();
+        let stale = CacheCommand::WriteBack {
+            node: 1,
+            session: 1,
+            applied: 30,
+            lines: vec![wb("k", 1, 9, "old", Keep::Owner)],
+        };
+        d.apply(24, 2_001, stale, &mut out);
+        assert!(out.iter().any(|e| matches!(
+            e,
+            CacheEvent::WrittenBack {
+                refused: Some(WriteBackRefusal::Stale),
+                ..
+            }
+        )));
+        assert_eq!(d.value("k"), None);
+        d.check().expect("bookkeeping");
+    }
+
+    /// A resent request is applied once; a new registration drops what the earlier
+    /// process held; the bounds refuse with Full.
+    #[test]
+    fn resends_apply_once_registrations_forget_and_bounds_refuse() {
+        let limits = DirectoryLimits {
+            max_keys: 1,
+            ..DirectoryLimits::default()
+        };
+        let (mut d, _) = two_nodes(limits);
+        let mut out = Vec::new();
+        d.apply(20, 0, request(1, 1, "a", write(Some("x"))), &mut out);
+        d.apply(21, 0, request(1, 1, "a", write(Some("x"))), &mut out);
+        let answers = out
+            .iter()
+            .filter(|e| matches!(e, CacheEvent::Answered { .. }))
+            .count();
+        assert_eq!(answers, 1, "the resend is not applied again");
+        out.clear();
+        d.apply(22, 0, request(2, 1, "b", write(None)), &mut out);
+        assert!(matches!(
+            outcome(&out, 2, 1),
+            Some(Outcome::Refused(CacheRefusal::Full(_)))
+        ));
+        assert_eq!(d.holds(1, "a").map(|h| h.0), Some(Grant::Exclusive));
+        out.clear();
+        d.apply(
+            23,
+            0,
+            CacheCommand::Register { node: 1, nonce: 8 },
+            &mut out,
+        );
+        assert_eq!(d.holds(1, "a"), None, "a restarted node holds nothing");
+        assert_eq!(d.value("a"), Some(&b"x"[..]), "the stored value stays");
+        d.check().expect("bookkeeping");
     }
 }

@@ -21,6 +21,6 @@ pub use agent::{
 };
 pub use directory::{
     CacheCommand, CacheDirectory, CacheEvent, CacheOp, CacheRefusal, DirectoryLimits, Grant, Keep,
-    Outcome, WriteBackLine, WriteBackRefusal, Written,
+    Outcome, RevokeMode, WriteBackLine, WriteBackRefusal, Written,
 };
 pub use lines::{CacheLines, Evicted, Fill, Line, LineError, LineStats, Mesi};
