@@ -372,9 +372,11 @@ fn a_killed_or_cut_off_writer_loses_at_most_its_write_back_window() {
     c.start_node_with_env(killed, &[("SYNCMESH_FAULT_INJECTION", "1".to_string())]);
     c.wait_for_leader(Duration::from_secs(10));
     let restarted = c.nodes[killed].http;
-    eventually("the restarted node to serve its cache", Duration::from_secs(10), || {
-        post(restarted, "/cache/get", &json!({"key": "k1"})).0 == 200
-    });
+    eventually(
+        "the restarted node to serve its cache",
+        Duration::from_secs(10),
+        || post(restarted, "/cache/get", &json!({"key": "k1"})).0 == 200,
+    );
     assert_eq!(
         post(restarted, "/cache/get", &json!({"key": "k1"})).1["val"],
         read[0].1,

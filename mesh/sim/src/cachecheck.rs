@@ -9,8 +9,9 @@
 //!   value" (0), a miss reads it. An acknowledged write-back put counts as certainly
 //!   applied unless its writer later crashed or lost its lines by lease expiry (DESIGN
 //!   section 6: what a crashed or cut-off writer acknowledged within its write-back
-//!   window may be lost); then it may or may not have taken effect, and reads that node
-//!   served from then on constrain nothing. Durable puts and deletes never get that
+//!   window may be lost); then it may or may not have taken effect, and reads served by a
+//!   node that later lost its lines constrain nothing (a loss is not bounded in time
+//!   here: the HTTP kill -9 and cut-off tests measure the window). Durable puts and deletes never get that
 //!   allowance.
 //! - keys written with a TTL: every value read was written to the key, and a get never
 //!   returns a value older than one an earlier, completed get returned (a TTL or an

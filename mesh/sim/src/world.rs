@@ -248,8 +248,9 @@ pub struct World {
     pub(crate) queue_history: crate::queuecheck::QueueHistory,
     pub(crate) cache_clients: Vec<CacheClient>,
     pub(crate) cache_history: CacheHistory,
-    /// Per node, the lease-expiry revokes of its lines seen so far.
-    lapses_seen: BTreeMap<NodeId, u64>,
+    /// Per node, its registration and the lease-expiry revokes of its lines seen so far
+    /// (counted per registration).
+    lapses_seen: BTreeMap<NodeId, (Option<u64>, u64)>,
     verbose: bool,
 }
 
@@ -668,10 +669,14 @@ impl World {
             .max_by_key(|n| n.services().applied());
         if let Some(best) = best {
             for id in 1..=self.params.nodes {
-                let lapsed = best.services().cache().lapsed_of(id);
+                let dir = best.services().cache();
+                let (session, lapsed) = (dir.session_of(id), dir.lapsed_of(id));
                 let seen = self.lapses_seen.entry(id).or_default();
-                if lapsed > *seen {
-                    *seen = lapsed;
+                if seen.0 != session {
+                    *seen = (session, 0);
+                }
+                if lapsed > seen.1 {
+                    seen.1 = lapsed;
                     self.cache_history.loss(id, self.clock);
                     self.coverage.cache_lease_expiries += 1;
                 }

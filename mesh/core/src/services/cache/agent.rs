@@ -779,14 +779,7 @@ impl CacheAgent {
             }
             Some(gone) => {
                 let was = gone.line.state;
-                let written = if gone.line.dirty_since_ms.is_some() {
-                    Written::Value {
-                        value: gone.line.value.clone(),
-                        ttl_ms: ttl_left(&gone.line, now_ms),
-                    }
-                } else {
-                    Written::Unchanged
-                };
+                let written = written_of(&gone.line, now_ms);
                 if was.owned() {
                     self.give_up(gone, written, Some(call));
                 } else {
@@ -794,7 +787,6 @@ impl CacheAgent {
                     // and the directory is not told (a release could not be told from
                     // one of an earlier copy under the same epoch); the next writer's
                     // revoke finds no line and is confirmed at once.
-                    let _ = key;
                     self.reply(call, CacheAnswer::Evicted { was });
                 }
             }
@@ -805,14 +797,7 @@ impl CacheAgent {
     /// Shared ones dropped.
     fn evicted(&mut self, now_ms: u64, evicted: Vec<Evicted>) {
         for gone in evicted {
-            let written = if gone.line.dirty_since_ms.is_some() {
-                Written::Value {
-                    value: gone.line.value.clone(),
-                    ttl_ms: ttl_left(&gone.line, now_ms),
-                }
-            } else {
-                Written::Unchanged
-            };
+            let written = written_of(&gone.line, now_ms);
             // (Shared lines are dropped without a word: see `evict`.)
             if gone.line.state.owned() {
                 self.give_up(gone, written, None);
@@ -1117,10 +1102,11 @@ impl CacheAgent {
                     key,
                     epoch,
                     stamp,
+                    keep,
                     version,
                     refused,
                 } if *node == self.node && Some(*session) == self.session => {
-                    self.written_back(key, *epoch, *stamp, *version, *refused);
+                    self.written_back(key, (*epoch, *stamp, *keep), *version, *refused);
                 }
                 _ => {}
             }
@@ -1202,13 +1188,7 @@ impl CacheAgent {
             if let Outcome::Granted { grant, epoch, .. } = outcome {
                 if *grant != Grant::Shared && self.lines.peek(key).is_none_or(|l| l.epoch != *epoch)
                 {
-                    self.outbox.push(WriteBackLine {
-                        key: key.to_owned(),
-                        epoch: *epoch,
-                        stamp: 0,
-                        written: Written::Unchanged,
-                        keep: Keep::Nothing,
-                    });
+                    self.hand_back(key, *epoch);
                 }
             }
             return;
@@ -1321,7 +1301,9 @@ impl CacheAgent {
                     state: Mesi::Exclusive,
                     version,
                     epoch,
-                    ttl_ms: *ttl_ms,
+                    // The directory counts the TTL from when the put applied, after it
+                    // left: counted here from when it left, the line ends first.
+                    ttl_ms: ttl_ms.map(ttl_from_now),
                     stamp: *stamp,
                 };
                 let state = self.hold(now_ms, &p.key, fill);
@@ -1411,15 +1393,16 @@ impl CacheAgent {
     fn written_back(
         &mut self,
         key: &str,
-        epoch: u64,
-        stamp: u64,
+        (epoch, stamp, keep): (u64, u64, Keep),
         version: u64,
         refused: Option<WriteBackRefusal>,
     ) {
+        // Only the very line heard of is done: a periodic write-back of the same stamp
+        // is not the answer to a revoke that is still on its way.
         if self
             .unconfirmed
             .get(key)
-            .is_some_and(|(l, _, _)| l.epoch == epoch && l.stamp == stamp)
+            .is_some_and(|(l, _, _)| l.epoch == epoch && l.stamp == stamp && l.keep == keep)
             && refused != Some(WriteBackRefusal::Full)
         {
             self.unconfirmed.remove(key);
@@ -1473,8 +1456,16 @@ impl CacheAgent {
         let keys: Vec<String> = self.lines.keys().map(str::to_owned).collect();
         for key in keys {
             let keep = match (self.lines.peek(&key), dir.holds(self.node, &key)) {
+                // Granted to us again in the skipped part (a request of ours that waited)
+                // with nothing stored since our line's version: nobody else holds it, and
+                // our line has our latest write.
+                (Some(l), Some((Grant::Exclusive, e)))
+                    if l.state.owned() && l.epoch < e && dir.version_of(&key) == l.version =>
+                {
+                    self.lines.regrant(&key, e).is_some()
+                }
                 (Some(l), Some((Grant::Exclusive, e))) => l.state.owned() && l.epoch == e,
-                (Some(l), Some((Grant::Shared, _))) => l.state == Mesi::Shared,
+                (Some(l), Some((Grant::Shared, e))) => l.state == Mesi::Shared && l.epoch == e,
                 // Being revoked: kept for the answer below (a downgrade writes it back).
                 (Some(l), None) => revokes.iter().any(|(k, e, _)| *k == key && *e == l.epoch),
                 _ => false,

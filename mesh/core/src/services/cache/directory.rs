@@ -338,6 +338,8 @@ pub enum CacheEvent {
         epoch: u64,
         /// The stamp it carried.
         stamp: u64,
+        /// What it said the node keeps.
+        keep: Keep,
         /// The key's version after it.
         version: u64,
         /// `None`: accepted.
@@ -350,6 +352,9 @@ pub enum CacheEvent {
 struct AgentRecord {
     /// The index of its registration.
     session: LogIndex,
+    /// The nonce it registered with (a resent registration of the same process is
+    /// recognised by it).
+    nonce: u64,
     /// Request numbers below this are forgotten (the agent waits for none of them).
     floor: u64,
     /// Request numbers at or above `floor` applied.
@@ -460,6 +465,9 @@ pub struct CacheDirectory {
     stale_writebacks: u64,
     /// Revokes that ended because the holder's lease ran out, ever.
     lease_expiries: u64,
+    /// The last ownership epoch granted, over all keys: a key whose record was
+    /// removed and made again never reuses an epoch a write-back on its way may carry.
+    last_epoch: u64,
 }
 
 impl CacheDirectory {
@@ -535,6 +543,11 @@ impl CacheDirectory {
             has_value: rec.value.is_some(),
             waiting: rec.queue.len(),
         })
+    }
+
+    /// The stored value's version of `key` (0: no record).
+    pub fn version_of(&self, key: &str) -> u64 {
+        self.keys.get(key).map_or(0, |r| r.version)
     }
 
     /// The stored value of `key` (tests and the simulator).
@@ -732,12 +745,23 @@ impl CacheDirectory {
         if !self.agents.contains_key(&node) && self.agents.len() >= MAX_AGENTS {
             return;
         }
+        if let Some(a) = self.agents.get(&node).filter(|a| a.nonce == nonce) {
+            // The same process asked again (its first registration was slow to
+            // commit): it keeps its registration and what it holds.
+            out.push(CacheEvent::Registered {
+                node,
+                nonce,
+                session: a.session,
+            });
+            return;
+        }
         // What the earlier incarnation held is gone with its memory; its requests
         // still queued are dropped when they reach the head (their session is stale).
         let old = self.agents.insert(
             node,
             AgentRecord {
                 session: index,
+                nonce,
                 last_revoke: index,
                 ..AgentRecord::default()
             },
@@ -938,6 +962,7 @@ impl CacheDirectory {
             key: line.key.clone(),
             epoch: line.epoch,
             stamp: line.stamp,
+            keep: line.keep,
             version,
             refused,
         });
@@ -953,6 +978,11 @@ impl CacheDirectory {
         line: &WriteBackLine,
     ) -> Option<WriteBackRefusal> {
         let max_bytes = self.limits.max_bytes;
+        let too_big =
+            matches!(&line.written, Written::Value { value, .. } if value.len() > MAX_VALUE_BYTES);
+        if too_big || line.key.len() > MAX_KEY_BYTES {
+            return Some(WriteBackRefusal::Stale);
+        }
         let rec = match self.keys.get_mut(&line.key) {
             Some(rec) if rec.epoch == line.epoch => rec,
             _ => return Some(WriteBackRefusal::Stale),
@@ -962,10 +992,12 @@ impl CacheDirectory {
             return Some(WriteBackRefusal::Stale);
         }
         let revoking = rec.revoking.get(&node).copied();
-        if changes && line.stamp <= rec.stamp {
-            return Some(WriteBackRefusal::Superseded);
-        }
+        // A value already stored (a resend) or overtaken by a later one of the same
+        // grant is not stored again, but what the line says about keeping still counts:
+        // it may be the answer to a revoke.
+        let superseded = changes && line.stamp <= rec.stamp;
         let value = match &line.written {
+            _ if superseded => None,
             Written::Unchanged => None,
             Written::Value { value, ttl_ms } => Some(Some((value.clone(), *ttl_ms))),
             Written::Expired => Some(None),
@@ -973,7 +1005,9 @@ impl CacheDirectory {
         if let Some(value) = value {
             let added = value.as_ref().map_or(0, |(v, _)| v.len() as u64);
             let removed = rec.value.as_ref().map_or(0, |v| v.len() as u64);
-            if (self.bytes + added).saturating_sub(removed) > max_bytes {
+            // A revoke waits for this value: it is taken even past the bound (it
+            // replaces a value of the same key; one line is at most MAX_VALUE_BYTES).
+            if revoking.is_none() && (self.bytes + added).saturating_sub(removed) > max_bytes {
                 return Some(WriteBackRefusal::Full);
             }
             rec.stamp = line.stamp;
@@ -1186,7 +1220,7 @@ impl CacheDirectory {
     }
 
     /// A read that nothing holds up: E if nobody holds the key, S beside others.
-    fn run_read(rec: &mut KeyRecord, node: NodeId, now: u64) -> Outcome {
+    fn run_read(rec: &mut KeyRecord, node: NodeId, now: u64, last_epoch: &mut u64) -> Outcome {
         if rec.value.is_none() {
             return Outcome::Miss;
         }
@@ -1195,7 +1229,8 @@ impl CacheDirectory {
         // count for this one.
         let grant = if rec.owner == Some(node) || rec.owner.is_none() && rec.sharers.is_empty() {
             rec.owner = Some(node);
-            rec.epoch += 1;
+            *last_epoch += 1;
+            rec.epoch = *last_epoch;
             rec.stamp = 0;
             Grant::Exclusive
         } else {
@@ -1220,7 +1255,7 @@ impl CacheDirectory {
         let outcome = match &q.op {
             CacheOp::Read => {
                 held = rec.value.is_some();
-                Self::run_read(rec, q.node, now)
+                Self::run_read(rec, q.node, now, &mut self.last_epoch)
             }
             CacheOp::Write {
                 value,
@@ -1228,7 +1263,8 @@ impl CacheDirectory {
                 stamp,
             } => {
                 rec.owner = Some(q.node);
-                rec.epoch += 1;
+                self.last_epoch += 1;
+                rec.epoch = self.last_epoch;
                 rec.stamp = 0;
                 if value.is_some() {
                     rec.stamp = rec.stamp.max(*stamp);
@@ -1448,6 +1484,69 @@ mod tests {
             }
         )));
         assert_eq!(d.value("k"), None);
+        d.check().expect("bookkeeping");
+    }
+
+    /// A registration resent by the same process (same nonce) keeps what it holds; a
+    /// write-back writer's flush of the owner is answered even when the value it carries
+    /// was stored already by an earlier write-back of the same stamp; epochs never repeat
+    /// for a key made again after it was removed.
+    #[test]
+    fn resent_registrations_superseded_answers_and_remade_keys_keep_the_protocol_safe() {
+        let (mut d, _) = two_nodes(DirectoryLimits::default());
+        let mut out = Vec::new();
+        d.apply(20, 0, request(1, 1, "k", write(None)), &mut out);
+        d.apply(
+            21,
+            0,
+            CacheCommand::Register { node: 1, nonce: 7 },
+            &mut out,
+        );
+        assert_eq!(
+            d.holds(1, "k").map(|h| h.0),
+            Some(Grant::Exclusive),
+            "a resent registration forgets nothing"
+        );
+        assert_eq!(d.session_of(1), Some(1));
+        // Node1's periodic write-back of stamp 5, then node2 writes: node1 is flushed.
+        let periodic = CacheCommand::WriteBack {
+            node: 1,
+            session: 1,
+            applied: 21,
+            lines: vec![wb("k", 1, 5, "v1", Keep::Owner)],
+        };
+        d.apply(22, 0, periodic, &mut out);
+        d.apply(23, 0, request(2, 1, "k", write(None)), &mut out);
+        out.clear();
+        let answer = CacheCommand::WriteBack {
+            node: 1,
+            session: 1,
+            applied: 23,
+            lines: vec![wb("k", 1, 5, "v1", Keep::Nothing)],
+        };
+        d.apply(24, 0, answer, &mut out);
+        let Some(Outcome::Granted { epoch, .. }) = outcome(&out, 2, 1) else {
+            panic!("the flush was answered by a write-back of a stored stamp: {out:?}");
+        };
+        // Deleted (the record goes), then written again: a new epoch, not 1 again.
+        d.apply(25, 0, request(2, 2, "k", CacheOp::Delete), &mut out);
+        d.apply(
+            26,
+            0,
+            CacheCommand::Renew {
+                node: 2,
+                session: 2,
+                renew: 3,
+                applied: 25,
+            },
+            &mut out,
+        );
+        out.clear();
+        d.apply(27, 0, request(1, 2, "k", write(None)), &mut out);
+        let Some(Outcome::Granted { epoch: again, .. }) = outcome(&out, 1, 2) else {
+            panic!("granted: {out:?}");
+        };
+        assert!(again > epoch, "epoch {again} after {epoch}");
         d.check().expect("bookkeeping");
     }
 

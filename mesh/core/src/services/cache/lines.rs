@@ -264,8 +264,8 @@ impl CacheLines {
     }
 
     /// A write at this node on a line it owns (M or E): the line becomes Modified with
-    /// `value` and write `stamp`, dirty since `now_ms` if it was clean. The TTL, if
-    /// `ttl_ms` is given, starts again. A line not owned is refused: the write goes
+    /// `value` and write `stamp`, dirty since `now_ms` if it was clean. Its TTL is
+    /// `ttl_ms` from now (`None`: none, as the write says). A line not owned is refused: the write goes
     /// through the directory.
     pub fn write_owned(
         &mut self,
@@ -287,10 +287,8 @@ impl CacheLines {
             state: Mesi::Modified,
             version: old.version,
             epoch: old.epoch,
-            expires_at_ms: match ttl_ms {
-                Some(t) => Some(now_ms.saturating_add(t)),
-                None => old.expires_at_ms,
-            },
+            // As a Redis SET: a write without a TTL has none.
+            expires_at_ms: ttl_ms.map(|t| now_ms.saturating_add(t)),
             dirty_since_ms: old.dirty_since_ms.or(Some(now_ms)),
             stamp,
             touched: 0,
