@@ -7,6 +7,7 @@
 
 use crate::{ApiError, AppState};
 use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query as UrlQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -270,10 +271,11 @@ pub(crate) async fn evict(
         .cache_call(node, &CacheCall::Evict { key: b.key })
         .await?
     {
-        CacheAnswer::Evicted { was } => Ok(Json(json!({
+        CacheAnswer::Evicted { was, lost } => Ok(Json(json!({
             "ok": true,
             "node": node_name(node),
             "was": was.letter(),
+            "lost": lost,
         }))
         .into_response()),
         other => Err(unexpected(&other)),
@@ -295,8 +297,9 @@ fn dir_json(view: &KeyDirView) -> Value {
 /// `GET /cache/state?key=`: the key's line on every node, and the directory's record.
 pub(crate) async fn state(
     State(state): State<Arc<AppState>>,
-    UrlQuery(q): UrlQuery<KeyParams>,
+    q: Result<UrlQuery<KeyParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let UrlQuery(q) = q?;
     let Some(key) = q.key else {
         return Err(ApiError::bad_request(
             "invalid_key",
@@ -394,19 +397,23 @@ async fn ask_every_node(
 /// `GET /cache/{key}`.
 pub(crate) async fn rest_get(
     State(state): State<Arc<AppState>>,
-    Path(key): Path<String>,
-    UrlQuery(q): UrlQuery<RestParams>,
+    key: Result<Path<String>, PathRejection>,
+    q: Result<UrlQuery<RestParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(key) = key?;
+    let UrlQuery(q) = q?;
     do_get(&state, key, q.node.as_deref()).await
 }
 
 /// `PUT /cache/{key}`: the body is the value.
 pub(crate) async fn rest_put(
     State(state): State<Arc<AppState>>,
-    Path(key): Path<String>,
-    UrlQuery(q): UrlQuery<RestParams>,
+    key: Result<Path<String>, PathRejection>,
+    q: Result<UrlQuery<RestParams>, QueryRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let Path(key) = key?;
+    let UrlQuery(q) = q?;
     let val: Value = state.json(body).await?;
     do_put(&state, key, &val, q.node.as_deref(), q.ttl_ms, q.durable).await
 }
@@ -414,8 +421,10 @@ pub(crate) async fn rest_put(
 /// `DELETE /cache/{key}`.
 pub(crate) async fn rest_delete(
     State(state): State<Arc<AppState>>,
-    Path(key): Path<String>,
-    UrlQuery(q): UrlQuery<RestParams>,
+    key: Result<Path<String>, PathRejection>,
+    q: Result<UrlQuery<RestParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(key) = key?;
+    let UrlQuery(q) = q?;
     do_delete(&state, key, q.node.as_deref()).await
 }

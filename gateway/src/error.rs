@@ -4,6 +4,7 @@
 //! a 4xx, never a 500; a cluster without a leader is a 503 with `Retry-After` (the call
 //! was not carried out); a call whose outcome the gateway cannot know is a 504.
 
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
@@ -19,6 +20,20 @@ pub struct ApiError {
     pub message: String,
     /// Extra fields inside `error` (holders, cycle).
     pub details: Map<String, Value>,
+}
+
+/// A query string that does not parse is a 400 in the usual body, not axum's plain text.
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        Self::bad_request("invalid_query", r.body_text())
+    }
+}
+
+/// A path segment that does not decode is a 400 in the usual body.
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        Self::bad_request("invalid_path", r.body_text())
+    }
 }
 
 impl ApiError {

@@ -2,6 +2,7 @@
 
 use crate::{ApiError, AppState};
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query as UrlQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -270,8 +271,9 @@ pub(crate) async fn renew(
 
 pub(crate) async fn state(
     State(state): State<Arc<AppState>>,
-    UrlQuery(p): UrlQuery<KeyParam>,
+    p: Result<UrlQuery<KeyParam>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let UrlQuery(p) = p?;
     let key = p
         .key
         .ok_or_else(|| ApiError::bad_request("invalid_key", "query parameter key is required"))?;

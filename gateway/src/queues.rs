@@ -8,6 +8,7 @@
 use crate::groups::EnqueueGroups;
 use crate::{ApiError, AppState};
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query as UrlQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -704,8 +705,9 @@ fn settings_json(s: &QueueSettings) -> Value {
 
 pub(crate) async fn stats(
     State(state): State<Arc<AppState>>,
-    UrlQuery(p): UrlQuery<QueueParam>,
+    p: Result<UrlQuery<QueueParam>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let UrlQuery(p) = p?;
     let queue = p.queue.map(|q| queue_name(Some(q))).transpose()?;
     let asked = queue.clone().unwrap_or_else(|| DEFAULT_QUEUE.to_owned());
     // The ring is of the queue asked for (the default queue when none is named).
@@ -765,8 +767,9 @@ pub(crate) async fn stats(
 
 pub(crate) async fn dead(
     State(state): State<Arc<AppState>>,
-    UrlQuery(p): UrlQuery<QueueParam>,
+    p: Result<UrlQuery<QueueParam>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let UrlQuery(p) = p?;
     let queue = queue_name(p.queue)?;
     let limit = p.limit.unwrap_or(100).min(1_000);
     match state

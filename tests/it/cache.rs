@@ -242,6 +242,15 @@ fn bad_cache_input_gets_its_documented_4xx() {
     assert_eq!(got, 413);
     let (got, reply) = http(at, "GET", "/cache/state", b"");
     assert_eq!((got, &reply["error"]["code"]), (400, &json!("invalid_key")));
+    // A query string that does not parse gets the JSON error body too, not plain text.
+    for path in ["/cache/a?ttl_ms=soon", "/cache/a?durable=maybe"] {
+        let (got, reply) = http(at, "PUT", path, b"1");
+        assert_eq!(
+            (got, &reply["error"]["code"]),
+            (400, &json!("invalid_query")),
+            "{path}: {reply}"
+        );
+    }
 }
 
 /// A writer that keeps putting `keys` at `at` (values 1, 2, ... round the keys) until
@@ -287,24 +296,33 @@ fn read_back(at: SocketAddr, keys: &[&str]) -> Vec<(String, u64, Duration)> {
         .collect()
 }
 
-/// Acknowledged puts newer than what was read: (count, the oldest one's age at `cut`).
+/// Acknowledged puts newer than what was read: (count, the oldest one's age at `cut`,
+/// its age at the writer's last acknowledgement). A node acknowledges a write-back put
+/// only while its oldest write not yet written back is younger than the window, so
+/// every lost put was acknowledged at most one window (and a response's trip) before
+/// the last acknowledgement, however late the kill or the cut came after it.
 fn lost_puts(
     acked: &[(&'static str, u64, Instant)],
     read: &[(String, u64, Duration)],
     cut: Instant,
-) -> (usize, Duration) {
-    let mut lost = 0;
-    let mut oldest = Duration::ZERO;
+) -> (usize, Duration, Duration) {
+    let last = acked.iter().map(|a| a.2).max().unwrap_or(cut);
+    let (mut lost, mut oldest, mut before_last) = (0, Duration::ZERO, Duration::ZERO);
     for (key, v, _) in read {
         for (k, av, at) in acked {
             if k == key && av > v {
                 lost += 1;
                 oldest = oldest.max(cut.saturating_duration_since(*at));
+                before_last = before_last.max(last.saturating_duration_since(*at));
             }
         }
     }
-    (lost, oldest)
+    (lost, oldest, before_last)
 }
+
+/// The write-back window the test cluster runs with, and what a response's trip may add.
+const WINDOW: Duration = Duration::from_millis(100);
+const SLACK: Duration = Duration::from_millis(150);
 
 /// DESIGN section 6 with real processes: a writer holding lines in M is killed (-9), and
 /// another is cut off from its peers (a test-only switch on its links). The other nodes
@@ -356,15 +374,16 @@ fn a_killed_or_cut_off_writer_loses_at_most_its_write_back_window() {
         );
         assert!(*v > 0, "{key}: some write-back arrived before the kill");
     }
-    let (lost, oldest) = lost_puts(&acked, &read, killed_at);
+    let (lost, oldest, before_last) = lost_puts(&acked, &read, killed_at);
     println!(
         "kill -9: {lost} of {} acknowledged write-back puts lost, the oldest acknowledged \
-         {oldest:?} before the kill (window 100 ms)",
+         {oldest:?} before the kill and {before_last:?} before the last acknowledgement \
+         (window {WINDOW:?})",
         acked.len()
     );
     assert!(
-        oldest < Duration::from_millis(400),
-        "lost puts are within the window: {oldest:?}"
+        before_last < WINDOW + SLACK,
+        "lost puts are within the window: {before_last:?}"
     );
 
     // Back to three nodes (the restarted one holds every line I), so that cutting one
@@ -397,7 +416,7 @@ fn a_killed_or_cut_off_writer_loses_at_most_its_write_back_window() {
     let last_ack = acked.last().map(|a| a.2).expect("acknowledged puts");
     let acked_after = last_ack.saturating_duration_since(cut_at);
     assert!(
-        acked_after < Duration::from_millis(500),
+        acked_after < WINDOW + SLACK + Duration::from_millis(250),
         "the cut-off node stopped acknowledging within the window ({acked_after:?} after the cut)"
     );
     let read = read_back(reader, CUT_KEYS);
@@ -407,15 +426,16 @@ fn a_killed_or_cut_off_writer_loses_at_most_its_write_back_window() {
             "{key} read in {took:?}, within the lease"
         );
     }
-    let (lost, oldest) = lost_puts(&acked, &read, cut_at);
+    let (lost, oldest, before_last) = lost_puts(&acked, &read, cut_at);
     println!(
         "cut off: {lost} of {} acknowledged write-back puts lost, the oldest acknowledged \
-         {oldest:?} before the cut; the last ack came {acked_after:?} after it",
+         {oldest:?} before the cut and {before_last:?} before the last acknowledgement; the \
+         last ack came {acked_after:?} after the cut (window {WINDOW:?})",
         acked.len()
     );
     assert!(
-        oldest < Duration::from_millis(400),
-        "lost puts are within the window: {oldest:?}"
+        before_last < WINDOW + SLACK,
+        "lost puts are within the window: {before_last:?}"
     );
     // Healed, the node drops what it lost and reads what the others read.
     let (status, _) = http(c.nodes[cut].admin, "POST", "/fault/heal", b"");

@@ -13,7 +13,7 @@
 //!   node that later lost its lines constrain nothing (a loss is not bounded in time
 //!   here: the HTTP kill -9 and cut-off tests measure the window). Durable puts and deletes never get that
 //!   allowance.
-//! - keys written with a TTL: every value read was written to the key, and a get never
+//! - keys written with a TTL (write-back and durable puts): every value read was written to the key, and a get never
 //!   returns a value older than one an earlier, completed get returned (a TTL or an
 //!   eviction never brings back an older value).
 //!
@@ -269,9 +269,12 @@ impl World {
             0..=49 => CacheOpKind::Get,
             50..=87 => {
                 self.next_value += 1;
+                // TTL keys get both kinds of put: a durable one stores its TTL in the
+                // directory, a write-back one carries what is left of it.
+                let durable = is_durable(key) || (is_ttl(key) && self.rng.chance(0.3));
                 CacheOpKind::Put {
                     value: self.next_value,
-                    durable: is_durable(key),
+                    durable,
                 }
             }
             88..=93 if !is_ttl(key) => CacheOpKind::Delete,

@@ -671,7 +671,10 @@ fn the_mesi_walk_invalidates_downgrades_and_hits_locally() {
     assert_eq!(c.put(2, "e", "w"), CacheAnswer::Put { state: M });
     assert_eq!(
         c.cache(2, CacheCall::Evict { key: "e".into() }),
-        CacheAnswer::Evicted { was: M }
+        CacheAnswer::Evicted {
+            was: M,
+            lost: false
+        }
     );
     assert_eq!(c.states("e"), [I, I, I]);
     assert_eq!(c.get(1, "e"), got("w", E));

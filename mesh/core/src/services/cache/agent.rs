@@ -39,6 +39,10 @@ use std::collections::{BTreeMap, VecDeque};
 pub const MAX_PENDING: usize = 10_000;
 /// Calls waiting (for the lease, the write-back window, or a line being written back).
 pub const MAX_WAITING_CALLS: usize = 10_000;
+/// Given-up lines held here until the directory applied their write-back. Past it, a
+/// call that needs a new line waits (hits on held lines still go on): lines given up
+/// are values in memory outside the LRU bound, so they are bounded too.
+pub const MAX_RELEASING: usize = 4096;
 /// Lines one write-back command carries at most.
 const MAX_LINES_PER_WRITEBACK: usize = 256;
 /// Value bytes one write-back command carries at most (one line may exceed it alone).
@@ -202,6 +206,9 @@ pub enum CacheAnswer {
     Evicted {
         /// What it was.
         was: Mesi,
+        /// Its writes were not stored: the directory refused the write-back as stale
+        /// (the node's lease had run out and the key was granted on).
+        lost: bool,
     },
     /// A key's state.
     State {
@@ -532,6 +539,14 @@ impl CacheAgent {
             // back: a read must not fetch the older stored value meanwhile.
             return Some(w);
         }
+        if self.releasing.len() >= MAX_RELEASING
+            && !matches!(w.task, Task::Ack { .. })
+            && self.lines.peek(w.task.key()).is_none()
+        {
+            // Evicting for a new line would add to what is held back: wait for the
+            // directory to take what is on its way.
+            return Some(w);
+        }
         match &w.task {
             Task::Get { .. } => self.attempt_get(now_ms, session, w),
             Task::Put { .. } => self.attempt_put(now_ms, session, w),
@@ -571,7 +586,7 @@ impl CacheAgent {
                     return Some(w);
                 }
                 if let Err(Some(gone)) = self.lines.get(&key, now_ms) {
-                    self.give_up(gone, Written::Expired, None);
+                    self.give_up(*gone, Written::Expired, None);
                 }
                 self.stats.misses += 1;
                 let answer = CacheAnswer::Got {
@@ -774,7 +789,13 @@ impl CacheAgent {
                 if let Some(r) = self.releasing.get_mut(&key) {
                     r.calls.push(call);
                 } else {
-                    self.reply(call, CacheAnswer::Evicted { was: Mesi::Invalid });
+                    self.reply(
+                        call,
+                        CacheAnswer::Evicted {
+                            was: Mesi::Invalid,
+                            lost: false,
+                        },
+                    );
                 }
             }
             Some(gone) => {
@@ -787,7 +808,7 @@ impl CacheAgent {
                     // and the directory is not told (a release could not be told from
                     // one of an earlier copy under the same epoch); the next writer's
                     // revoke finds no line and is confirmed at once.
-                    self.reply(call, CacheAnswer::Evicted { was });
+                    self.reply(call, CacheAnswer::Evicted { was, lost: false });
                 }
             }
         }
@@ -892,6 +913,9 @@ impl CacheAgent {
             if lines.len() >= 4 * MAX_LINES_PER_WRITEBACK {
                 break;
             }
+        }
+        for line in &lines {
+            self.lines.mark_sent(&line.key, line.stamp);
         }
         self.outbox.extend(lines);
         // Lines sent and not heard of again.
@@ -1121,7 +1145,14 @@ impl CacheAgent {
             self.unconfirmed.remove(key);
             if let Some(r) = self.releasing.remove(key) {
                 for call in r.calls {
-                    self.reply(call, CacheAnswer::Evicted { was: r.line.state });
+                    // (A later write or delete replaced it: overwritten, not lost.)
+                    self.reply(
+                        call,
+                        CacheAnswer::Evicted {
+                            was: r.line.state,
+                            lost: false,
+                        },
+                    );
                 }
             }
             return;
@@ -1435,8 +1466,16 @@ impl CacheAgent {
             .is_some_and(|r| r.line.epoch == epoch && r.line.stamp == stamp);
         if done {
             if let Some(r) = self.releasing.remove(key) {
+                let lost =
+                    refused == Some(WriteBackRefusal::Stale) && r.line.dirty_since_ms.is_some();
                 for call in r.calls {
-                    self.reply(call, CacheAnswer::Evicted { was: r.line.state });
+                    self.reply(
+                        call,
+                        CacheAnswer::Evicted {
+                            was: r.line.state,
+                            lost,
+                        },
+                    );
                 }
             }
         }

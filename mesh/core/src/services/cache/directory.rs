@@ -391,6 +391,18 @@ struct Queued {
     op: CacheOp,
 }
 
+impl Queued {
+    /// The bytes of the value a durable write brings (0 for anything else).
+    fn value_len(&self) -> usize {
+        match &self.op {
+            CacheOp::Write {
+                value: Some(value), ..
+            } => value.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// One key's record.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct KeyRecord {
@@ -427,8 +439,12 @@ impl KeyRecord {
             && self.queue.is_empty()
     }
 
+    /// Key, stored value and the values of durable writes waiting in the queue: a
+    /// waiting value is held in memory as much as a stored one, so the byte bound
+    /// counts it.
     fn bytes(&self, key: &str) -> u64 {
-        (key.len() + self.value.as_ref().map_or(0, Vec::len)) as u64
+        let waiting: usize = self.queue.iter().map(Queued::value_len).sum();
+        (key.len() + self.value.as_ref().map_or(0, Vec::len) + waiting) as u64
     }
 }
 
@@ -892,6 +908,7 @@ impl CacheDirectory {
         if !exists {
             self.bytes += key.len() as u64;
         }
+        self.bytes += q.value_len() as u64;
         rec.queue.push_back(q);
         self.waiting += 1;
         self.pump(index, now, &key, out);
@@ -1170,6 +1187,7 @@ impl CacheDirectory {
                 return;
             };
             self.waiting -= 1;
+            self.bytes -= q.value_len() as u64;
             if self.agents.get(&q.node).map(|a| a.session) != Some(q.session) {
                 continue;
             }
@@ -1201,6 +1219,7 @@ impl CacheDirectory {
                 CacheOp::Delete => rec.holders().map(|n| (n, RevokeMode::Invalidate)).collect(),
             };
             if !blockers.is_empty() {
+                self.bytes += q.value_len() as u64;
                 rec.queue.push_front(q);
                 self.waiting += 1;
                 for (node, mode) in blockers {
@@ -1583,6 +1602,35 @@ mod tests {
         );
         assert_eq!(d.holds(1, "a"), None, "a restarted node holds nothing");
         assert_eq!(d.value("a"), Some(&b"x"[..]), "the stored value stays");
+        d.check().expect("bookkeeping");
+    }
+
+    /// Durable writes queued behind a revoke hold their values in memory; the byte
+    /// bound counts them, so a flood of large writes to a held key is refused rather
+    /// than queued without limit.
+    #[test]
+    fn waiting_durable_values_count_against_the_byte_bound() {
+        let limits = DirectoryLimits {
+            max_bytes: 1000,
+            ..DirectoryLimits::default()
+        };
+        let (mut d, _) = two_nodes(limits);
+        let mut out = Vec::new();
+        d.apply(20, 0, request(1, 1, "a", write(None)), &mut out);
+        assert_eq!(d.holds(1, "a").map(|h| h.0), Some(Grant::Exclusive));
+        let big = "v".repeat(600);
+        out.clear();
+        d.apply(21, 0, request(2, 1, "a", write(Some(&big))), &mut out);
+        assert_eq!(outcome(&out, 2, 1), None, "waits for node1's revoke");
+        assert_eq!(d.bytes(), 601, "the key and the waiting value");
+        d.apply(22, 0, request(2, 2, "a", write(Some(&big))), &mut out);
+        assert!(
+            matches!(
+                outcome(&out, 2, 2),
+                Some(Outcome::Refused(CacheRefusal::Full(_)))
+            ),
+            "a second waiting value passes the bound: {out:?}"
+        );
         d.check().expect("bookkeeping");
     }
 }

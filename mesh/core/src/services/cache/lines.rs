@@ -65,6 +65,12 @@ pub struct Line {
     /// counter): a write-back names the write it carries by it, so a write made after
     /// the write-back left keeps the line dirty even if it wrote the same bytes again.
     pub stamp: u64,
+    /// The stamp of the latest periodic write-back sent while the line stays owned.
+    sent_stamp: Option<u64>,
+    /// When the first write after `sent_stamp` was made: once that write-back is
+    /// recorded, the line is dirty since then (not since its first write ever), so a
+    /// key written without pause keeps the write-back window open.
+    dirty_after_sent_ms: Option<u64>,
     /// Recency stamp: the LRU order.
     touched: u64,
 }
@@ -209,7 +215,7 @@ impl CacheLines {
     /// `None`, counted as a miss. A line whose TTL ran out is dropped (a Modified one is
     /// returned as expired so the caller can tell the directory; its value is not
     /// written back: a TTL ends the value, it does not persist it).
-    pub fn get(&mut self, key: &str, now_ms: u64) -> Result<&Line, Option<Evicted>> {
+    pub fn get(&mut self, key: &str, now_ms: u64) -> Result<&Line, Option<Box<Evicted>>> {
         match self.lines.get(key) {
             Some(line) if line.live_at(now_ms) => {
                 self.stats.hits += 1;
@@ -219,7 +225,7 @@ impl CacheLines {
             Some(_) => {
                 self.stats.misses += 1;
                 self.stats.expirations += 1;
-                Err(self.take(key))
+                Err(self.take(key).map(Box::new))
             }
             None => {
                 self.stats.misses += 1;
@@ -241,6 +247,8 @@ impl CacheLines {
             expires_at_ms: fill.ttl_ms.map(|t| now_ms.saturating_add(t)),
             dirty_since_ms: (fill.state == Mesi::Modified).then_some(now_ms),
             stamp: fill.stamp,
+            sent_stamp: None,
+            dirty_after_sent_ms: None,
             touched: 0,
         };
         let size = line.bytes(key);
@@ -291,6 +299,8 @@ impl CacheLines {
             expires_at_ms: ttl_ms.map(|t| now_ms.saturating_add(t)),
             dirty_since_ms: old.dirty_since_ms.or(Some(now_ms)),
             stamp,
+            sent_stamp: old.sent_stamp,
+            dirty_after_sent_ms: old.dirty_after_sent_ms.or(old.sent_stamp.map(|_| now_ms)),
             touched: 0,
         };
         let size = line.bytes(key);
@@ -307,23 +317,51 @@ impl CacheLines {
         Ok(evicted)
     }
 
+    /// A periodic write-back of the line's current write (`stamp`) was sent: the writes
+    /// made from now on are the ones it does not carry.
+    pub fn mark_sent(&mut self, key: &str, stamp: u64) {
+        if let Some(line) = self.lines.get_mut(key) {
+            if line.stamp == stamp
+                && line.dirty_since_ms.is_some()
+                && line.sent_stamp != Some(stamp)
+            {
+                line.sent_stamp = Some(stamp);
+                line.dirty_after_sent_ms = None;
+            }
+        }
+    }
+
     /// The directory recorded the write-back of the write `stamp` of `key` at
     /// `version`: the line is clean again (Exclusive, or Shared when `downgrade`). A
-    /// line written again since the write-back left (a later stamp) stays dirty.
+    /// line written again since the write-back left (a later stamp) stays dirty, since
+    /// its first write after that write-back if that is the one recorded.
     pub fn written_back(&mut self, key: &str, stamp: u64, version: u64, downgrade: bool) {
-        if let Some(line) = self.lines.get_mut(key) {
-            if line.stamp == stamp {
-                line.version = version;
-                if let Some(t) = line.dirty_since_ms.take() {
-                    self.dirty.remove(&(t, key.to_owned()));
-                }
-                line.state = if downgrade {
-                    Mesi::Shared
-                } else if line.state == Mesi::Modified {
-                    Mesi::Exclusive
-                } else {
-                    line.state
-                };
+        let Some(line) = self.lines.get_mut(key) else {
+            return;
+        };
+        if line.stamp == stamp {
+            line.version = version;
+            if let Some(t) = line.dirty_since_ms.take() {
+                self.dirty.remove(&(t, key.to_owned()));
+            }
+            line.sent_stamp = None;
+            line.dirty_after_sent_ms = None;
+            line.state = if downgrade {
+                Mesi::Shared
+            } else if line.state == Mesi::Modified {
+                Mesi::Exclusive
+            } else {
+                line.state
+            };
+        } else if line.sent_stamp == Some(stamp) {
+            // Every write up to `stamp` is stored; the oldest one that is not came
+            // after the write-back left.
+            line.version = version;
+            line.sent_stamp = None;
+            if let (Some(old), Some(new)) = (line.dirty_since_ms, line.dirty_after_sent_ms.take()) {
+                self.dirty.remove(&(old, key.to_owned()));
+                self.dirty.insert((new, key.to_owned()));
+                line.dirty_since_ms = Some(new);
             }
         }
     }
@@ -639,6 +677,44 @@ mod tests {
         );
         t.written_back("k", 9, 4, true);
         assert_eq!(t.state("k", 10), Mesi::Shared);
+        check(&t);
+    }
+
+    /// A key written without pause is never clean; once a periodic write-back is
+    /// recorded, it is dirty only since the first write after that write-back left.
+    #[test]
+    fn a_recorded_write_back_moves_the_dirty_time_to_the_first_write_after_it() {
+        let mut t = CacheLines::new(10, 1 << 20);
+        t.fill("k", fill("0", Mesi::Exclusive), 0).expect("fill");
+        t.write_owned("k", b"1".to_vec(), None, 10, 1)
+            .expect("owned");
+        t.write_owned("k", b"2".to_vec(), None, 20, 2)
+            .expect("owned");
+        t.mark_sent("k", 2);
+        t.write_owned("k", b"3".to_vec(), None, 30, 3)
+            .expect("owned");
+        t.mark_sent("k", 3);
+        t.write_owned("k", b"4".to_vec(), None, 40, 4)
+            .expect("owned");
+        t.written_back("k", 2, 1, false);
+        assert_eq!(
+            t.oldest_dirty_ms(),
+            Some(10),
+            "a write-back older than the latest one sent proves nothing of write 3"
+        );
+        t.written_back("k", 3, 2, false);
+        assert_eq!(
+            t.oldest_dirty_ms(),
+            Some(40),
+            "write 4 is the oldest not stored"
+        );
+        assert_eq!(t.state("k", 41), Mesi::Modified);
+        t.mark_sent("k", 4);
+        t.written_back("k", 4, 3, false);
+        assert_eq!(
+            (t.oldest_dirty_ms(), t.state("k", 42)),
+            (None, Mesi::Exclusive)
+        );
         check(&t);
     }
 
