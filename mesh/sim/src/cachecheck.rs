@@ -9,13 +9,16 @@
 //!   value" (0), a miss reads it. An acknowledged write-back put counts as certainly
 //!   applied unless its writer later crashed or lost its lines by lease expiry (DESIGN
 //!   section 6: what a crashed or cut-off writer acknowledged within its write-back
-//!   window may be lost); then it may or may not have taken effect, and reads served by a
-//!   node that later lost its lines constrain nothing (a loss is not bounded in time
-//!   here: the HTTP kill -9 and cut-off tests measure the window). Durable puts and deletes never get that
+//!   window may be lost); then it may or may not have taken effect, and reads of
+//!   write-back keys served by a node that later lost its lines constrain nothing (a
+//!   loss is not bounded in time here: the HTTP kill -9 and cut-off tests measure the
+//!   window). Durable puts, deletes, and every read of a durable key never get that
 //!   allowance.
-//! - keys written with a TTL (write-back and durable puts): every value read was written to the key, and a get never
-//!   returns a value older than one an earlier, completed get returned (a TTL or an
-//!   eviction never brings back an older value).
+//! - keys written with a TTL (write-back and durable puts): every value read was
+//!   written to the key, and a get never returns a value older than one an earlier,
+//!   completed get returned, or older than a put that completed before it began, and
+//!   after a miss never one put before the miss began (a TTL or an eviction never
+//!   brings back an older value).
 //!
 //! After every step the world checks the single-writer rule on every node's own clock:
 //! if a node serves a key in M or E, no other node serves it at all.
@@ -143,7 +146,9 @@ impl CacheHistory {
             let shaky = self.lost_after(e.node, e.invoked);
             match e.op {
                 RegisterOp::Write(_) if e.write_back && shaky => op.ret = None,
-                RegisterOp::Read(_) if shaky => continue,
+                // (Durable keys get no write-back puts: a read of one is checked
+                // whatever became of the node that served it.)
+                RegisterOp::Read(_) if shaky && !is_durable(e.key) => continue,
                 _ => {}
             }
             ops.push(op);
@@ -235,16 +240,65 @@ impl CacheHistory {
                     }
                 }
             }
+            // Nor, after a miss, a value that was put before the miss began: the miss
+            // saw it expire (only an owner answers a miss on its own; it tells the
+            // directory, and every copy elsewhere expires before the directory's).
+            let misses = self.entries.iter().filter(|e| {
+                e.key == key && e.op == RegisterOp::Read(Some(0)) && e.returned.is_some()
+            });
+            for m in misses {
+                let Some(m_done) = m.returned else { continue };
+                for b in reads.iter().filter(|b| b.invoked > m_done) {
+                    let RegisterOp::Read(Some(vb)) = b.op else {
+                        continue;
+                    };
+                    let before = put_of(vb)
+                        .and_then(|p| p.returned)
+                        .is_some_and(|r| r < m.invoked);
+                    if before && !self.value_may_be_lost(key, vb) {
+                        return Err(format!(
+                            "cache: {} read {vb} after a miss that began once it was put",
+                            key_name(key)
+                        ));
+                    }
+                }
+            }
+            // Nor a value older than a put that completed before the get began.
+            for b in &reads {
+                let RegisterOp::Read(Some(vb)) = b.op else {
+                    continue;
+                };
+                let Some(older) = put_of(vb).and_then(|p| p.returned) else {
+                    continue;
+                };
+                let newer = self.entries.iter().find(|p| {
+                    p.key == key
+                        && !p.refused
+                        && matches!(p.op, RegisterOp::Write(w) if w != vb
+                            && !self.value_may_be_lost(key, w))
+                        && p.invoked > older
+                        && p.returned.is_some_and(|r| r < b.invoked)
+                });
+                if let Some(p) = newer {
+                    return Err(format!(
+                        "cache: {} read {vb} after the newer put {:?} completed",
+                        key_name(key),
+                        p.op
+                    ));
+                }
+            }
         }
         Ok(())
     }
 
-    /// Whether the write of `value` to `key` may have been lost (its writer, or a node
-    /// that served it, lost its lines afterwards).
+    /// Whether the write of `value` to `key` may have been lost: it was a write-back put
+    /// and its writer lost its lines afterwards (a durable put is never lost, and a value
+    /// another node read was written back first).
     fn value_may_be_lost(&self, key: u64, value: u64) -> bool {
         self.entries.iter().any(|e| {
             e.key == key
-                && matches!(e.op, RegisterOp::Write(v) | RegisterOp::Read(Some(v)) if v == value)
+                && e.write_back
+                && e.op == RegisterOp::Write(value)
                 && self.lost_after(e.node, e.invoked)
         })
     }

@@ -760,6 +760,19 @@ impl Node {
             );
             return;
         };
+        if matches!(envelope.command, Command::Cache(_)) {
+            // The cache directory hears only from nodes' own agents (a forwarded one
+            // names the node it came from): a client could otherwise renew another
+            // node's lease or confirm its revokes.
+            self.reply(
+                id,
+                ClientResponse::Error {
+                    message: "cache directory commands come only from the nodes' own agents".into(),
+                    retry: false,
+                },
+            );
+            return;
+        }
         match self.propose_envelope(envelope) {
             Ok(index) => {
                 let term = self.raft.term();

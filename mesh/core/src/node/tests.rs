@@ -819,3 +819,75 @@ fn a_write_waits_for_an_unreachable_holder_s_lease() {
     );
     assert_eq!(c.get(writer, "p"), got("b", Mesi::Modified));
 }
+
+/// A clean owned line whose TTL ran out on its holder's clock ends the stored value
+/// too: a miss at the holder is never followed by a hit elsewhere with no put between
+/// (the holder's expiry comes before the directory's, by the lease margin).
+#[test]
+fn a_ttl_expiry_at_a_clean_owner_ends_the_stored_value() {
+    let mut c = Cluster::new(3);
+    c.elect();
+    c.run_ms(500);
+    let put = CacheCall::Put {
+        key: "d".into(),
+        value: b"x".to_vec(),
+        ttl_ms: Some(1_000),
+        durable: Some(true),
+    };
+    assert_eq!(
+        c.cache(1, put),
+        CacheAnswer::Put {
+            state: Mesi::Exclusive
+        }
+    );
+    let miss = CacheAnswer::Got {
+        hit: false,
+        value: None,
+        state: Mesi::Invalid,
+    };
+    // Step until the holder answers a miss (its own clock, with its margin).
+    let mut at_holder = got("x", Mesi::Exclusive);
+    for _ in 0..200 {
+        at_holder = c.get(1, "d");
+        if at_holder == miss {
+            break;
+        }
+        c.run_ms(10);
+    }
+    assert_eq!(at_holder, miss, "the holder's line ran out");
+    assert_eq!(c.get(2, "d"), miss, "and nobody reads the value back");
+}
+
+/// The cache directory hears only from the nodes' own agents: a client that proposes a
+/// cache command (here a renewal in another node's name) is refused.
+#[test]
+fn a_client_cannot_propose_a_cache_command() {
+    let mut c = Cluster::new(3);
+    let l = c.elect();
+    c.run_ms(500);
+    c.next_call += 1;
+    let id = c.next_call;
+    let forged = Envelope::new(
+        0,
+        0,
+        0,
+        Command::Cache(crate::services::cache::CacheCommand::Renew {
+            node: 2,
+            session: 1,
+            renew: 99,
+            applied: u64::MAX,
+        }),
+    );
+    let now = t(c.now);
+    c.node(l).call(
+        now,
+        id,
+        ClientRequest::Propose(postcard::to_stdvec(&forged).expect("encode")),
+    );
+    c.settle();
+    let reply = c.replies.iter().find(|r| r.1 == id).map(|r| r.2.clone());
+    assert!(
+        matches!(reply, Some(ClientResponse::Error { retry: false, .. })),
+        "refused: {reply:?}"
+    );
+}

@@ -296,8 +296,8 @@ struct Pending {
 #[derive(Clone, Debug)]
 struct Releasing {
     line: Line,
-    /// Evict calls answered once it is confirmed.
-    calls: Vec<u64>,
+    /// Evict calls answered once it is confirmed: (call, deadline).
+    calls: Vec<(u64, u64)>,
 }
 
 /// One node's cache agent. See the module docs.
@@ -513,12 +513,14 @@ impl CacheAgent {
             }
         }
         for r in self.releasing.values_mut() {
-            r.calls.retain(|c| *c != call);
+            r.calls.retain(|c| c.0 != call);
         }
     }
 
     fn park(&mut self, w: Waiting) {
-        if self.waiting.len() >= MAX_WAITING_CALLS {
+        // An Ack is a put already granted (its value is in the line): it is answered,
+        // never refused as if it had not been done.
+        if self.waiting.len() >= MAX_WAITING_CALLS && !matches!(w.task, Task::Ack { .. }) {
             return self.fail(
                 w.call,
                 CacheError::Full(format!(
@@ -784,10 +786,11 @@ impl CacheAgent {
     }
 
     fn evict(&mut self, now_ms: u64, call: u64, key: String) {
+        let deadline_ms = now_ms + self.cfg.call_timeout_ms;
         match self.lines.evict(&key) {
             None => {
                 if let Some(r) = self.releasing.get_mut(&key) {
-                    r.calls.push(call);
+                    r.calls.push((call, deadline_ms));
                 } else {
                     self.reply(
                         call,
@@ -802,7 +805,7 @@ impl CacheAgent {
                 let was = gone.line.state;
                 let written = written_of(&gone.line, now_ms);
                 if was.owned() {
-                    self.give_up(gone, written, Some(call));
+                    self.give_up(gone, written, Some((call, deadline_ms)));
                 } else {
                     // A Shared copy holds nothing the directory lacks: it is dropped here
                     // and the directory is not told (a release could not be told from
@@ -828,7 +831,7 @@ impl CacheAgent {
 
     /// Give up an owned line: write it back (or say it expired) and keep nothing; until
     /// the directory applied that, the key is held back here.
-    fn give_up(&mut self, gone: Evicted, written: Written, call: Option<u64>) {
+    fn give_up(&mut self, gone: Evicted, written: Written, call: Option<(u64, u64)>) {
         let line = WriteBackLine {
             key: gone.key.clone(),
             epoch: gone.line.epoch,
@@ -950,6 +953,22 @@ impl CacheAgent {
 
     fn expire_calls(&mut self, now_ms: u64) {
         let mut answers = Vec::new();
+        for r in self.releasing.values_mut() {
+            r.calls.retain(|&(call, deadline_ms)| {
+                if now_ms < deadline_ms {
+                    return true;
+                }
+                answers.push((
+                    call,
+                    CacheError::Unknown(
+                        "the line left this node, but its write-back was not confirmed in \
+                         time"
+                            .into(),
+                    ),
+                ));
+                false
+            });
+        }
         self.waiting.retain(|w| {
             if now_ms < w.deadline_ms {
                 return true;
@@ -1089,6 +1108,14 @@ impl CacheAgent {
                     self.session = Some(*session);
                     self.renew_due = true;
                 }
+                CacheEvent::Registered { node, nonce, .. }
+                    if *node == self.node && *nonce != self.nonce && self.session.is_some() =>
+                {
+                    // Another registration in this node's name replaced ours (only a
+                    // stale one of an earlier process can): the directory no longer
+                    // records what we hold, so nothing is served from it; start over.
+                    self.reconcile(now_ms, dir);
+                }
                 CacheEvent::Renewed {
                     node,
                     session,
@@ -1144,13 +1171,15 @@ impl CacheAgent {
             self.lines.invalidate(key);
             self.unconfirmed.remove(key);
             if let Some(r) = self.releasing.remove(key) {
-                for call in r.calls {
-                    // (A later write or delete replaced it: overwritten, not lost.)
+                // A later write or delete elsewhere replaced it: overwritten, not lost;
+                // but if our lease ran out, this is the lapse, and its writes are gone.
+                let lost = r.line.dirty_since_ms.is_some() && !self.lease_valid(now_ms);
+                for (call, _) in r.calls {
                     self.reply(
                         call,
                         CacheAnswer::Evicted {
                             was: r.line.state,
-                            lost: false,
+                            lost,
                         },
                     );
                 }
@@ -1468,7 +1497,7 @@ impl CacheAgent {
             if let Some(r) = self.releasing.remove(key) {
                 let lost =
                     refused == Some(WriteBackRefusal::Stale) && r.line.dirty_since_ms.is_some();
-                for call in r.calls {
+                for (call, _) in r.calls {
                     self.reply(
                         call,
                         CacheAnswer::Evicted {

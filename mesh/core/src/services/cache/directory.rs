@@ -945,7 +945,9 @@ impl CacheDirectory {
                 self.limits.max_keys
             )));
         }
-        if self.bytes.saturating_add(added) > self.limits.max_bytes {
+        // (Only what adds bytes is refused at the bound: reads and deletes go on, and a
+        // delete is how a full directory shrinks.)
+        if added > 0 && self.bytes.saturating_add(added) > self.limits.max_bytes {
             return Some(CacheRefusal::Full(format!(
                 "the cache directory holds {} bytes; its bound is {}",
                 self.bytes, self.limits.max_bytes
@@ -1012,7 +1014,14 @@ impl CacheDirectory {
         // A value already stored (a resend) or overtaken by a later one of the same
         // grant is not stored again, but what the line says about keeping still counts:
         // it may be the answer to a revoke.
-        let superseded = changes && line.stamp <= rec.stamp;
+        // An expiry is news even at the stored stamp: a clean line (its write stored
+        // already) that ran out on its holder's clock ends the stored value too, or
+        // another node would read back what its holder just answered as a miss.
+        let superseded = changes
+            && match line.written {
+                Written::Expired => line.stamp < rec.stamp,
+                _ => line.stamp <= rec.stamp,
+            };
         let value = match &line.written {
             _ if superseded => None,
             Written::Unchanged => None,

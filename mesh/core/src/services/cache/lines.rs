@@ -137,6 +137,9 @@ pub struct CacheLines {
     dirty: BTreeSet<(u64, String)>,
     next_touch: u64,
     bytes: u64,
+    /// Lines in M, E and S: kept as lines come, go and change state, since the
+    /// metrics read them often and a scan of every line would cost as much.
+    by_state: [usize; 3],
     max_entries: usize,
     max_bytes: u64,
     stats: LineStats,
@@ -152,6 +155,7 @@ impl CacheLines {
             dirty: BTreeSet::new(),
             next_touch: 0,
             bytes: 0,
+            by_state: [0; 3],
             max_entries: max_entries.max(1),
             max_bytes: max_bytes.max(1),
             stats: LineStats::default(),
@@ -180,16 +184,7 @@ impl CacheLines {
 
     /// Lines per state: (M, E, S).
     pub fn counts(&self) -> (usize, usize, usize) {
-        let mut c = (0, 0, 0);
-        for line in self.lines.values() {
-            match line.state {
-                Mesi::Modified => c.0 += 1,
-                Mesi::Exclusive => c.1 += 1,
-                Mesi::Shared => c.2 += 1,
-                Mesi::Invalid => {}
-            }
-        }
-        c
+        (self.by_state[0], self.by_state[1], self.by_state[2])
     }
 
     /// The state of `key` at `now_ms` (Invalid when absent or expired), without
@@ -346,13 +341,17 @@ impl CacheLines {
             }
             line.sent_stamp = None;
             line.dirty_after_sent_ms = None;
+            let was = line.state;
             line.state = if downgrade {
                 Mesi::Shared
-            } else if line.state == Mesi::Modified {
+            } else if was == Mesi::Modified {
                 Mesi::Exclusive
             } else {
-                line.state
+                was
             };
+            let now = line.state;
+            self.count(was, -1);
+            self.count(now, 1);
         } else if line.sent_stamp == Some(stamp) {
             // Every write up to `stamp` is stored; the oldest one that is not came
             // after the write-back left.
@@ -380,7 +379,10 @@ impl CacheLines {
     pub fn downgrade(&mut self, key: &str) -> bool {
         match self.lines.get_mut(key) {
             Some(line) if line.state.owned() => {
+                let was = line.state;
                 line.state = Mesi::Shared;
+                self.count(was, -1);
+                self.count(Mesi::Shared, 1);
                 true
             }
             _ => false,
@@ -458,6 +460,7 @@ impl CacheLines {
         self.next_touch += 1;
         line.touched = self.next_touch;
         self.bytes += line.bytes(key);
+        self.count(line.state, 1);
         if let Some(t) = line.dirty_since_ms {
             self.dirty.insert((t, key.to_owned()));
         }
@@ -469,6 +472,7 @@ impl CacheLines {
         let line = self.lines.remove(key)?;
         self.lru.remove(&line.touched);
         self.bytes -= line.bytes(key);
+        self.count(line.state, -1);
         if let Some(t) = line.dirty_since_ms {
             self.dirty.remove(&(t, key.to_owned()));
         }
@@ -476,6 +480,16 @@ impl CacheLines {
             key: key.to_owned(),
             line,
         })
+    }
+
+    fn count(&mut self, state: Mesi, delta: isize) {
+        let slot = match state {
+            Mesi::Modified => 0,
+            Mesi::Exclusive => 1,
+            Mesi::Shared => 2,
+            Mesi::Invalid => return,
+        };
+        self.by_state[slot] = self.by_state[slot].saturating_add_signed(delta);
     }
 
     /// Evict least recently used lines until `bytes` more bytes and `entries` more
@@ -488,6 +502,7 @@ impl CacheLines {
             };
             if let Some(line) = self.lines.remove(&key) {
                 self.bytes -= line.bytes(&key);
+                self.count(line.state, -1);
                 if let Some(t) = line.dirty_since_ms {
                     self.dirty.remove(&(t, key.clone()));
                 }
@@ -546,6 +561,16 @@ mod tests {
             .filter_map(|(k, l)| l.dirty_since_ms.map(|d| (d, k.clone())))
             .collect();
         assert_eq!(dirty, t.dirty, "the dirty index is the dirty lines");
+        let mut by_state = [0; 3];
+        for l in t.lines.values() {
+            match l.state {
+                Mesi::Modified => by_state[0] += 1,
+                Mesi::Exclusive => by_state[1] += 1,
+                Mesi::Shared => by_state[2] += 1,
+                Mesi::Invalid => {}
+            }
+        }
+        assert_eq!(by_state, t.by_state, "the state counts are the lines'");
     }
 
     #[test]
