@@ -112,11 +112,13 @@ pub async fn run(
     core_cfg.snapshot_every = cfg.snapshot_every;
     core_cfg.snapshot_log_growth_pct = cfg.snapshot_log_growth_pct;
     core_cfg.cache = cfg.cache.clone();
-    // Tells this process's cache registration from an earlier one's.
+    // Tells this process's cache registration from an earlier one's, and orders them:
+    // the directory takes a registration only above the nonce on record (one process
+    // per data dir, started later, reads a later clock; if the clock went back, the
+    // directory says so and the agent registers above the old nonce).
     core_cfg.cache_nonce = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-        ^ u64::from(std::process::id()).rotate_left(40);
+        .map_or(1, |d| d.as_nanos() as u64);
     let clock_start = std::time::Instant::now();
     let start = Time {
         mono_ms: 0,

@@ -246,6 +246,9 @@ impl CacheHistory {
             let misses = self.entries.iter().filter(|e| {
                 e.key == key && e.op == RegisterOp::Read(Some(0)) && e.returned.is_some()
             });
+            // (A miss at a node that lost its lines afterwards constrains nothing: the
+            // expiry it sent the directory may have been lost with them.)
+            let misses = misses.filter(|m| !self.lost_after(m.node, m.invoked));
             for m in misses {
                 let Some(m_done) = m.returned else { continue };
                 for b in reads.iter().filter(|b| b.invoked > m_done) {

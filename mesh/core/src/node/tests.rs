@@ -891,3 +891,102 @@ fn a_client_cannot_propose_a_cache_command() {
         "refused: {reply:?}"
     );
 }
+
+/// A read of ours that waited re-grants the key to us while our given-up (evicted) M
+/// line is on its way back: the line's write-back must go under the new epoch, or the
+/// directory refuses it as stale and an acknowledged put is lost, and the read must
+/// answer the line's value, not the older stored one.
+#[test]
+fn a_regrant_while_an_evicted_line_is_written_back_keeps_its_write() {
+    let mut c = Cluster::new(3);
+    let l = c.elect();
+    c.run_ms(500);
+    let f = (1..=3).find(|&n| n != l).expect("a follower");
+    let g = (1..=3).find(|&n| n != l && n != f).expect("another");
+    // The key is stored, and nobody holds it.
+    let durable = CacheCall::Put {
+        key: "r".into(),
+        value: b"old".to_vec(),
+        ttl_ms: None,
+        durable: Some(true),
+    };
+    assert_eq!(
+        c.cache(g, durable),
+        CacheAnswer::Put {
+            state: Mesi::Exclusive
+        }
+    );
+    c.cache(g, CacheCall::Evict { key: "r".into() });
+    // Two gets at the follower at once: two reads go to the leader; the second is held
+    // back on the wire.
+    let get = postcard::to_stdvec(&CacheCall::Get { key: "r".into() }).expect("encode");
+    let (a, b) = (c.next_call + 1, c.next_call + 2);
+    c.next_call += 2;
+    let now = t(c.now);
+    c.node(f).call(now, a, ClientRequest::Local(get.clone()));
+    c.node(f).call(now, b, ClientRequest::Local(get));
+    c.collect(f);
+    let forwards: Vec<usize> = c
+        .wire
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.from == f && matches!(m.body, MessageBody::Forward { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(forwards.len(), 2, "two reads forwarded");
+    let held = c.wire.remove(forwards[1]);
+    c.settle();
+    assert_eq!(
+        c.states("r")[(f - 1) as usize],
+        Mesi::Exclusive,
+        "the first read"
+    );
+    // A local put, then an eviction: the M line is given up and its write-back is due.
+    assert_eq!(
+        c.put(f, "r", "new"),
+        CacheAnswer::Put {
+            state: Mesi::Modified
+        }
+    );
+    c.next_call += 1;
+    let evict = c.next_call;
+    let now = t(c.now);
+    c.node(f).call(
+        now,
+        evict,
+        ClientRequest::Local(
+            postcard::to_stdvec(&CacheCall::Evict { key: "r".into() }).expect("encode"),
+        ),
+    );
+    // The held read arrives first: it re-grants the key to f.
+    c.wire.insert(0, held);
+    c.settle();
+    c.run_ms(500);
+    let answer = |c: &Cluster, id: CallId| {
+        c.replies.iter().find(|r| r.1 == id).map(|r| match &r.2 {
+            ClientResponse::Local(bytes) => {
+                postcard::from_bytes::<CacheAnswer>(bytes).expect("answer")
+            }
+            other => panic!("{other:?}"),
+        })
+    };
+    match answer(&c, b) {
+        Some(CacheAnswer::Got { value, .. }) => {
+            assert_eq!(value.as_deref(), Some(&b"new"[..]), "the held read")
+        }
+        other => panic!("the held read: {other:?}"),
+    }
+    assert!(
+        matches!(
+            answer(&c, evict),
+            Some(CacheAnswer::Evicted { lost: false, .. })
+        ),
+        "the evicted line was written back: {:?}",
+        answer(&c, evict)
+    );
+    assert_eq!(
+        c.get(g, "r"),
+        got("new", Mesi::Exclusive),
+        "the put is kept"
+    );
+}

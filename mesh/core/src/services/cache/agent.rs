@@ -40,7 +40,7 @@ pub const MAX_PENDING: usize = 10_000;
 /// Calls waiting (for the lease, the write-back window, or a line being written back).
 pub const MAX_WAITING_CALLS: usize = 10_000;
 /// Given-up lines held here until the directory applied their write-back. Past it, a
-/// call that needs a new line waits (hits on held lines still go on): lines given up
+/// call that needs a new line waits (hits on held lines and deletes still go on): lines given up
 /// are values in memory outside the LRU bound, so they are bounded too.
 pub const MAX_RELEASING: usize = 4096;
 /// Lines one write-back command carries at most.
@@ -348,8 +348,9 @@ fn written_of(line: &Line, now_ms: u64) -> Written {
 }
 
 impl CacheAgent {
-    /// The agent of `node`; `nonce` must differ between its processes (the shell picks
-    /// it at random).
+    /// The agent of `node`; `nonce` must grow from one of its processes to the next (the
+    /// shell takes the wall clock; the directory refuses a lower one and says which
+    /// nonce to go above).
     pub fn new(cfg: CacheConfig, node: NodeId, nonce: u64) -> Self {
         Self {
             lines: CacheLines::new(cfg.max_entries, cfg.max_bytes),
@@ -542,7 +543,7 @@ impl CacheAgent {
             return Some(w);
         }
         if self.releasing.len() >= MAX_RELEASING
-            && !matches!(w.task, Task::Ack { .. })
+            && !matches!(w.task, Task::Ack { .. } | Task::Delete { .. })
             && self.lines.peek(w.task.key()).is_none()
         {
             // Evicting for a new line would add to what is held back: wait for the
@@ -1108,6 +1109,14 @@ impl CacheAgent {
                     self.session = Some(*session);
                     self.renew_due = true;
                 }
+                CacheEvent::RegisterRefused { node, nonce, above }
+                    if *node == self.node && *nonce == self.nonce && self.session.is_none() =>
+                {
+                    // Our nonce is below one on record (our nonce source went back):
+                    // register again above it.
+                    self.nonce = above.saturating_add(1);
+                    self.register_sent_ms = None;
+                }
                 CacheEvent::Registered { node, nonce, .. }
                     if *node == self.node && *nonce != self.nonce && self.session.is_some() =>
                 {
@@ -1326,6 +1335,14 @@ impl CacheAgent {
                     state: line.state,
                 })
             }
+            (CacheOp::Read, Grant::Exclusive)
+                if self
+                    .releasing
+                    .get(&p.key)
+                    .is_some_and(|r| r.line.state.owned() && r.line.epoch < epoch) =>
+            {
+                self.regranted_while_releasing(now_ms, &p.key, epoch)
+            }
             (CacheOp::Read, g) => {
                 let value = value.cloned().unwrap_or_default();
                 let state = if g == Grant::Shared {
@@ -1378,6 +1395,36 @@ impl CacheAgent {
 
     /// A write-back put was granted M: the line holds it, and the put is acknowledged
     /// once the lease and the write-back window allow.
+    /// A read of ours granted the key to us again while our given-up line is on its way
+    /// back: nobody else owned it since (that takes a revoke, which ends the release), so
+    /// the line holds the latest write and the stored value is older. Its write-back goes
+    /// under the new epoch (under the old one it would be refused as stale and the write
+    /// lost), and the read answers its value. The line stays given up.
+    fn regranted_while_releasing(
+        &mut self,
+        now_ms: u64,
+        key: &str,
+        epoch: u64,
+    ) -> Option<CacheAnswer> {
+        let r = self.releasing.get_mut(key)?;
+        r.line.epoch = epoch;
+        let value = r.line.value.clone();
+        for l in self.outbox.iter_mut().filter(|l| l.key == key) {
+            l.epoch = l.epoch.max(epoch);
+        }
+        if let Some((l, due, _)) = self.unconfirmed.get_mut(key) {
+            if l.epoch < epoch {
+                l.epoch = epoch;
+                *due = now_ms;
+            }
+        }
+        Some(CacheAnswer::Got {
+            hit: true,
+            value: Some(value),
+            state: Mesi::Invalid,
+        })
+    }
+
     fn granted_modified(
         &mut self,
         now_ms: u64,

@@ -291,6 +291,17 @@ pub enum CacheEvent {
         /// The registration.
         session: LogIndex,
     },
+    /// A registration with a nonce below the one on record was refused: it can only be
+    /// a late copy from an earlier process of the node, or a process whose nonce source
+    /// went back (its clock); that one registers again with a nonce above `above`.
+    RegisterRefused {
+        /// The node.
+        node: NodeId,
+        /// The refused nonce.
+        nonce: u64,
+        /// The nonce on record.
+        above: u64,
+    },
     /// A renewal applied; `counted`: the lease was extended.
     Renewed {
         /// The node.
@@ -759,6 +770,16 @@ impl CacheDirectory {
         out: &mut Vec<CacheEvent>,
     ) {
         if !self.agents.contains_key(&node) && self.agents.len() >= MAX_AGENTS {
+            return;
+        }
+        if let Some(a) = self.agents.get(&node).filter(|a| a.nonce > nonce) {
+            // Registrations of a node are ordered by nonce: a lower one never replaces a
+            // live record (whose holds would go without a revoke or a lease wait).
+            out.push(CacheEvent::RegisterRefused {
+                node,
+                nonce,
+                above: a.nonce,
+            });
             return;
         }
         if let Some(a) = self.agents.get(&node).filter(|a| a.nonce == nonce) {
@@ -1640,6 +1661,35 @@ mod tests {
             ),
             "a second waiting value passes the bound: {out:?}"
         );
+        d.check().expect("bookkeeping");
+    }
+
+    /// Registrations are ordered by nonce: a late copy of an earlier process's
+    /// registration never replaces the live one (whose holds would vanish without a
+    /// revoke or a lease wait); it is refused, naming the nonce on record.
+    #[test]
+    fn a_lower_nonce_never_replaces_a_live_registration() {
+        let (mut d, _) = two_nodes(DirectoryLimits::default());
+        let mut out = Vec::new();
+        d.apply(20, 0, request(1, 1, "a", write(None)), &mut out);
+        assert_eq!(d.holds(1, "a").map(|h| h.0), Some(Grant::Exclusive));
+        out.clear();
+        d.apply(
+            21,
+            0,
+            CacheCommand::Register { node: 1, nonce: 6 },
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            vec![CacheEvent::RegisterRefused {
+                node: 1,
+                nonce: 6,
+                above: 7
+            }]
+        );
+        assert_eq!(d.session_of(1), Some(1), "the live registration stays");
+        assert_eq!(d.holds(1, "a").map(|h| h.0), Some(Grant::Exclusive));
         d.check().expect("bookkeeping");
     }
 }
