@@ -47,6 +47,7 @@ use crate::services::envelope::{Command, Envelope, Reply, Services};
 use crate::services::StateMachine;
 use crate::wire::{ClientRequest, ClientResponse, NodeStatus};
 use calls::{CallState, CallTable};
+use std::collections::BTreeMap;
 
 /// Names a call for the life of one node process (the shell picks it).
 pub type CallId = u64;
@@ -314,6 +315,12 @@ pub struct Node {
     last_tick_ms: u64,
     office: Option<Office>,
     calls: CallTable,
+    /// Calls of client sessions this leader proposed and has not applied yet, by
+    /// (session, seq) and by index: a retry of one (its caller timed out and sent the
+    /// same call again) waits on the entry already in the log instead of appending
+    /// another, so a slow log is not slowed further by its own retries.
+    in_log: BTreeMap<(u64, u64), (LogIndex, Term)>,
+    in_log_by_index: BTreeMap<LogIndex, (u64, u64)>,
     persisting: Option<InFlight>,
     next_token: u64,
     snapshotting: bool,
@@ -395,6 +402,8 @@ impl Node {
             last_tick_ms: now.mono_ms,
             office: None,
             calls: CallTable::default(),
+            in_log: BTreeMap::new(),
+            in_log_by_index: BTreeMap::new(),
             persisting: None,
             next_token: 0,
             snapshotting: false,
@@ -773,10 +782,28 @@ impl Node {
             );
             return;
         }
+        let key = (envelope.session, envelope.seq);
+        let deadline = self.now.mono_ms + self.cfg.call_timeout_ms;
+        if let Some(index) = self.proposed_already(key) {
+            let term = self.raft.term();
+            if let Some(old) = self
+                .calls
+                .propose(id, index, term, self.now.mono_ms, deadline)
+            {
+                self.reply(
+                    old,
+                    unknown("the same call was sent again and waits in its place"),
+                );
+            }
+            return;
+        }
         match self.propose_envelope(envelope) {
             Ok(index) => {
                 let term = self.raft.term();
-                let deadline = self.now.mono_ms + self.cfg.call_timeout_ms;
+                if key.0 != 0 {
+                    self.in_log.insert(key, (index, term));
+                    self.in_log_by_index.insert(index, key);
+                }
                 if let Some(old) = self
                     .calls
                     .propose(id, index, term, self.now.mono_ms, deadline)
@@ -786,6 +813,23 @@ impl Node {
             }
             Err(e) => self.reply(id, refusal(e)),
         }
+    }
+
+    /// The index of `key`'s entry if this leader proposed it in its current term and
+    /// has not applied it yet (and it is still in the log).
+    fn proposed_already(&mut self, key: (u64, u64)) -> Option<LogIndex> {
+        let applied = self.services.applied();
+        let later = self.in_log_by_index.split_off(&(applied + 1));
+        for k in std::mem::replace(&mut self.in_log_by_index, later).into_values() {
+            self.in_log.remove(&k);
+        }
+        if key.0 == 0 || self.office_elapsed().is_none() {
+            return None;
+        }
+        let &(index, term) = self.in_log.get(&key)?;
+        let current =
+            term == self.raft.term() && self.raft.entry(index).is_some_and(|e| e.term == term);
+        current.then_some(index)
     }
 
     fn read_call(&mut self, id: CallId, query: Vec<u8>) {

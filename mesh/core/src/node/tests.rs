@@ -23,7 +23,7 @@ struct Cluster {
     persists: Vec<Option<u64>>,
     replies: Vec<(NodeId, CallId, ClientResponse)>,
     /// Test client number -> the session the log assigned it.
-    sessions: std::collections::BTreeMap<u64, u64>,
+    sessions: BTreeMap<u64, u64>,
     next_call: CallId,
     /// Snapshot views the nodes asked to have encoded, not yet handed back.
     views: Vec<(NodeId, SnapshotView)>,
@@ -56,7 +56,7 @@ impl Cluster {
             wire: Vec::new(),
             persists: vec![None; n as usize],
             replies: Vec::new(),
-            sessions: std::collections::BTreeMap::new(),
+            sessions: BTreeMap::new(),
             next_call: 1_000,
             views: Vec::new(),
         }
@@ -533,7 +533,7 @@ fn a_failed_snapshot_encode_compacts_nothing_and_snapshots_go_on() {
 
 // --- The cache: the MESI protocol through three node cores -------------------------
 
-use crate::services::cache::{CacheAnswer, CacheCall, CacheStats, Mesi};
+use crate::services::cache::{CacheAnswer, CacheCall, CacheCommand, CacheStats, Mesi};
 
 impl Cluster {
     /// Let `ms` pass in ticks of 10 ms, delivering everything.
@@ -619,6 +619,31 @@ impl Cluster {
                 self.node(m.to).step(now, m);
             }
         }
+    }
+
+    /// `key` stored as `val` by a durable put at `at`, then evicted there: nobody holds it.
+    fn store_unheld(&mut self, at: NodeId, key: &str, val: &str) {
+        let durable = CacheCall::Put {
+            key: key.into(),
+            value: val.as_bytes().to_vec(),
+            ttl_ms: None,
+            durable: Some(true),
+        };
+        assert_eq!(
+            self.cache(at, durable),
+            CacheAnswer::Put {
+                state: Mesi::Exclusive
+            }
+        );
+        self.cache(at, CacheCall::Evict { key: key.into() });
+    }
+
+    /// The answer to cache call `id`, if it came.
+    fn cache_answer(&self, id: CallId) -> Option<CacheAnswer> {
+        self.replies.iter().find(|r| r.1 == id).map(|r| match &r.2 {
+            ClientResponse::Local(bytes) => postcard::from_bytes(bytes).expect("answer"),
+            other => panic!("{other:?}"),
+        })
     }
 
     fn stats(&self, id: NodeId) -> CacheStats {
@@ -871,7 +896,7 @@ fn a_client_cannot_propose_a_cache_command() {
         0,
         0,
         0,
-        Command::Cache(crate::services::cache::CacheCommand::Renew {
+        Command::Cache(CacheCommand::Renew {
             node: 2,
             session: 1,
             renew: 99,
@@ -904,19 +929,7 @@ fn a_regrant_while_an_evicted_line_is_written_back_keeps_its_write() {
     let f = (1..=3).find(|&n| n != l).expect("a follower");
     let g = (1..=3).find(|&n| n != l && n != f).expect("another");
     // The key is stored, and nobody holds it.
-    let durable = CacheCall::Put {
-        key: "r".into(),
-        value: b"old".to_vec(),
-        ttl_ms: None,
-        durable: Some(true),
-    };
-    assert_eq!(
-        c.cache(g, durable),
-        CacheAnswer::Put {
-            state: Mesi::Exclusive
-        }
-    );
-    c.cache(g, CacheCall::Evict { key: "r".into() });
+    c.store_unheld(g, "r", "old");
     // Two gets at the follower at once: two reads go to the leader; the second is held
     // back on the wire.
     let get = postcard::to_stdvec(&CacheCall::Get { key: "r".into() }).expect("encode");
@@ -962,14 +975,7 @@ fn a_regrant_while_an_evicted_line_is_written_back_keeps_its_write() {
     c.wire.insert(0, held);
     c.settle();
     c.run_ms(500);
-    let answer = |c: &Cluster, id: CallId| {
-        c.replies.iter().find(|r| r.1 == id).map(|r| match &r.2 {
-            ClientResponse::Local(bytes) => {
-                postcard::from_bytes::<CacheAnswer>(bytes).expect("answer")
-            }
-            other => panic!("{other:?}"),
-        })
-    };
+    let answer = |c: &Cluster, id: CallId| c.cache_answer(id);
     match answer(&c, b) {
         Some(CacheAnswer::Got { value, .. }) => {
             assert_eq!(value.as_deref(), Some(&b"new"[..]), "the held read")
@@ -988,5 +994,41 @@ fn a_regrant_while_an_evicted_line_is_written_back_keeps_its_write() {
         c.get(g, "r"),
         got("new", Mesi::Exclusive),
         "the put is kept"
+    );
+}
+
+/// A caller that timed out and sends the same call again (same session and sequence
+/// number) while the first copy is still in the leader's log waits on that entry: no
+/// second entry is appended, so retries do not slow a slow log further. The retry gets
+/// the answer; the copy it replaced hears that it was replaced.
+#[test]
+fn a_retried_call_waits_on_the_entry_already_in_the_log() {
+    let mut c = Cluster::new(3);
+    let l = c.elect();
+    c.run_ms(100);
+    let session = c.session(l, 1);
+    let bytes = postcard::to_stdvec(&Envelope::new(
+        session,
+        1,
+        1,
+        acquire("R", "c1", Mode::X, 0),
+    ))
+    .expect("encode");
+    let before = c.nodes[(l - 1) as usize].status().last_index;
+    let now = t(c.now);
+    c.node(l)
+        .call(now, 1, ClientRequest::Propose(bytes.clone()));
+    c.node(l).call(now, 2, ClientRequest::Propose(bytes));
+    let after = c.nodes[(l - 1) as usize].status().last_index;
+    assert_eq!(after, before + 1, "one entry for both copies");
+    c.settle();
+    assert!(matches!(
+        c.reply_to(2),
+        Some(Reply::Lock(LockReply::Granted { .. }))
+    ));
+    let first = c.replies.iter().find(|r| r.1 == 1).map(|r| r.2.clone());
+    assert!(
+        matches!(first, Some(ClientResponse::Unknown { .. })),
+        "{first:?}"
     );
 }
