@@ -426,6 +426,20 @@ impl CacheAgent {
         s
     }
 
+    /// The evict calls waiting on a given-up line: it left this node (`lost`: its
+    /// writes were not stored).
+    fn answer_evicts(&mut self, r: Releasing, lost: bool) {
+        for (call, _) in r.calls {
+            self.reply(
+                call,
+                CacheAnswer::Evicted {
+                    was: r.line.state,
+                    lost,
+                },
+            );
+        }
+    }
+
     fn reply(&mut self, call: u64, answer: CacheAnswer) {
         self.out.push(AgentOutput::Reply { call, answer });
     }
@@ -1183,15 +1197,7 @@ impl CacheAgent {
                 // A later write or delete elsewhere replaced it: overwritten, not lost;
                 // but if our lease ran out, this is the lapse, and its writes are gone.
                 let lost = r.line.dirty_since_ms.is_some() && !self.lease_valid(now_ms);
-                for (call, _) in r.calls {
-                    self.reply(
-                        call,
-                        CacheAnswer::Evicted {
-                            was: r.line.state,
-                            lost,
-                        },
-                    );
-                }
+                self.answer_evicts(r, lost);
             }
             return;
         }
@@ -1544,15 +1550,7 @@ impl CacheAgent {
             if let Some(r) = self.releasing.remove(key) {
                 let lost =
                     refused == Some(WriteBackRefusal::Stale) && r.line.dirty_since_ms.is_some();
-                for (call, _) in r.calls {
-                    self.reply(
-                        call,
-                        CacheAnswer::Evicted {
-                            was: r.line.state,
-                            lost,
-                        },
-                    );
-                }
+                self.answer_evicts(r, lost);
             }
         }
     }
