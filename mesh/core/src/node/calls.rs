@@ -8,7 +8,9 @@
 //! ```
 //! A waiting call is keyed by the session call it belongs to, so a completion answers
 //! exactly the calls of that (session, seq): two waits of one client on one key are two
-//! calls, never confused.
+//! calls, never confused. Several calls may wait on one proposed entry: a client that
+//! sends the same call again (a hedge, a retry) while its entry is in the log joins
+//! that entry ([`CallTable::join`]), and every call on it hears the entry's answer.
 
 use super::CallId;
 use crate::raft::{LogIndex, Term};
@@ -61,7 +63,8 @@ pub(super) struct Proposed {
 #[derive(Debug, Default)]
 pub(super) struct CallTable {
     calls: BTreeMap<CallId, Call>,
-    proposals: BTreeMap<LogIndex, CallId>,
+    /// The calls answered by the entry at each index (more than one: joined copies).
+    proposals: BTreeMap<LogIndex, BTreeSet<CallId>>,
     waiting: BTreeMap<CallRef, BTreeSet<CallId>>,
     deadlines: BTreeSet<(u64, CallId)>,
     /// Reads in flight (so serving them costs nothing when there are none).
@@ -86,8 +89,11 @@ impl CallTable {
         self.deadlines.remove(&(call.deadline_ms, id));
         match &call.state {
             CallState::Proposed { index } => {
-                if self.proposals.get(index) == Some(&id) {
-                    self.proposals.remove(index);
+                if let Some(ids) = self.proposals.get_mut(index) {
+                    ids.remove(&id);
+                    if ids.is_empty() {
+                        self.proposals.remove(index);
+                    }
                 }
             }
             CallState::Waiting { call: c } => {
@@ -103,7 +109,8 @@ impl CallTable {
         Some(call.state)
     }
 
-    /// A proposal at `index`. Returns the call whose proposal it replaced, if any.
+    /// A new entry proposed at `index`. Returns the calls of the entry it replaced
+    /// there (one of an earlier term), which will never be applied.
     pub(super) fn propose(
         &mut self,
         id: CallId,
@@ -111,12 +118,31 @@ impl CallTable {
         term: Term,
         started_ms: u64,
         deadline_ms: u64,
-    ) -> Option<CallId> {
-        let old = self.proposals.insert(index, id);
-        if let Some(old) = old {
-            self.remove(old);
+    ) -> Vec<CallId> {
+        let old: Vec<CallId> = self
+            .proposals
+            .get(&index)
+            .map(|ids| ids.iter().copied().collect())
+            .unwrap_or_default();
+        for id in &old {
+            self.remove(*id);
         }
-        self.proposals.insert(index, id);
+        self.join(id, index, term, started_ms, deadline_ms);
+        old
+    }
+
+    /// Call `id` waits on the entry already proposed at `index` (the same session call
+    /// sent again): it is answered with the calls already there, none of them is
+    /// dropped.
+    pub(super) fn join(
+        &mut self,
+        id: CallId,
+        index: LogIndex,
+        term: Term,
+        started_ms: u64,
+        deadline_ms: u64,
+    ) {
+        self.proposals.entry(index).or_default().insert(id);
         self.insert(
             id,
             Call {
@@ -127,7 +153,6 @@ impl CallTable {
                 cancelled: false,
             },
         );
-        old
     }
 
     /// A read waiting for its index to be confirmed.
@@ -193,19 +218,31 @@ impl CallTable {
         ids
     }
 
-    /// The call proposed at `index`, removed, if any.
-    pub(super) fn take_proposal(&mut self, index: LogIndex) -> Option<(CallId, Proposed)> {
-        let id = *self.proposals.get(&index)?;
-        let call = self.calls.get(&id)?.clone();
-        self.remove(id);
-        Some((
-            id,
-            Proposed {
-                term: call.term,
-                started_ms: call.started_ms,
-                cancelled: call.cancelled,
-            },
-        ))
+    /// The calls proposed at `index`, removed: those whose caller is still there
+    /// first, so a cancelled copy never withdraws a wait another copy takes up.
+    pub(super) fn take_proposals(&mut self, index: LogIndex) -> Vec<(CallId, Proposed)> {
+        let Some(ids) = self.proposals.remove(&index) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(CallId, Proposed)> = ids
+            .into_iter()
+            .filter_map(|id| {
+                let call = self.calls.get(&id)?;
+                Some((
+                    id,
+                    Proposed {
+                        term: call.term,
+                        started_ms: call.started_ms,
+                        cancelled: call.cancelled,
+                    },
+                ))
+            })
+            .collect();
+        for (id, _) in &out {
+            self.remove(*id);
+        }
+        out.sort_by_key(|(id, p)| (p.cancelled, *id));
+        out
     }
 
     /// Call `id`, applied, now waits for a completion of `call`. Returns whether the
@@ -291,6 +328,7 @@ impl CallTable {
         let later = self.proposals.split_off(&(index + 1));
         let ids: Vec<CallId> = std::mem::replace(&mut self.proposals, later)
             .into_values()
+            .flatten()
             .collect();
         for id in &ids {
             self.remove(*id);
@@ -303,7 +341,7 @@ impl CallTable {
         let ids: Vec<CallId> = self
             .proposals
             .range(commit + 1..)
-            .map(|(_, id)| *id)
+            .flat_map(|(_, ids)| ids.iter().copied())
             .collect();
         for id in &ids {
             self.remove(*id);

@@ -785,16 +785,11 @@ impl Node {
         let key = (envelope.session, envelope.seq);
         let deadline = self.now.mono_ms + self.cfg.call_timeout_ms;
         if let Some(index) = self.proposed_already(key) {
+            // A hedge or a retry of a call whose entry is in the log: it waits on that
+            // entry beside the copy already there (which may be the one that answers
+            // first, so it must not be dropped).
             let term = self.raft.term();
-            if let Some(old) = self
-                .calls
-                .propose(id, index, term, self.now.mono_ms, deadline)
-            {
-                self.reply(
-                    old,
-                    unknown("the same call was sent again and waits in its place"),
-                );
-            }
+            self.calls.join(id, index, term, self.now.mono_ms, deadline);
             return;
         }
         match self.propose_envelope(envelope) {
@@ -804,7 +799,7 @@ impl Node {
                     self.in_log.insert(key, (index, term));
                     self.in_log_by_index.insert(index, key);
                 }
-                if let Some(old) = self
+                for old in self
                     .calls
                     .propose(id, index, term, self.now.mono_ms, deadline)
                 {
@@ -980,6 +975,8 @@ impl Node {
         // grants it.
         self.cache
             .reconcile(self.now.mono_ms, self.services.cache());
+        self.in_log.clear();
+        self.in_log_by_index.clear();
         for id in self.calls.proposed_up_to(s.meta.index) {
             self.reply(id, unknown("a snapshot replaced the log before the answer"));
         }
@@ -1027,7 +1024,8 @@ impl Node {
         if self.tick_proposed.is_some_and(|i| i <= entry.index) {
             self.tick_proposed = None;
         }
-        if let Some((id, call)) = self.calls.take_proposal(entry.index) {
+        let mut committed_event = true;
+        for (id, call) in self.calls.take_proposals(entry.index) {
             match (&applied.reply, applied.call) {
                 (Some(reply), Some(call_ref)) if call.term == entry.term => {
                     if reply.is_waiting() {
@@ -1036,9 +1034,11 @@ impl Node {
                             self.withdraw(call_ref);
                         }
                     } else {
-                        let latency_ms = self.now.mono_ms.saturating_sub(call.started_ms);
-                        self.actions
-                            .push(Action::Event(NodeEvent::Committed { latency_ms }));
+                        if std::mem::take(&mut committed_event) {
+                            let latency_ms = self.now.mono_ms.saturating_sub(call.started_ms);
+                            self.actions
+                                .push(Action::Event(NodeEvent::Committed { latency_ms }));
+                        }
                         if !call.cancelled {
                             let response = self.applied_response(entry.index, reply);
                             self.reply(id, response);
@@ -1101,6 +1101,9 @@ impl Node {
                 for id in self.calls.waiting_all() {
                     self.reply(id, unknown("leadership changed while the call waited"));
                 }
+                // Nothing this office proposed can be joined any more.
+                self.in_log.clear();
+                self.in_log_by_index.clear();
             }
             None => {}
         }

@@ -1003,32 +1003,58 @@ fn a_regrant_while_an_evicted_line_is_written_back_keeps_its_write() {
 /// the answer; the copy it replaced hears that it was replaced.
 #[test]
 fn a_retried_call_waits_on_the_entry_already_in_the_log() {
+    // The client hedges a slow call by sending it to every node, the leader included:
+    // the copy must join the entry beside the first, and both hear its answer (when
+    // the copy replaced the first, the first heard "unknown" at once, and the client
+    // took that as its round's answer).
     let mut c = Cluster::new(3);
     let l = c.elect();
     c.run_ms(100);
     let session = c.session(l, 1);
-    let bytes = postcard::to_stdvec(&Envelope::new(
-        session,
-        1,
-        1,
-        acquire("R", "c1", Mode::X, 0),
-    ))
-    .expect("encode");
+    let envelope = |seq, command| {
+        postcard::to_stdvec(&Envelope::new(session, seq, 1, command)).expect("encode")
+    };
     let before = c.nodes[(l - 1) as usize].status().last_index;
     let now = t(c.now);
+    let bytes = envelope(1, acquire("R", "c1", Mode::X, 0));
     c.node(l)
         .call(now, 1, ClientRequest::Propose(bytes.clone()));
     c.node(l).call(now, 2, ClientRequest::Propose(bytes));
     let after = c.nodes[(l - 1) as usize].status().last_index;
     assert_eq!(after, before + 1, "one entry for both copies");
     c.settle();
-    assert!(matches!(
-        c.reply_to(2),
-        Some(Reply::Lock(LockReply::Granted { .. }))
-    ));
-    let first = c.replies.iter().find(|r| r.1 == 1).map(|r| r.2.clone());
+    let (first, second) = (c.reply_to(1), c.reply_to(2));
     assert!(
-        matches!(first, Some(ClientResponse::Unknown { .. })),
+        matches!(first, Some(Reply::Lock(LockReply::Granted { .. }))),
         "{first:?}"
+    );
+    assert_eq!(first, second, "both copies hear the entry's answer");
+
+    // A copy whose caller went away does not withdraw a wait the other copy takes up.
+    let now = t(c.now);
+    let bytes = envelope(2, acquire("R", "c2", Mode::X, 5_000));
+    c.node(l)
+        .call(now, 3, ClientRequest::Propose(bytes.clone()));
+    c.node(l).call(now, 4, ClientRequest::Propose(bytes));
+    c.node(l).cancel(now, 3);
+    c.settle();
+    assert!(c.replies.iter().all(|r| r.1 != 3 && r.1 != 4), "both wait");
+    let now = t(c.now);
+    let release = envelope(
+        3,
+        Command::Lock(LockCommand::Release {
+            key: "R".into(),
+            client: "c1".into(),
+        }),
+    );
+    c.node(l).call(now, 5, ClientRequest::Propose(release));
+    c.settle();
+    assert!(
+        matches!(c.reply_to(4), Some(Reply::Lock(LockReply::Granted { .. }))),
+        "the copy still there is granted when the holder releases"
+    );
+    assert!(
+        c.replies.iter().all(|r| r.1 != 3),
+        "the cancelled copy is not answered"
     );
 }
