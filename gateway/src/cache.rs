@@ -372,7 +372,7 @@ pub(crate) async fn stats(State(state): State<Arc<AppState>>) -> Result<Response
 }
 
 /// Ask every node at once.
-async fn ask_every_node(
+pub(crate) async fn ask_every_node(
     state: &Arc<AppState>,
     nodes: &[NodeId],
     call: &CacheCall,

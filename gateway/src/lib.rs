@@ -12,6 +12,7 @@
 //! QUIC, or inside a node (`syncmesh node --http`), calling that node in-process.
 
 mod cache;
+mod console;
 mod error;
 mod groups;
 mod locks;
@@ -96,6 +97,7 @@ pub(crate) struct AppState {
     registry: prometheus::Registry,
     http_duration: prometheus::HistogramVec,
     groups: groups::EnqueueGroups,
+    console: console::ConsoleFeed,
 }
 
 /// Map a failed call: not done (503, retry) or outcome unknown (504).
@@ -207,8 +209,15 @@ pub fn router_over(
         registry,
         http_duration,
         groups,
+        console: console::ConsoleFeed::new(),
     });
     Ok(Router::new()
+        .route("/", get(console::index))
+        .route("/index.html", get(console::index))
+        .route("/web.js", get(console::script))
+        .route("/web_bg.wasm", get(console::wasm))
+        .route("/api/cluster", get(console::cluster))
+        .route("/api/events", get(console::events))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))

@@ -2,6 +2,7 @@
 
 mod bench_cli;
 mod cache;
+mod console;
 mod contention;
 mod gateway;
 mod mesh;

@@ -199,6 +199,12 @@ pub enum Query {
         /// Most returned.
         limit: usize,
     },
+    /// Every key held or waited on, up to `limit`, with the lock table's clock, so a
+    /// reader can tell how much of each lease is left (the console's countdown).
+    LockListAt {
+        /// Most keys returned.
+        limit: usize,
+    },
 }
 
 /// The answer to a query.
@@ -231,6 +237,16 @@ pub enum QueryReply {
         waiters: u64,
         /// Requests refused for deadlock so far.
         deadlocks: u64,
+    },
+    /// Many keys, at the lock table's clock.
+    LockListAt {
+        /// The leader time of the last applied lock entry, ms (leases end at
+        /// `expires_ms` on this clock).
+        now_ms: u64,
+        /// Requests refused for deadlock so far.
+        deadlocks: u64,
+        /// The keys.
+        keys: Vec<KeyView>,
     },
 }
 
@@ -638,6 +654,11 @@ impl Services {
             Ok(Query::LockList { limit }) => {
                 QueryReply::LockList(self.locks.list(limit.min(10_000)))
             }
+            Ok(Query::LockListAt { limit }) => QueryReply::LockListAt {
+                now_ms: self.locks.now_ms(),
+                deadlocks: self.locks.deadlocks(),
+                keys: self.locks.list(limit.min(10_000)),
+            },
             Ok(Query::LockStats) => {
                 let (shared, exclusive, waiters) = self.locks.counts();
                 QueryReply::LockStats {

@@ -120,7 +120,16 @@ pub enum CacheCall {
     },
     /// This node's counters.
     Stats,
+    /// This node's valid lines (key, state), keys in order, up to `limit` (at most
+    /// [`MAX_LINES_LISTED`]): the console's matrix.
+    Lines {
+        /// Most lines returned.
+        limit: usize,
+    },
 }
+
+/// Most lines one [`CacheCall::Lines`] answers.
+pub const MAX_LINES_LISTED: usize = 1024;
 
 /// Why a cache call failed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -219,6 +228,8 @@ pub enum CacheAnswer {
     },
     /// The counters.
     Stats(CacheStats),
+    /// Valid lines, keys in order.
+    Lines(Vec<(String, Mesi)>),
     /// Failed.
     Error(CacheError),
 }
@@ -448,6 +459,21 @@ impl CacheAgent {
         self.reply(call, CacheAnswer::Error(e));
     }
 
+    /// This node's valid lines, keys in order, up to `limit` (the console's matrix).
+    /// Without a valid lease no line here may be read: none is listed.
+    fn valid_lines(&self, now_ms: u64, limit: usize) -> Vec<(String, Mesi)> {
+        if !self.lease_valid(now_ms) {
+            return Vec::new();
+        }
+        self.lines
+            .keys()
+            .map(|k| (k, self.lines.state(k, now_ms)))
+            .filter(|(_, s)| *s != Mesi::Invalid)
+            .take(limit.min(MAX_LINES_LISTED))
+            .map(|(k, s)| (k.to_owned(), s))
+            .collect()
+    }
+
     /// A call from a client at `now_ms`.
     pub fn call(&mut self, now_ms: u64, call: u64, request: CacheCall, dir: &CacheDirectory) {
         let deadline_ms = now_ms + self.cfg.call_timeout_ms;
@@ -499,6 +525,10 @@ impl CacheAgent {
             CacheCall::Stats => {
                 let stats = self.stats(now_ms);
                 return self.reply(call, CacheAnswer::Stats(stats));
+            }
+            CacheCall::Lines { limit } => {
+                let lines = self.valid_lines(now_ms, limit);
+                return self.reply(call, CacheAnswer::Lines(lines));
             }
         };
         let key = task.key();

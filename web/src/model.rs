@@ -1,0 +1,563 @@
+//! What the console shows, and how it changes: the view types the gateway sends
+//! (`GET /api/cluster`, the `state` events of `GET /api/events`) and the console's
+//! state as a reducer over actions.
+//!
+//! This half of the crate builds on every target, so the gateway serializes the very
+//! types the browser parses, and the reducer is tested on the host with plain
+//! `cargo test`. The reducer is the only place console state changes (STYLE principle
+//! 4): the Yew components only dispatch [`Action`]s and render [`Console`].
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+
+/// Timeline entries kept (term and leader changes, lock grants and refusals).
+pub const MAX_TIMELINE: usize = 64;
+/// Answers to the action forms kept.
+pub const MAX_ANSWERS: usize = 16;
+/// Points kept per sparkline.
+pub const MAX_POINTS: usize = 60;
+
+/// One snapshot of the cluster, as the gateway saw it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// The gateway's wall clock when the snapshot was taken, in ms since the epoch.
+    pub at_ms: u64,
+    /// Every node, in id order.
+    pub nodes: Vec<NodeCard>,
+    /// Every lock key held or waited on (up to the gateway's limit).
+    pub locks: Vec<LockRow>,
+    /// Lock requests refused for deadlock, since the cluster began.
+    pub lock_deadlocks: u64,
+    /// Every queue.
+    pub queues: Vec<QueueRow>,
+    /// Every node's cache.
+    pub cache: Vec<CacheNode>,
+    /// Calls per second and p99 latency through this gateway, per service.
+    pub rates: Vec<ServiceRate>,
+    /// Whether the fault-injection endpoints exist (`/api/fault/*`).
+    pub faults: bool,
+    /// Parts of the snapshot that could not be read, and why.
+    pub problems: Vec<String>,
+}
+
+/// One node's card.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCard {
+    /// `node1`, ...
+    pub id: String,
+    /// It answered this snapshot's status call.
+    pub up: bool,
+    /// `leader`, `candidate`, `follower` (empty when down).
+    pub role: String,
+    /// Its current term.
+    pub term: u64,
+    /// The leader it knows.
+    pub leader: Option<String>,
+    /// Commit index.
+    pub commit: u64,
+    /// Applied index.
+    pub applied: u64,
+    /// When it last answered, gateway wall clock ms (0: never).
+    pub last_seen_ms: u64,
+}
+
+/// One lock key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRow {
+    /// The key.
+    pub key: String,
+    /// The strongest mode held (`X`, `S`), if any.
+    pub mode: Option<String>,
+    /// Holders.
+    pub holders: Vec<LockHolder>,
+    /// Waiters, in the order they will be granted.
+    pub waiters: Vec<LockWaiter>,
+}
+
+/// A holder of a lock.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockHolder {
+    /// Who.
+    pub client_id: String,
+    /// `X` or `S`.
+    pub mode: String,
+    /// The fencing token of its grant.
+    pub token: u64,
+    /// Lease left at the snapshot, ms.
+    pub lease_left_ms: u64,
+}
+
+/// A caller waiting for a lock.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockWaiter {
+    /// Who.
+    pub client_id: String,
+    /// `X` or `S`.
+    pub mode: String,
+}
+
+/// One queue.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct QueueRow {
+    /// Its name.
+    pub queue: String,
+    /// Messages ready.
+    pub depth: u64,
+    /// Messages delivered and not yet acked.
+    pub inflight: u64,
+    /// Dead letters.
+    pub dead_letters: u64,
+    /// Its partitions on the ring.
+    pub partitions: Vec<PartitionRow>,
+}
+
+/// One partition of a queue.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartitionRow {
+    /// Its number.
+    pub partition: u32,
+    /// Messages ready.
+    pub depth: u64,
+    /// Delivered, not acked.
+    pub inflight: u64,
+    /// Its share of the hash ring, 0..1.
+    pub ring_share: f64,
+}
+
+/// One node's cache.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheNode {
+    /// The node.
+    pub node: String,
+    /// It answered.
+    pub up: bool,
+    /// Counters since the node started.
+    pub hits: u64,
+    /// Misses.
+    pub misses: u64,
+    /// Lines invalidated by the directory.
+    pub invalidations: u64,
+    /// Write-backs sent.
+    pub writebacks: u64,
+    /// Lines evicted.
+    pub evictions: u64,
+    /// Its lines (key, `M`/`E`/`S`), most recently used first, up to the gateway's limit.
+    pub lines: Vec<(String, String)>,
+}
+
+/// Traffic of one service through this gateway over the last interval.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceRate {
+    /// `lock`, `queue`, `cache`.
+    pub service: String,
+    /// Calls per second.
+    pub ops_per_s: f64,
+    /// 99th percentile latency, ms (0 with no calls).
+    pub p99_ms: f64,
+}
+
+/// Whether the live feed is connected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Link {
+    /// Not yet heard from.
+    #[default]
+    Connecting,
+    /// Receiving snapshots.
+    Live,
+    /// Lost; the browser is reconnecting by itself.
+    Reconnecting,
+}
+
+/// Something that happened, derived from two snapshots in a row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TimelineEvent {
+    /// Gateway wall clock ms of the snapshot that showed it.
+    pub at_ms: u64,
+    /// What.
+    pub what: String,
+    /// A leader change (drawn stronger).
+    pub leadership: bool,
+}
+
+/// The answer to one action form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// What was asked (`POST /lock/acquire {...}`).
+    pub asked: String,
+    /// HTTP status (0: no answer).
+    pub status: u16,
+    /// The body, as text.
+    pub body: String,
+}
+
+/// Everything the console shows.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Console {
+    /// The live feed's state.
+    pub link: Link,
+    /// The latest snapshot.
+    pub view: Option<ClusterView>,
+    /// Term and leader changes, lock events: newest first.
+    pub timeline: VecDeque<TimelineEvent>,
+    /// Per service: ops/s and p99 points, oldest first.
+    pub series: BTreeMap<String, VecDeque<(f64, f64)>>,
+    /// Cache cells (key, node) whose state changed in the latest snapshot.
+    pub flashes: Vec<(String, String)>,
+    /// Answers to the forms, newest first.
+    pub answers: VecDeque<Answer>,
+}
+
+/// What changes the console.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// A snapshot arrived.
+    Snapshot(ClusterView),
+    /// The feed was lost.
+    LinkLost,
+    /// A form's call answered.
+    Answered(Answer),
+}
+
+impl Console {
+    /// The one place console state changes.
+    pub fn reduce(&mut self, action: Action) {
+        match action {
+            Action::Snapshot(view) => {
+                if let Some(old) = &self.view {
+                    for event in changes(old, &view) {
+                        push_bounded(&mut self.timeline, event, MAX_TIMELINE);
+                    }
+                    self.flashes = cache_changes(old, &view);
+                } else {
+                    self.flashes.clear();
+                }
+                for rate in &view.rates {
+                    let points = self.series.entry(rate.service.clone()).or_default();
+                    points.push_back((rate.ops_per_s, rate.p99_ms));
+                    while points.len() > MAX_POINTS {
+                        points.pop_front();
+                    }
+                }
+                self.view = Some(view);
+                self.link = Link::Live;
+            }
+            Action::LinkLost => self.link = Link::Reconnecting,
+            Action::Answered(answer) => push_bounded(&mut self.answers, answer, MAX_ANSWERS),
+        }
+    }
+
+    /// The node every reachable node agrees leads, if exactly one claims it.
+    pub fn leader(&self) -> Option<&NodeCard> {
+        let view = self.view.as_ref()?;
+        let mut leaders = view.nodes.iter().filter(|n| n.up && n.role == "leader");
+        let first = leaders.next()?;
+        leaders.next().is_none().then_some(first)
+    }
+
+    /// The cache matrix: every key some node holds, with its state per node (`I` where
+    /// a node has no line), keys in order.
+    pub fn cache_matrix(&self) -> Vec<(String, Vec<String>)> {
+        let Some(view) = &self.view else {
+            return Vec::new();
+        };
+        let mut keys: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (i, node) in view.cache.iter().enumerate() {
+            for (key, state) in &node.lines {
+                let row = keys
+                    .entry(key)
+                    .or_insert_with(|| vec!["I".to_owned(); view.cache.len()]);
+                row[i].clone_from(state);
+            }
+        }
+        keys.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+}
+
+fn push_bounded<T>(list: &mut VecDeque<T>, item: T, cap: usize) {
+    list.push_front(item);
+    list.truncate(cap);
+}
+
+/// Term and leader changes, lock grants, releases and new waiters, newest last.
+fn changes(old: &ClusterView, new: &ClusterView) -> Vec<TimelineEvent> {
+    let mut out = Vec::new();
+    let leader_of = |v: &ClusterView| {
+        v.nodes
+            .iter()
+            .filter(|n| n.up && n.role == "leader")
+            .max_by_key(|n| n.term)
+            .map(|n| (n.id.clone(), n.term))
+    };
+    let (was, is) = (leader_of(old), leader_of(new));
+    if was != is {
+        let what = match &is {
+            Some((id, term)) => format!("{id} leads in term {term}"),
+            None => "no leader".to_owned(),
+        };
+        out.push(TimelineEvent {
+            at_ms: new.at_ms,
+            what,
+            leadership: true,
+        });
+    }
+    for node in &new.nodes {
+        let before = old.nodes.iter().find(|n| n.id == node.id);
+        if before.is_some_and(|b| b.up && !node.up) {
+            out.push(event(new, format!("{} stopped answering", node.id)));
+        }
+        if before.is_some_and(|b| !b.up && node.up) {
+            out.push(event(new, format!("{} is back", node.id)));
+        }
+    }
+    let holders = |v: &ClusterView| {
+        v.locks
+            .iter()
+            .flat_map(|l| {
+                l.holders.iter().map(move |h| {
+                    (
+                        (l.key.clone(), h.client_id.clone()),
+                        (h.mode.clone(), h.token),
+                    )
+                })
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (before, after) = (holders(old), holders(new));
+    for ((key, client), (mode, token)) in &after {
+        if before.get(&(key.clone(), client.clone())) != Some(&(mode.clone(), *token)) {
+            out.push(event(
+                new,
+                format!("{client} holds {key} ({mode}, token {token})"),
+            ));
+        }
+    }
+    for (key, client) in before.keys() {
+        if !after.contains_key(&(key.clone(), client.clone())) {
+            out.push(event(new, format!("{client} released {key}")));
+        }
+    }
+    if new.lock_deadlocks > old.lock_deadlocks {
+        let n = new.lock_deadlocks - old.lock_deadlocks;
+        out.push(event(new, format!("{n} lock request(s) refused: deadlock")));
+    }
+    out
+}
+
+fn event(view: &ClusterView, what: String) -> TimelineEvent {
+    TimelineEvent {
+        at_ms: view.at_ms,
+        what,
+        leadership: false,
+    }
+}
+
+/// Cache cells whose state differs between two snapshots.
+fn cache_changes(old: &ClusterView, new: &ClusterView) -> Vec<(String, String)> {
+    let cells = |v: &ClusterView| {
+        v.cache
+            .iter()
+            .flat_map(|n| {
+                n.lines
+                    .iter()
+                    .map(move |(k, s)| ((k.clone(), n.node.clone()), s.clone()))
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (before, after) = (cells(old), cells(new));
+    let mut out: Vec<(String, String)> = after
+        .iter()
+        .filter(|(cell, state)| before.get(*cell) != Some(state))
+        .map(|(cell, _)| cell.clone())
+        .collect();
+    out.extend(before.keys().filter(|c| !after.contains_key(*c)).cloned());
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, role: &str, term: u64) -> NodeCard {
+        NodeCard {
+            id: id.to_owned(),
+            up: true,
+            role: role.to_owned(),
+            term,
+            ..NodeCard::default()
+        }
+    }
+
+    fn view(at_ms: u64, nodes: Vec<NodeCard>) -> ClusterView {
+        ClusterView {
+            at_ms,
+            nodes,
+            ..ClusterView::default()
+        }
+    }
+
+    #[test]
+    fn a_leader_change_is_one_timeline_event_with_the_new_term() {
+        let mut c = Console::default();
+        c.reduce(Action::Snapshot(view(
+            1,
+            vec![node("node1", "leader", 2), node("node2", "follower", 2)],
+        )));
+        assert!(c.timeline.is_empty(), "the first snapshot is the baseline");
+        assert_eq!(c.leader().map(|n| n.id.as_str()), Some("node1"));
+        let mut down = node("node1", "", 0);
+        down.up = false;
+        c.reduce(Action::Snapshot(view(
+            2,
+            vec![down, node("node2", "leader", 3)],
+        )));
+        assert_eq!(c.leader().map(|n| n.id.as_str()), Some("node2"));
+        let leadership: Vec<_> = c.timeline.iter().filter(|e| e.leadership).collect();
+        assert_eq!(leadership.len(), 1);
+        assert_eq!(leadership[0].what, "node2 leads in term 3");
+        assert!(c
+            .timeline
+            .iter()
+            .any(|e| e.what == "node1 stopped answering"));
+    }
+
+    #[test]
+    fn two_nodes_claiming_to_lead_show_no_leader() {
+        let mut c = Console::default();
+        c.reduce(Action::Snapshot(view(
+            1,
+            vec![node("node1", "leader", 2), node("node2", "leader", 3)],
+        )));
+        assert!(c.leader().is_none());
+    }
+
+    #[test]
+    fn the_cache_matrix_fills_missing_cells_with_i_and_flashes_changes() {
+        let cache = |lines1: Vec<(&str, &str)>, lines2: Vec<(&str, &str)>| {
+            let own = |l: Vec<(&str, &str)>| {
+                l.into_iter()
+                    .map(|(k, s)| (k.to_owned(), s.to_owned()))
+                    .collect()
+            };
+            vec![
+                CacheNode {
+                    node: "node1".into(),
+                    up: true,
+                    lines: own(lines1),
+                    ..CacheNode::default()
+                },
+                CacheNode {
+                    node: "node2".into(),
+                    up: true,
+                    lines: own(lines2),
+                    ..CacheNode::default()
+                },
+            ]
+        };
+        let mut c = Console::default();
+        c.reduce(Action::Snapshot(ClusterView {
+            cache: cache(vec![("k", "M")], vec![]),
+            ..ClusterView::default()
+        }));
+        assert_eq!(
+            c.cache_matrix(),
+            vec![("k".to_owned(), vec!["M".to_owned(), "I".to_owned()])]
+        );
+        assert!(c.flashes.is_empty());
+        c.reduce(Action::Snapshot(ClusterView {
+            cache: cache(vec![("k", "S")], vec![("k", "S")]),
+            ..ClusterView::default()
+        }));
+        assert_eq!(
+            c.cache_matrix(),
+            vec![("k".to_owned(), vec!["S".to_owned(), "S".to_owned()])]
+        );
+        assert_eq!(
+            c.flashes,
+            vec![
+                ("k".to_owned(), "node1".to_owned()),
+                ("k".to_owned(), "node2".to_owned())
+            ]
+        );
+        c.reduce(Action::Snapshot(ClusterView {
+            cache: cache(vec![], vec![("k", "S")]),
+            ..ClusterView::default()
+        }));
+        assert_eq!(
+            c.flashes,
+            vec![("k".to_owned(), "node1".to_owned())],
+            "a line that left flashes too"
+        );
+    }
+
+    #[test]
+    fn lock_grants_releases_and_deadlocks_reach_the_timeline() {
+        let held = |client: &str, token: u64| LockRow {
+            key: "A".into(),
+            mode: Some("X".into()),
+            holders: vec![LockHolder {
+                client_id: client.into(),
+                mode: "X".into(),
+                token,
+                lease_left_ms: 1000,
+            }],
+            waiters: vec![],
+        };
+        let mut c = Console::default();
+        c.reduce(Action::Snapshot(ClusterView::default()));
+        c.reduce(Action::Snapshot(ClusterView {
+            locks: vec![held("c1", 7)],
+            ..ClusterView::default()
+        }));
+        assert_eq!(c.timeline[0].what, "c1 holds A (X, token 7)");
+        c.reduce(Action::Snapshot(ClusterView {
+            lock_deadlocks: 2,
+            ..ClusterView::default()
+        }));
+        let whats: Vec<&str> = c.timeline.iter().map(|e| e.what.as_str()).collect();
+        assert_eq!(
+            whats[..2],
+            ["2 lock request(s) refused: deadlock", "c1 released A"]
+        );
+    }
+
+    #[test]
+    fn the_lists_stay_bounded() {
+        let mut c = Console::default();
+        for i in 0..(MAX_POINTS as u64 + 10) {
+            let rates = vec![ServiceRate {
+                service: "lock".into(),
+                ops_per_s: i as f64,
+                p99_ms: 1.0,
+            }];
+            c.reduce(Action::Snapshot(ClusterView {
+                at_ms: i,
+                lock_deadlocks: i,
+                rates,
+                ..ClusterView::default()
+            }));
+            c.reduce(Action::Answered(Answer {
+                asked: "x".into(),
+                status: 200,
+                body: String::new(),
+            }));
+        }
+        assert_eq!(c.series["lock"].len(), MAX_POINTS);
+        assert_eq!(
+            c.series["lock"].back().map(|p| p.0),
+            Some((MAX_POINTS + 9) as f64)
+        );
+        assert_eq!(c.timeline.len(), MAX_TIMELINE);
+        assert_eq!(c.answers.len(), MAX_ANSWERS);
+    }
+
+    #[test]
+    fn a_lost_feed_says_reconnecting_until_the_next_snapshot() {
+        let mut c = Console::default();
+        assert_eq!(c.link, Link::Connecting);
+        c.reduce(Action::LinkLost);
+        assert_eq!(c.link, Link::Reconnecting);
+        c.reduce(Action::Snapshot(ClusterView::default()));
+        assert_eq!(c.link, Link::Live);
+    }
+}
