@@ -83,6 +83,14 @@ impl CallTable {
         }
     }
 
+    /// Remove every call of `ids`; returns them.
+    fn remove_all(&mut self, ids: Vec<CallId>) -> Vec<CallId> {
+        for id in &ids {
+            self.remove(*id);
+        }
+        ids
+    }
+
     /// Remove a call wherever it is.
     pub(super) fn remove(&mut self, id: CallId) -> Option<CallState> {
         let call = self.calls.remove(&id)?;
@@ -119,14 +127,12 @@ impl CallTable {
         started_ms: u64,
         deadline_ms: u64,
     ) -> Vec<CallId> {
-        let old: Vec<CallId> = self
-            .proposals
-            .get(&index)
-            .map(|ids| ids.iter().copied().collect())
-            .unwrap_or_default();
-        for id in &old {
-            self.remove(*id);
-        }
+        let old = self.remove_all(
+            self.proposals
+                .get(&index)
+                .map(|ids| ids.iter().copied().collect())
+                .unwrap_or_default(),
+        );
         self.join(id, index, term, started_ms, deadline_ms);
         old
     }
@@ -212,10 +218,7 @@ impl CallTable {
             .filter(|(_, c)| matches!(c.state, CallState::Reading { .. }))
             .map(|(id, _)| *id)
             .collect();
-        for id in &ids {
-            self.remove(*id);
-        }
-        ids
+        self.remove_all(ids)
     }
 
     /// The calls proposed at `index`, removed: those whose caller is still there
@@ -274,24 +277,18 @@ impl CallTable {
 
     /// Every call waiting for `call`, removed.
     pub(super) fn complete(&mut self, call: CallRef) -> Vec<CallId> {
-        let ids: Vec<CallId> = self
-            .waiting
-            .get(&call)
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default();
-        for id in &ids {
-            self.remove(*id);
-        }
-        ids
+        self.remove_all(
+            self.waiting
+                .get(&call)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default(),
+        )
     }
 
     /// Every waiting call, removed (the node stopped leading).
     pub(super) fn waiting_all(&mut self) -> Vec<CallId> {
         let ids: Vec<CallId> = self.waiting.values().flatten().copied().collect();
-        for id in &ids {
-            self.remove(*id);
-        }
-        ids
+        self.remove_all(ids)
     }
 
     /// The session calls waited for, with their calls.
@@ -330,10 +327,7 @@ impl CallTable {
             .into_values()
             .flatten()
             .collect();
-        for id in &ids {
-            self.remove(*id);
-        }
-        ids
+        self.remove_all(ids)
     }
 
     /// Proposals above `commit`, removed (this node stopped leading).
@@ -343,10 +337,7 @@ impl CallTable {
             .range(commit + 1..)
             .flat_map(|(_, ids)| ids.iter().copied())
             .collect();
-        for id in &ids {
-            self.remove(*id);
-        }
-        ids
+        self.remove_all(ids)
     }
 
     /// Calls whose deadline passed, removed, with what they waited for.
