@@ -428,3 +428,43 @@ pub(crate) async fn rest_delete(
     let UrlQuery(q) = q?;
     do_delete(&state, key, q.node.as_deref()).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+
+    /// Every refusal a node's cache gives has its documented status and code (the
+    /// caps behind `Full` are too large to reach over HTTP in a test: the agent's own
+    /// tests reach them).
+    #[test]
+    fn every_cache_error_maps_to_its_documented_status() {
+        for (e, status, code) in [
+            (
+                CacheError::Unavailable("no lease".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cache_unavailable",
+            ),
+            (
+                CacheError::Unknown("timed out".into()),
+                StatusCode::GATEWAY_TIMEOUT,
+                "outcome_unknown",
+            ),
+            (
+                CacheError::Full("the directory holds 1000000 keys".into()),
+                StatusCode::TOO_MANY_REQUESTS,
+                "cache_full",
+            ),
+            (
+                CacheError::Invalid("bad key".into()),
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+            ),
+        ] {
+            let why = format!("{e:?}");
+            let got = cache_error(2, e);
+            assert_eq!((got.status, got.code), (status, code), "{why}");
+            assert!(got.message.starts_with("node2: "), "{}", got.message);
+        }
+    }
+}

@@ -14,8 +14,9 @@
 //!   loss is not bounded in time here: the HTTP kill -9 and cut-off tests measure the
 //!   window). Durable puts, deletes, and every read of a durable key never get that
 //!   allowance.
-//! - keys written with a TTL (write-back and durable puts): every value read was
-//!   written to the key, and a get never returns a value older than one an earlier,
+//! - every value any get returned (at any node, those dropped above included) was put
+//!   to that key, by a put that was not refused and began before the get returned.
+//! - keys written with a TTL (write-back and durable puts): a get never returns a value older than one an earlier,
 //!   completed get returned, or older than a put that completed before it began, and
 //!   after a miss never one put before the miss began (a TTL or an eviction never
 //!   brings back an older value).
@@ -181,36 +182,55 @@ impl CacheHistory {
                 shown.join(", ")
             )
         })?;
+        self.check_every_hit_was_written()?;
         self.check_ttl_keys()
+    }
+
+    /// Every value a get returned, at any node and of any key (those whose reads the
+    /// linearizability check drops because their node lost its lines afterwards
+    /// included), was put to that key by a put that was not refused and that began
+    /// before the get returned: a cache never invents, tears, crosses keys or
+    /// resurrects a refused write, whatever became of the node that served it.
+    fn check_every_hit_was_written(&self) -> Result<(), String> {
+        let puts: BTreeMap<u64, &Entry> = self
+            .entries
+            .iter()
+            .filter_map(|e| match e.op {
+                RegisterOp::Write(v) if v != 0 => Some((v, e)),
+                _ => None,
+            })
+            .collect();
+        for r in &self.entries {
+            let (RegisterOp::Read(Some(v)), Some(done)) = (r.op, r.returned) else {
+                continue;
+            };
+            if v == 0 {
+                continue;
+            }
+            let fault = match puts.get(&v) {
+                None => "which was never put",
+                Some(p) if p.key != r.key => "which was put to another key",
+                Some(p) if p.refused => "whose put was refused",
+                Some(p) if p.invoked > done => "whose put began after the get returned",
+                Some(_) => continue,
+            };
+            return Err(format!(
+                "cache: a get of {} at n{} read {v}, {fault}",
+                key_name(r.key),
+                r.node
+            ));
+        }
+        Ok(())
     }
 
     fn check_ttl_keys(&self) -> Result<(), String> {
         for key in all_keys().filter(|k| is_ttl(*k)) {
-            let written: Vec<u64> = self
-                .entries
-                .iter()
-                .filter(|e| e.key == key && !e.refused)
-                .filter_map(|e| match e.op {
-                    RegisterOp::Write(v) => Some(v),
-                    _ => None,
-                })
-                .collect();
             let reads: Vec<&Entry> = self
                 .entries
                 .iter()
                 .filter(|e| e.key == key && e.returned.is_some())
                 .filter(|e| matches!(e.op, RegisterOp::Read(Some(v)) if v != 0))
                 .collect();
-            for r in &reads {
-                if let RegisterOp::Read(Some(v)) = r.op {
-                    if !written.contains(&v) {
-                        return Err(format!(
-                            "cache: {} read {v}, which was never written",
-                            key_name(key)
-                        ));
-                    }
-                }
-            }
             // A get that began after another returned must not see a value whose put
             // completed before the put of the value the first one saw began (an older
             // one), unless the newer one may have been lost.

@@ -43,6 +43,9 @@ pub const MAX_WAITING_CALLS: usize = 10_000;
 /// call that needs a new line waits (hits on held lines and deletes still go on): lines given up
 /// are values in memory outside the LRU bound, so they are bounded too.
 pub const MAX_RELEASING: usize = 4096;
+/// Evict calls that wait on one given-up line at most (past it, 429): with
+/// `MAX_RELEASING` this bounds every evict call held here.
+pub const MAX_EVICTS_PER_LINE: usize = 64;
 /// Lines one write-back command carries at most.
 const MAX_LINES_PER_WRITEBACK: usize = 256;
 /// Value bytes one write-back command carries at most (one line may exceed it alone).
@@ -306,9 +309,21 @@ struct Pending {
 /// A line given up (evicted) whose write-back is not confirmed yet.
 #[derive(Clone, Debug)]
 struct Releasing {
+    /// The latest line given up (a durable grant that raced an eviction may give up a
+    /// second one before the first is confirmed: the key is held back until the latest
+    /// is).
     line: Line,
-    /// Evict calls answered once it is confirmed: (call, deadline).
-    calls: Vec<(u64, u64)>,
+    /// Evict calls answered once it is confirmed (at most `MAX_EVICTS_PER_LINE`).
+    calls: Vec<EvictCall>,
+}
+
+/// An evict call waiting for its line's write-back to be confirmed.
+#[derive(Clone, Copy, Debug)]
+struct EvictCall {
+    call: u64,
+    deadline_ms: u64,
+    /// The state of the line this call evicted (not necessarily the latest one given up).
+    was: Mesi,
 }
 
 /// One node's cache agent. See the module docs.
@@ -440,14 +455,8 @@ impl CacheAgent {
     /// The evict calls waiting on a given-up line: it left this node (`lost`: its
     /// writes were not stored).
     fn answer_evicts(&mut self, r: Releasing, lost: bool) {
-        for (call, _) in r.calls {
-            self.reply(
-                call,
-                CacheAnswer::Evicted {
-                    was: r.line.state,
-                    lost,
-                },
-            );
+        for c in r.calls {
+            self.reply(c.call, CacheAnswer::Evicted { was: c.was, lost });
         }
     }
 
@@ -558,7 +567,7 @@ impl CacheAgent {
             }
         }
         for r in self.releasing.values_mut() {
-            r.calls.retain(|c| c.0 != call);
+            r.calls.retain(|c| c.call != call);
         }
     }
 
@@ -835,7 +844,21 @@ impl CacheAgent {
         match self.lines.evict(&key) {
             None => {
                 if let Some(r) = self.releasing.get_mut(&key) {
-                    r.calls.push((call, deadline_ms));
+                    if r.calls.len() >= MAX_EVICTS_PER_LINE {
+                        return self.fail(
+                            call,
+                            CacheError::Full(format!(
+                                "{MAX_EVICTS_PER_LINE} evictions already wait for this \
+                                 key's write-back"
+                            )),
+                        );
+                    }
+                    let was = r.line.state;
+                    r.calls.push(EvictCall {
+                        call,
+                        deadline_ms,
+                        was,
+                    });
                 } else {
                     self.reply(
                         call,
@@ -850,7 +873,12 @@ impl CacheAgent {
                 let was = gone.line.state;
                 let written = written_of(&gone.line, now_ms);
                 if was.owned() {
-                    self.give_up(gone, written, Some((call, deadline_ms)));
+                    let call = EvictCall {
+                        call,
+                        deadline_ms,
+                        was,
+                    };
+                    self.give_up(gone, written, Some(call));
                 } else {
                     // A Shared copy holds nothing the directory lacks: it is dropped here
                     // and the directory is not told (a release could not be told from
@@ -876,7 +904,7 @@ impl CacheAgent {
 
     /// Give up an owned line: write it back (or say it expired) and keep nothing; until
     /// the directory applied that, the key is held back here.
-    fn give_up(&mut self, gone: Evicted, written: Written, call: Option<(u64, u64)>) {
+    fn give_up(&mut self, gone: Evicted, written: Written, call: Option<EvictCall>) {
         let line = WriteBackLine {
             key: gone.key.clone(),
             epoch: gone.line.epoch,
@@ -885,11 +913,22 @@ impl CacheAgent {
             keep: Keep::Nothing,
         };
         self.outbox.push(line);
-        let r = self.releasing.entry(gone.key).or_insert(Releasing {
-            line: gone.line,
-            calls: Vec::new(),
-        });
-        r.calls.extend(call);
+        match self.releasing.entry(gone.key) {
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                // A line granted while an earlier one was on its way back (a durable
+                // grant that raced the eviction): it is the one to wait for now, and
+                // each call keeps the state of the line it evicted.
+                let r = o.get_mut();
+                r.line = gone.line;
+                r.calls.extend(call);
+            }
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(Releasing {
+                    line: gone.line,
+                    calls: call.into_iter().collect(),
+                });
+            }
+        }
     }
 
     /// Time passed: register, renew, write back, resend, time out.
@@ -999,12 +1038,12 @@ impl CacheAgent {
     fn expire_calls(&mut self, now_ms: u64) {
         let mut answers = Vec::new();
         for r in self.releasing.values_mut() {
-            r.calls.retain(|&(call, deadline_ms)| {
-                if now_ms < deadline_ms {
+            r.calls.retain(|c| {
+                if now_ms < c.deadline_ms {
                     return true;
                 }
                 answers.push((
-                    call,
+                    c.call,
                     CacheError::Unknown(
                         "the line left this node, but its write-back was not confirmed in \
                          time"
@@ -1623,5 +1662,169 @@ impl CacheAgent {
             }
         }
         self.renew_due = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! One agent beside the directory, with the log in the test's hands: commands the
+    //! agent proposes queue up, and the test applies them in the order it picks.
+    use super::*;
+    use crate::services::cache::directory::CacheEvent;
+
+    struct Rig {
+        agent: CacheAgent,
+        dir: CacheDirectory,
+        index: LogIndex,
+        now: u64,
+        proposed: VecDeque<CacheCommand>,
+        replies: BTreeMap<u64, CacheAnswer>,
+    }
+
+    impl Rig {
+        /// Node 1, registered and under a lease.
+        fn new() -> Self {
+            let mut r = Self {
+                agent: CacheAgent::new(CacheConfig::default(), 1, 7),
+                dir: CacheDirectory::default(),
+                index: 0,
+                now: 1_000,
+                proposed: VecDeque::new(),
+                replies: BTreeMap::new(),
+            };
+            r.agent.tick(r.now, &r.dir);
+            r.collect();
+            r.apply_all();
+            assert!(r.agent.lease_valid(r.now), "the lease");
+            r
+        }
+
+        fn collect(&mut self) {
+            self.agent.flush(self.now, self.index);
+            for o in self.agent.take_outputs() {
+                match o {
+                    AgentOutput::Reply { call, answer } => {
+                        self.replies.insert(call, answer);
+                    }
+                    AgentOutput::Propose(c) => self.proposed.push_back(c),
+                }
+            }
+        }
+
+        /// Apply the `i`th command waiting (0: the oldest).
+        fn apply(&mut self, i: usize) {
+            let Some(command) = self.proposed.remove(i) else {
+                panic!("no command {i} waits: {:?}", self.proposed);
+            };
+            self.index += 1;
+            let mut events: Vec<CacheEvent> = Vec::new();
+            self.dir.apply(self.index, self.now, command, &mut events);
+            self.agent.applied(self.now, &events, &self.dir);
+            self.collect();
+        }
+
+        fn apply_all(&mut self) {
+            while !self.proposed.is_empty() {
+                self.apply(0);
+            }
+        }
+
+        fn call(&mut self, call: u64, request: CacheCall) {
+            self.agent.call(self.now, call, request, &self.dir);
+            self.collect();
+        }
+
+        fn put(&mut self, call: u64, value: &str, durable: bool) {
+            self.call(
+                call,
+                CacheCall::Put {
+                    key: "k".into(),
+                    value: value.into(),
+                    ttl_ms: None,
+                    durable: Some(durable),
+                },
+            );
+        }
+    }
+
+    /// A write-back put "a" is held M; a durable put "b" goes to the directory, and
+    /// before it is granted the line is evicted. The durable grant arrives before the
+    /// eviction's write-back, so the node holds a new line while the first is on its
+    /// way back: that line is what the key waits for now.
+    fn durable_grant_races_an_eviction() -> Rig {
+        let mut r = Rig::new();
+        r.put(1, "a", false);
+        r.apply_all();
+        assert_eq!(
+            r.replies.get(&1),
+            Some(&CacheAnswer::Put {
+                state: Mesi::Modified
+            })
+        );
+        r.put(2, "b", true);
+        r.call(3, CacheCall::Evict { key: "k".into() });
+        assert!(
+            matches!(r.proposed.get(1), Some(CacheCommand::WriteBack { .. })),
+            "the durable request, then the write-back: {:?}",
+            r.proposed
+        );
+        r.apply(0);
+        assert_eq!(
+            r.replies.get(&2),
+            Some(&CacheAnswer::Put {
+                state: Mesi::Exclusive
+            })
+        );
+        r
+    }
+
+    /// Each evict call is answered with the state of the line it evicted, once the
+    /// latest line given up is confirmed; the clean E line lost nothing (answered from
+    /// the first line, it said M and lost: its write-back was refused as stale).
+    #[test]
+    fn an_evict_answers_the_state_of_the_line_it_evicted() {
+        let mut r = durable_grant_races_an_eviction();
+        r.call(4, CacheCall::Evict { key: "k".into() });
+        r.apply(0);
+        assert_eq!(
+            r.replies.get(&4),
+            None,
+            "the E line's write-back is not applied"
+        );
+        r.apply_all();
+        let evicted = |r: &Rig, call| match r.replies.get(&call) {
+            Some(CacheAnswer::Evicted { was, lost }) => (*was, *lost),
+            other => panic!("evict {call}: {other:?}"),
+        };
+        assert_eq!(
+            evicted(&r, 3),
+            (Mesi::Modified, false),
+            "\"a\" was overwritten"
+        );
+        assert_eq!(evicted(&r, 4), (Mesi::Exclusive, false));
+        assert_eq!(r.dir.value("k"), Some(&b"b"[..]));
+    }
+
+    /// Evict calls waiting on one given-up line are capped; past the cap, 429.
+    #[test]
+    fn evict_calls_waiting_on_a_write_back_are_capped() {
+        let mut r = Rig::new();
+        r.put(1, "a", false);
+        r.apply_all();
+        for call in 0..MAX_EVICTS_PER_LINE as u64 + 1 {
+            r.call(10 + call, CacheCall::Evict { key: "k".into() });
+        }
+        let last = 10 + MAX_EVICTS_PER_LINE as u64;
+        assert!(
+            matches!(
+                r.replies.get(&last),
+                Some(CacheAnswer::Error(CacheError::Full(_)))
+            ),
+            "{:?}",
+            r.replies.get(&last)
+        );
+        assert_eq!(r.replies.len(), 2, "the others wait");
+        r.apply_all();
+        assert_eq!(r.replies.len(), 2 + MAX_EVICTS_PER_LINE);
     }
 }
