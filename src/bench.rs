@@ -268,6 +268,7 @@ fn bench_failover(args: &FailoverArgs) -> Result<()> {
         wait_secs: 30,
         seed_ports: false,
         seed_ports_base: 8000,
+        fault_injection: false,
     })?;
     let (_, first_term, _) = wait_agreed(&cluster, Duration::from_secs(30))?;
     if args.quiet_secs > 0 {

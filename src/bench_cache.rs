@@ -158,6 +158,7 @@ pub(crate) fn run(args: &CacheBenchArgs) -> Result<()> {
         wait_secs: 30,
         seed_ports: true,
         seed_ports_base: SEED_BASE,
+        fault_injection: false,
     })?;
     let result = measure(args, &cluster);
     cluster.stop_all();

@@ -110,6 +110,7 @@ pub(crate) fn scratch_cluster(
         wait_secs: 30,
         seed_ports: false,
         seed_ports_base: 8000,
+        fault_injection: false,
     };
     let c = LocalCluster::start(args)?;
     let start = Instant::now();

@@ -1,7 +1,10 @@
 //! `syncmesh cluster`: a local cluster for development, as DESIGN.md section 2 lays out.
-//! Makes certificates if missing, starts `node1..nodeN` as child processes, waits until
-//! they agree on a leader, prints the addresses, and stops every child on Ctrl-C or
-//! SIGTERM. It restarts nothing by itself.
+//! Makes certificates if missing, starts `node1..nodeN` as child processes and the
+//! gateway (with the console) in this process, waits until they agree on a leader,
+//! prints the addresses, and stops every child on Ctrl-C or SIGTERM. It restarts
+//! nothing by itself; with fault injection on (the default: everything listens on
+//! loopback only) the console's buttons stop, restart, isolate and heal nodes, and this
+//! process, which owns them, carries that out.
 
 use crate::http;
 use crate::node_cmd::NodeArgs;
@@ -40,6 +43,10 @@ pub(crate) struct ClusterArgs {
     /// BASE of the seed's ports (lock API 8000-8002, queue 8100-8102, cache 8200-8202).
     #[arg(long, default_value_t = 8000)]
     pub(crate) seed_ports_base: u16,
+    /// Let the console stop, restart, isolate and heal nodes (`POST /api/fault/*` on the
+    /// gateway; every port is on loopback). `false`: those routes do not exist.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub(crate) fault_injection: bool,
 }
 
 /// Node processes on loopback, started from this binary.
@@ -54,8 +61,18 @@ fn addr(port: u16) -> SocketAddr {
 }
 
 impl LocalCluster {
-    /// Make certificates if missing and start every node.
+    /// Make certificates if missing and start every node, and the gateway as a child
+    /// process (the benchmarks' way: its CPU is not the load generator's).
     pub(crate) fn start(args: ClusterArgs) -> Result<Self> {
+        let mut cluster = Self::start_nodes(args)?;
+        if cluster.args.gateway_port != 0 {
+            cluster.start_gateway()?;
+        }
+        Ok(cluster)
+    }
+
+    /// Make certificates if missing and start every node.
+    pub(crate) fn start_nodes(args: ClusterArgs) -> Result<Self> {
         if args.nodes == 0 || args.nodes > 99 {
             bail!("--nodes must be between 1 and 99");
         }
@@ -77,9 +94,6 @@ impl LocalCluster {
         };
         for i in 0..cluster.args.nodes as usize {
             cluster.start_node(i)?;
-        }
-        if cluster.args.gateway_port != 0 {
-            cluster.start_gateway()?;
         }
         Ok(cluster)
     }
@@ -144,7 +158,11 @@ impl LocalCluster {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("open {}", log_path.display()))?;
-        let child = Command::new(&exe)
+        let mut cmd = Command::new(&exe);
+        if self.args.fault_injection {
+            cmd.env("SYNCMESH_FAULT_INJECTION", "1");
+        }
+        let child = cmd
             .args(&flags)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -190,6 +208,53 @@ impl LocalCluster {
         if let Some(mut c) = self.children[i].take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Carry out one of the console's faults on node `id` (1-based): what was done, or
+    /// why not.
+    pub(crate) fn inject(&mut self, fault: gateway::Fault, id: u64) -> Result<String, String> {
+        let name = format!("node{id}");
+        let i = usize::try_from(id)
+            .ok()
+            .and_then(|id| id.checked_sub(1))
+            .filter(|&i| i < self.len())
+            .ok_or_else(|| format!("{name} is not a node of this cluster"))?;
+        let running = self.children[i].is_some();
+        match fault {
+            gateway::Fault::Stop if !running => Err(format!("{name} is not running")),
+            gateway::Fault::Stop => {
+                self.kill9(i);
+                Ok(format!("{name} stopped (kill -9)"))
+            }
+            gateway::Fault::Restart => {
+                self.kill9(i);
+                self.start_node(i).map_err(|e| format!("{name}: {e:#}"))?;
+                Ok(format!(
+                    "{name} {}",
+                    if running {
+                        "killed and restarted"
+                    } else {
+                        "started"
+                    }
+                ))
+            }
+            gateway::Fault::Isolate | gateway::Fault::Heal if !running => {
+                Err(format!("{name} is not running"))
+            }
+            gateway::Fault::Isolate | gateway::Fault::Heal => {
+                let (path, done) = if fault == gateway::Fault::Isolate {
+                    ("/fault/isolate", "cut off from its peers")
+                } else {
+                    ("/fault/heal", "reaches its peers again")
+                };
+                let url = format!("http://{}{path}", self.admin(i));
+                match http::post(&http::agent(Duration::from_secs(2)), &url, "") {
+                    Ok(200) => Ok(format!("{name} {done}")),
+                    Ok(status) => Err(format!("{name} answered {status} to {path}")),
+                    Err(e) => Err(format!("{name} did not answer {path}: {e}")),
+                }
+            }
         }
     }
 
@@ -296,9 +361,14 @@ impl LocalCluster {
         }
         if self.args.gateway_port != 0 {
             println!(
-                "  gateway http://{}  log {}",
+                "  console http://{}/  (the gateway's HTTP API on the same port, in this \
+                 process; fault injection {})",
                 addr(self.args.gateway_port),
-                self.args.dir.join("gateway.log").display()
+                if self.args.fault_injection {
+                    "on"
+                } else {
+                    "off"
+                }
             );
         }
         println!(
@@ -316,22 +386,76 @@ impl Drop for LocalCluster {
 }
 
 pub(crate) fn run(args: ClusterArgs) -> Result<()> {
-    let mut cluster = LocalCluster::start(args)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // Two workers: the gateway serves the console while the supervisor waits.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
-    let result = runtime.block_on(supervise(&mut cluster));
+    let mut cluster = LocalCluster::start_nodes(args)?;
+    let result = runtime.block_on(async {
+        let (faults, requests) = tokio::sync::mpsc::channel(4);
+        let (stop_gateway, stopped) = tokio::sync::oneshot::channel::<()>();
+        let gateway = match cluster.args.gateway_port {
+            0 => None,
+            port => {
+                let (app, listener) = bind_gateway(&cluster, port, faults).await?;
+                Some(tokio::spawn(gateway::serve_listener(
+                    app,
+                    listener,
+                    1,
+                    async {
+                        let _ = stopped.await;
+                    },
+                )))
+            }
+        };
+        let result = supervise(&mut cluster, requests).await;
+        let _ = stop_gateway.send(());
+        if let Some(task) = gateway {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        result
+    });
     cluster.stop_all();
     println!("every node stopped");
     result
 }
 
-async fn supervise(cluster: &mut LocalCluster) -> Result<()> {
+/// The gateway's router, and its port bound now: a port taken is an error before the
+/// cluster is announced.
+async fn bind_gateway(
+    cluster: &LocalCluster,
+    port: u16,
+    faults: gateway::FaultSender,
+) -> Result<(axum::Router, tokio::net::TcpListener)> {
+    let nodes = (0..cluster.len())
+        .map(|j| (j as u64 + 1, cluster.quic(j)))
+        .collect();
+    let cfg = gateway::GatewayConfig {
+        listen: addr(port),
+        certs_dir: cluster.args.dir.join("certs"),
+        cert: "gateway".into(),
+        nodes,
+        home: 1,
+        max_body: gateway::DEFAULT_MAX_BODY,
+        faults: cluster.args.fault_injection.then_some(faults),
+    };
+    let app = gateway::router(&cfg).context("start the gateway")?;
+    let listener = gateway::bind(cfg.listen)
+        .await
+        .with_context(|| format!("the gateway's port (--gateway-port {port})"))?;
+    Ok((app, listener))
+}
+
+async fn supervise(
+    cluster: &mut LocalCluster,
+    mut faults: tokio::sync::mpsc::Receiver<gateway::FaultRequest>,
+) -> Result<()> {
     let signal = crate::node_cmd::shutdown_signal();
     tokio::pin!(signal);
     let deadline = Instant::now() + Duration::from_secs(cluster.args.wait_secs);
     let leader = loop {
-        if let Some((l, _, _)) = cluster.agreed_leader() {
+        if let Some((l, _, _)) = tokio::task::block_in_place(|| cluster.agreed_leader()) {
             break l;
         }
         cluster.check_children()?;
@@ -352,6 +476,14 @@ async fn supervise(cluster: &mut LocalCluster) -> Result<()> {
         tokio::select! {
             () = &mut signal => return Ok(()),
             () = tokio::time::sleep(Duration::from_millis(500)) => cluster.check_children()?,
+            Some(req) = faults.recv() => {
+                let done = tokio::task::block_in_place(|| cluster.inject(req.fault, req.node));
+                match &done {
+                    Ok(what) => println!("console: {what}"),
+                    Err(why) => println!("console: refused: {why}"),
+                }
+                let _ = req.reply.send(done);
+            }
         }
     }
 }

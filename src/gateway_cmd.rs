@@ -57,6 +57,8 @@ pub(crate) fn run(args: GatewayArgs) -> Result<()> {
         nodes,
         home,
         max_body: args.max_body.clamp(1024, 64 << 20),
+        // A gateway on its own owns no process: no fault routes.
+        faults: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

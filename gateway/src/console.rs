@@ -186,7 +186,7 @@ async fn read_view(state: &Arc<AppState>, rates: bool) -> ClusterView {
     let at_ms = wall_ms();
     let mut view = ClusterView {
         at_ms,
-        faults: false,
+        faults: state.faults.is_some(),
         ..ClusterView::default()
     };
     let mut seen = state

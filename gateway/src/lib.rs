@@ -14,11 +14,13 @@
 mod cache;
 mod console;
 mod error;
+mod faults;
 mod groups;
 mod locks;
 mod queues;
 
 pub use error::ApiError;
+pub use faults::{Fault, FaultRequest, FaultSender};
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
@@ -64,6 +66,9 @@ pub struct GatewayConfig {
     pub home: NodeId,
     /// Request body limit in bytes.
     pub max_body: usize,
+    /// Who injects the console's faults (`syncmesh cluster`, which owns the node
+    /// processes); `None`: the `/api/fault/*` routes do not exist.
+    pub faults: Option<FaultSender>,
 }
 
 /// Why the gateway could not start.
@@ -98,6 +103,7 @@ pub(crate) struct AppState {
     http_duration: prometheus::HistogramVec,
     groups: groups::EnqueueGroups,
     console: console::ConsoleFeed,
+    faults: Option<FaultSender>,
 }
 
 /// Map a failed call: not done (503, retry) or outcome unknown (504).
@@ -181,7 +187,12 @@ impl AppState {
 pub fn router(cfg: &GatewayConfig) -> Result<Router, GatewayError> {
     let tls = TlsMaterial::load(&cfg.certs_dir, &cfg.cert)?;
     let client = MeshClient::new(&tls, cfg.nodes.clone())?;
-    router_over(Cluster::remote(client), cfg.home, cfg.max_body)
+    router_with(
+        Cluster::remote(client),
+        cfg.home,
+        cfg.max_body,
+        cfg.faults.clone(),
+    )
 }
 
 /// The router over any way of calling the cluster (QUIC, or a node in this process);
@@ -190,6 +201,15 @@ pub fn router_over(
     cluster: Cluster,
     home: NodeId,
     max_body: usize,
+) -> Result<Router, GatewayError> {
+    router_with(cluster, home, max_body, None)
+}
+
+fn router_with(
+    cluster: Cluster,
+    home: NodeId,
+    max_body: usize,
+    faults: Option<FaultSender>,
 ) -> Result<Router, GatewayError> {
     let registry = prometheus::Registry::new();
     let http_duration = prometheus::HistogramVec::new(
@@ -210,8 +230,13 @@ pub fn router_over(
         http_duration,
         groups,
         console: console::ConsoleFeed::new(),
+        faults: faults.clone(),
     });
-    Ok(Router::new()
+    let mut router = Router::new();
+    if faults.is_some() {
+        router = router.route("/api/fault/{action}", post(faults::inject));
+    }
+    Ok(router
         .route("/", get(console::index))
         .route("/index.html", get(console::index))
         .route("/web.js", get(console::script))

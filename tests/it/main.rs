@@ -1,6 +1,7 @@
 //! Integration tests of the `syncmesh` binary: real processes, real disks.
 
 mod bench_cli;
+mod browser;
 mod cache;
 mod console;
 mod contention;

@@ -111,6 +111,13 @@ fn app() -> Html {
         .as_ref()
         .map(|v| v.problems.clone())
         .unwrap_or_default();
+    // The forms re-render only when the node list changes: a re-render sets every
+    // field back to its default, under the fingers of whoever is typing.
+    let node_ids: Vec<String> = console
+        .view
+        .as_ref()
+        .map(|v| v.nodes.iter().map(|n| n.id.clone()).collect())
+        .unwrap_or_default();
     html! {
         <>
         <header>
@@ -128,7 +135,8 @@ fn app() -> Html {
             <Queues console={console.clone()} />
             <Cache console={console.clone()} />
             <Metrics console={console.clone()} />
-            <Actions console={console.clone()} />
+            <Actions nodes={node_ids} dispatch={console.dispatcher()} />
+            <Answers console={console.clone()} />
         </main>
         </>
     }
@@ -169,11 +177,11 @@ fn node_card(n: &NodeCard, faults: bool, dispatch: &Dispatch) -> Html {
             if faults {
                 <div>
                     if n.up {
-                        <button onclick={fault("stop")}>{ "stop" }</button>
-                        <button onclick={fault("isolate")}>{ "isolate" }</button>
-                        <button onclick={fault("heal")}>{ "heal" }</button>
+                        <button id={format!("stop-{}", n.id)} onclick={fault("stop")}>{ "stop" }</button>
+                        <button id={format!("isolate-{}", n.id)} onclick={fault("isolate")}>{ "isolate" }</button>
+                        <button id={format!("heal-{}", n.id)} onclick={fault("heal")}>{ "heal" }</button>
                     } else {
-                        <button onclick={fault("restart")}>{ "restart" }</button>
+                        <button id={format!("restart-{}", n.id)} onclick={fault("restart")}>{ "restart" }</button>
                     }
                 </div>
             }
@@ -382,15 +390,16 @@ fn json_field(id: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
 }
 
+#[derive(Properties, PartialEq)]
+struct ActionsProps {
+    nodes: Vec<String>,
+    dispatch: Dispatch,
+}
+
 #[function_component(Actions)]
-fn actions(p: &ViewProps) -> Html {
-    let dispatch = p.console.dispatcher();
-    let nodes: Vec<String> = p
-        .console
-        .view
-        .as_ref()
-        .map(|v| v.nodes.iter().map(|n| n.id.clone()).collect())
-        .unwrap_or_default();
+fn actions(p: &ActionsProps) -> Html {
+    let dispatch = p.dispatch.clone();
+    let nodes = &p.nodes;
     let submit = |make: fn() -> (&'static str, serde_json::Value)| {
         let dispatch = dispatch.clone();
         Callback::from(move |e: SubmitEvent| {
@@ -420,7 +429,7 @@ fn actions(p: &ViewProps) -> Html {
                 "key": field("lock-key"), "mode": field("lock-mode"), "client_id": field("lock-client"),
                 "wait_ms": field("lock-wait").parse::<u64>().unwrap_or(0) })))}>
                 <label>{ "key" }<input id="lock-key" value="A" required=true /></label>
-                <label>{ "mode" }<select id="lock-mode"><option value="X">{ "X" }</option><option value="S">{ "S" }</option></select></label>
+                <label>{ "mode" }<select id="lock-mode"><option value="X" selected=true>{ "X" }</option><option value="S">{ "S" }</option></select></label>
                 <label>{ "client id" }<input id="lock-client" value="console" required=true /></label>
                 <label>{ "wait ms" }<input id="lock-wait" type="number" min="0" value="0" /></label>
                 <button type="submit" id="lock-acquire">{ "acquire" }</button>
@@ -445,7 +454,15 @@ fn actions(p: &ViewProps) -> Html {
                 { button(|| ("/cache/get", serde_json::json!({ "key": field("cache-key"), "node": field("cache-node") })), "get", "cache-get") }
                 { button(|| ("/cache/evict", serde_json::json!({ "key": field("cache-key"), "node": field("cache-node") })), "evict", "cache-evict") }
             </form>
-            <h3>{ "Answers" }</h3>
+        </section>
+    }
+}
+
+#[function_component(Answers)]
+fn answers(p: &ViewProps) -> Html {
+    html! {
+        <section class="wide" aria-labelledby="h-answers">
+            <h2 id="h-answers">{ "Answers" }</h2>
             <ol class="answers" id="answers" aria-live="polite">
                 { for p.console.answers.iter().map(|a| html! {
                     <li class={classes!((a.status == 0 || a.status >= 400).then_some("bad"))} data-status={a.status.to_string()}>
