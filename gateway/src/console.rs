@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use web::model::{
-    CacheNode, ClusterView, LockHolder, LockRow, LockWaiter, NodeCard, PartitionRow, QueueRow,
-    ServiceRate,
+    CacheNode, ClusterView, DeadlockRow, LockHolder, LockRow, LockWaiter, NodeCard, PartitionRow,
+    QueueRow, ServiceRate,
 };
 
 /// How often the feed sends a view.
@@ -229,9 +229,18 @@ async fn read_view(state: &Arc<AppState>, rates: bool) -> ClusterView {
         Ok(QueryReply::LockListAt {
             now_ms,
             deadlocks,
+            recent_deadlocks,
             keys,
         }) => {
             view.lock_deadlocks = deadlocks;
+            view.recent_deadlocks = recent_deadlocks
+                .into_iter()
+                .map(|d| DeadlockRow {
+                    ago_ms: now_ms.saturating_sub(d.at_ms),
+                    key: d.key,
+                    cycle: d.cycle,
+                })
+                .collect();
             view.locks = keys
                 .into_iter()
                 .map(|k| LockRow {

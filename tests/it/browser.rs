@@ -400,6 +400,39 @@ fn the_console_in_headless_chromium_shows_and_drives_the_cluster() {
         "an X holder: {holders}"
     );
 
+    // A deadlock refused through the API shows with its cycle.
+    let gw = cluster.gateway;
+    let acquire = move |key: &str, client: &str, wait_ms: u64| {
+        let body = json!({"key": key, "mode": "X", "client_id": client, "wait_ms": wait_ms});
+        let mut r = agent(Duration::from_secs(10))
+            .post(&format!("http://{gw}/lock/acquire"))
+            .send(body.to_string().as_bytes())
+            .expect("acquire");
+        let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap_or_default())
+            .unwrap_or(Value::Null);
+        v
+    };
+    assert_eq!(acquire("dl-a", "c1", 0)["ok"], true);
+    assert_eq!(acquire("dl-b", "c2", 0)["ok"], true);
+    let waiter = std::thread::spawn(move || acquire("dl-b", "c1", 3_000));
+    browser.wait_for(
+        "c1 waiting on dl-b",
+        &shots,
+        "const r = document.querySelector('#locks tr[data-key=\"dl-b\"]'); \
+         return r ? r.textContent : '';",
+        |v| v.as_str().is_some_and(|t| t.contains("c1 X")),
+    );
+    let refused = acquire("dl-a", "c2", 3_000);
+    assert_eq!(refused["error"]["code"], "deadlock", "{refused}");
+    browser.wait_for(
+        "the deadlock refusal with its cycle",
+        &shots,
+        "const l = document.querySelector('#deadlocks li[data-key=\"dl-a\"]'); \
+         return l ? l.textContent : '';",
+        |v| v.as_str().is_some_and(|t| t.contains("c2 → c1 → c2")),
+    );
+    let _ = waiter.join();
+
     // An enqueue raises its partition's depth.
     browser.set("queue-name", "jobs");
     browser.set("queue-key", "k1");

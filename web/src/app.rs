@@ -2,7 +2,7 @@
 //! and the forms dispatch [`Action`]s to one reducer, and every view renders
 //! [`Console`].
 
-use crate::model::{Action, Answer, ClusterView, Console, Link, NodeCard};
+use crate::model::{Action, Answer, ClusterView, Console, Link, LockRow, NodeCard};
 use futures_util::StreamExt;
 use gloo_net::eventsource::futures::EventSource;
 use gloo_net::eventsource::State as FeedState;
@@ -147,7 +147,7 @@ struct ViewProps {
     console: UseReducerHandle<Console>,
 }
 
-fn node_card(n: &NodeCard, faults: bool, dispatch: &Dispatch) -> Html {
+fn node_card(n: &NodeCard, now_ms: u64, faults: bool, dispatch: &Dispatch) -> Html {
     let class = classes!(
         "node",
         (n.up && n.role == "leader").then_some("leader"),
@@ -173,6 +173,11 @@ fn node_card(n: &NodeCard, faults: bool, dispatch: &Dispatch) -> Html {
                 <div>{ format!("commit {} · applied {}", n.commit, n.applied) }</div>
             } else {
                 <div class="bad">{ "not answering" }</div>
+                if n.last_seen_ms > 0 {
+                    <div>{ format!("last heard {:.0} s ago", now_ms.saturating_sub(n.last_seen_ms) as f64 / 1000.0) }</div>
+                } else {
+                    <div>{ "never heard from" }</div>
+                }
             }
             if faults {
                 <div>
@@ -198,7 +203,7 @@ fn nodes(p: &ViewProps) -> Html {
     html! {
         <section class="wide" aria-labelledby="h-nodes">
             <h2 id="h-nodes">{ "Nodes" }</h2>
-            <div class="nodes">{ for view.nodes.iter().map(|n| node_card(n, view.faults, &dispatch)) }</div>
+            <div class="nodes">{ for view.nodes.iter().map(|n| node_card(n, view.at_ms, view.faults, &dispatch)) }</div>
         </section>
     }
 }
@@ -219,21 +224,44 @@ fn timeline(p: &ViewProps) -> Html {
 
 #[function_component(Locks)]
 fn locks(p: &ViewProps) -> Html {
-    let (locks, deadlocks) = p
+    let (locks, deadlocks, recent) = p
         .console
         .view
         .as_ref()
-        .map(|v| (v.locks.clone(), v.lock_deadlocks))
+        .map(|v| {
+            (
+                v.locks.clone(),
+                v.lock_deadlocks,
+                v.recent_deadlocks.clone(),
+            )
+        })
         .unwrap_or_default();
+    // The clients of the newest refusal's cycle, if it is recent: their rows are marked.
+    let in_cycle: Vec<String> = recent
+        .last()
+        .filter(|d| d.ago_ms < 30_000)
+        .map(|d| d.cycle.clone())
+        .unwrap_or_default();
+    let marked = |l: &LockRow| {
+        l.holders.iter().any(|h| in_cycle.contains(&h.client_id))
+            || l.waiters.iter().any(|w| in_cycle.contains(&w.client_id))
+    };
     html! {
         <section aria-labelledby="h-locks">
             <h2 id="h-locks">{ "Locks" }</h2>
             <p class={classes!((deadlocks > 0).then_some("bad"))}>{ format!("deadlock refusals: {deadlocks}") }</p>
+            if !recent.is_empty() {
+                <ul class="deadlocks bad" id="deadlocks" aria-label="recent deadlock refusals">
+                { for recent.iter().rev().map(|d| html! {
+                    <li data-key={d.key.clone()}>{ format!("{} asked {}: {} ({:.0} s ago)", d.cycle.first().map_or("?", String::as_str), d.key, d.cycle_text(), d.ago_ms as f64 / 1000.0) }</li>
+                }) }
+                </ul>
+            }
             <table id="locks">
-                <thead><tr><th scope="col">{ "key" }</th><th scope="col">{ "mode" }</th><th scope="col">{ "holders (token, lease)" }</th><th scope="col">{ "waiting, in order" }</th></tr></thead>
+                <thead><tr><th scope="col">{ "key" }</th><th scope="col">{ "mode" }</th><th scope="col">{ "holders" }</th><th scope="col">{ "waiters" }</th></tr></thead>
                 <tbody>
                 { for locks.iter().map(|l| html! {
-                    <tr data-key={l.key.clone()}>
+                    <tr data-key={l.key.clone()} class={classes!(marked(l).then_some("cycle"))}>
                         <td>{ &l.key }</td>
                         <td>{ l.mode.as_deref().unwrap_or("–") }</td>
                         <td class="holders">{ l.holders.iter().map(|h| format!("{} {} #{} {:.1}s", h.client_id, h.mode, h.token, h.lease_left_ms as f64 / 1000.0)).collect::<Vec<_>>().join(", ") }</td>
@@ -258,7 +286,7 @@ fn queues(p: &ViewProps) -> Html {
         <section aria-labelledby="h-queues">
             <h2 id="h-queues">{ "Queues" }</h2>
             <table id="queues">
-                <thead><tr><th scope="col">{ "queue / partition" }</th><th scope="col">{ "ring" }</th><th scope="col">{ "depth" }</th><th scope="col">{ "in flight" }</th><th scope="col">{ "dead" }</th></tr></thead>
+                <thead><tr><th scope="col">{ "partition" }</th><th scope="col">{ "ring" }</th><th scope="col">{ "depth" }</th><th scope="col">{ "in flight" }</th><th scope="col">{ "dead" }</th></tr></thead>
                 <tbody>
                 { for queues.iter().map(|q| html! {
                     <>

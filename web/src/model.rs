@@ -28,6 +28,8 @@ pub struct ClusterView {
     pub locks: Vec<LockRow>,
     /// Lock requests refused for deadlock, since the cluster began.
     pub lock_deadlocks: u64,
+    /// The newest of them, oldest first, with their cycles.
+    pub recent_deadlocks: Vec<DeadlockRow>,
     /// Every queue.
     pub queues: Vec<QueueRow>,
     /// Every node's cache.
@@ -38,6 +40,24 @@ pub struct ClusterView {
     pub faults: bool,
     /// Parts of the snapshot that could not be read, and why.
     pub problems: Vec<String>,
+}
+
+/// A lock request refused because waiting would have closed a cycle.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadlockRow {
+    /// The key asked for.
+    pub key: String,
+    /// The requester, whom it would wait for, ..., the requester.
+    pub cycle: Vec<String>,
+    /// How long ago, by the lock table's clock, ms.
+    pub ago_ms: u64,
+}
+
+impl DeadlockRow {
+    /// `c1 → c2 → c1`.
+    pub fn cycle_text(&self) -> String {
+        self.cycle.join(" → ")
+    }
 }
 
 /// One node's card.
@@ -338,7 +358,22 @@ fn changes(old: &ClusterView, new: &ClusterView) -> Vec<TimelineEvent> {
     }
     if new.lock_deadlocks > old.lock_deadlocks {
         let n = new.lock_deadlocks - old.lock_deadlocks;
-        out.push(event(new, format!("{n} lock request(s) refused: deadlock")));
+        let shown = new.recent_deadlocks.len().min(n as usize);
+        for d in &new.recent_deadlocks[new.recent_deadlocks.len() - shown..] {
+            out.push(event(
+                new,
+                format!("deadlock refused: {} (asking {})", d.cycle_text(), d.key),
+            ));
+        }
+        if n as usize > shown {
+            out.push(event(
+                new,
+                format!(
+                    "{} more lock request(s) refused: deadlock",
+                    n as usize - shown
+                ),
+            ));
+        }
     }
     out
 }
@@ -511,13 +546,22 @@ mod tests {
         }));
         assert_eq!(c.timeline[0].what, "c1 holds A (X, token 7)");
         c.reduce(Action::Snapshot(ClusterView {
-            lock_deadlocks: 2,
+            lock_deadlocks: 3,
+            recent_deadlocks: vec![DeadlockRow {
+                key: "B".into(),
+                cycle: vec!["c2".into(), "c1".into(), "c2".into()],
+                ago_ms: 10,
+            }],
             ..ClusterView::default()
         }));
         let whats: Vec<&str> = c.timeline.iter().map(|e| e.what.as_str()).collect();
         assert_eq!(
-            whats[..2],
-            ["2 lock request(s) refused: deadlock", "c1 released A"]
+            whats[..3],
+            [
+                "2 more lock request(s) refused: deadlock",
+                "deadlock refused: c2 → c1 → c2 (asking B)",
+                "c1 released A"
+            ]
         );
     }
 

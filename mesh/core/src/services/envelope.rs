@@ -23,7 +23,9 @@
 //! failover only lengthens leases, and no node's wall clock enters it.
 
 use super::cache::{CacheCommand, CacheDirectory, CacheEvent};
-use super::lock::{KeyView, LockCommand, LockEvent, LockReply, LockStats, LockTable, WaitId};
+use super::lock::{
+    DeadlockRefusal, KeyView, LockCommand, LockEvent, LockReply, LockStats, LockTable, WaitId,
+};
 use super::queue::{DeadView, MsgId, QueueCommand, QueueEvent, QueueReply, QueueSet, QueueView};
 use super::register::{Register, RegisterCommand, RegisterQuery, RegisterReply};
 use super::StateMachine;
@@ -245,6 +247,8 @@ pub enum QueryReply {
         now_ms: u64,
         /// Requests refused for deadlock so far.
         deadlocks: u64,
+        /// The newest of them, oldest first, with their cycles.
+        recent_deadlocks: Vec<DeadlockRefusal>,
         /// The keys.
         keys: Vec<KeyView>,
     },
@@ -361,7 +365,7 @@ const SNAPSHOT_MAGIC: &[u8; 4] = b"SMST";
 /// The layout of the state after [`SNAPSHOT_MAGIC`]: raised whenever a change to any
 /// service's state changes its encoding, so that a node never decodes a snapshot into
 /// the wrong fields (postcard is not self-describing) but says which build it needs.
-pub const SNAPSHOT_FORMAT: u16 = 2;
+pub const SNAPSHOT_FORMAT: u16 = 3;
 
 /// Fold lock events into completions of the calls they answer.
 fn lock_completions(
@@ -657,6 +661,7 @@ impl Services {
             Ok(Query::LockListAt { limit }) => QueryReply::LockListAt {
                 now_ms: self.locks.now_ms(),
                 deadlocks: self.locks.deadlocks(),
+                recent_deadlocks: self.locks.recent_deadlocks().cloned().collect(),
                 keys: self.locks.list(limit.min(10_000)),
             },
             Ok(Query::LockStats) => {

@@ -316,6 +316,20 @@ pub struct LockStats {
     pub grants_withdrawn: u64,
 }
 
+/// Deadlock refusals the table remembers (the newest), for the console.
+pub const RECENT_DEADLOCKS: usize = 8;
+
+/// A request refused because waiting would have closed a cycle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadlockRefusal {
+    /// Lock time of the refusal, ms.
+    pub at_ms: u64,
+    /// The key asked for.
+    pub key: String,
+    /// The cycle: the requester, whom it would wait for, ..., the requester.
+    pub cycle: Vec<String>,
+}
+
 /// The lock table.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockTable {
@@ -325,6 +339,8 @@ pub struct LockTable {
     deadlines: BTreeSet<(u64, String)>,
     now_ms: u64,
     stats: LockStats,
+    /// The newest deadlock refusals, oldest first (at most [`RECENT_DEADLOCKS`]).
+    recent_deadlocks: VecDeque<DeadlockRefusal>,
     /// Check every deadlock decision against [`LockTable::reference_cycle`] (the
     /// simulator's oracle; costly, off in production). Not replicated state.
     #[serde(skip)]
@@ -386,6 +402,11 @@ impl LockTable {
     /// Deadlocks refused so far.
     pub fn deadlocks(&self) -> u64 {
         self.stats.deadlocks
+    }
+
+    /// The newest deadlock refusals, oldest first.
+    pub fn recent_deadlocks(&self) -> impl Iterator<Item = &DeadlockRefusal> {
+        self.recent_deadlocks.iter()
     }
 
     /// What happened so far.
@@ -590,6 +611,14 @@ impl LockTable {
         }
         if let Some(cycle) = cycle {
             self.stats.deadlocks += 1;
+            if self.recent_deadlocks.len() >= RECENT_DEADLOCKS {
+                self.recent_deadlocks.pop_front();
+            }
+            self.recent_deadlocks.push_back(DeadlockRefusal {
+                at_ms: self.now_ms,
+                key: key.clone(),
+                cycle: cycle.clone(),
+            });
             self.drop_if_idle(&key);
             return LockReply::Deadlock { cycle };
         }

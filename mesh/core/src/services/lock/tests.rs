@@ -262,6 +262,27 @@ fn two_client_deadlock_is_refused_naming_the_cycle() {
     );
 }
 
+/// The table remembers the newest refusals with their cycles, for the console, and no
+/// more than [`RECENT_DEADLOCKS`] of them.
+#[test]
+fn the_newest_deadlock_refusals_are_kept_with_their_cycles() {
+    let mut t = Table::new();
+    t.acquire("A", "c1", Mode::X, 0);
+    t.acquire("B", "c2", Mode::X, 0);
+    t.acquire("B", "c1", Mode::X, 5_000);
+    for _ in 0..RECENT_DEADLOCKS + 2 {
+        assert!(matches!(
+            t.acquire("A", "c2", Mode::X, 5_000),
+            LockReply::Deadlock { .. }
+        ));
+    }
+    let recent: Vec<&DeadlockRefusal> = t.t.recent_deadlocks().collect();
+    assert_eq!(recent.len(), RECENT_DEADLOCKS);
+    assert_eq!(t.t.deadlocks(), RECENT_DEADLOCKS as u64 + 2);
+    assert_eq!(recent[0].key, "A");
+    assert_eq!(recent[0].cycle, vec!["c2", "c1", "c2"]);
+}
+
 #[test]
 fn three_client_deadlock_is_refused_naming_the_cycle() {
     let mut t = Table::new();
