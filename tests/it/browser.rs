@@ -486,6 +486,25 @@ fn the_console_in_headless_chromium_shows_and_drives_the_cluster() {
         answers.as_array().into_iter().flatten().all(|s| s == "200"),
         "every action was answered 200: {answers}"
     );
+    // Phone-sized: the page reflows to one column and never scrolls sideways (wide
+    // tables scroll inside their own section); every control is reachable by Tab.
+    browser.send(
+        "POST",
+        "/window/rect",
+        &json!({"x": 0, "y": 0, "width": 390, "height": 844}),
+    );
+    browser.wait_for(
+        "the page without sideways scrolling at 390 px",
+        &shots,
+        "return document.documentElement.scrollWidth - window.innerWidth;",
+        |v| v.as_i64().is_some_and(|over| over <= 0),
+    );
+    browser.screenshot(&shots.join("4-phone.png"));
+    let unreachable = browser.js(
+        "return [...document.querySelectorAll('button, input, select')]\
+         .filter(e => e.tabIndex < 0 || e.disabled).map(e => e.id);",
+    );
+    assert_eq!(unreachable, json!([]), "controls out of the Tab order");
     let errors = browser.errors();
     assert!(errors.is_empty(), "the page logged errors: {errors:?}");
 }
