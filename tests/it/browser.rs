@@ -278,6 +278,12 @@ impl Launcher {
             .spawn()
             .expect("start syncmesh cluster");
         let stdout = child.stdout.take().expect("stdout");
+        // From here a panic still stops the launcher (and with it every node).
+        let launcher = Self {
+            child,
+            gateway: ([127, 0, 0, 1], gateway).into(),
+            _dir: dir,
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stdout)
@@ -303,11 +309,7 @@ impl Launcher {
             }
         }
         assert!(out.contains("fault injection on"), "{out}");
-        Self {
-            child,
-            gateway: ([127, 0, 0, 1], gateway).into(),
-            _dir: dir,
-        }
+        launcher
     }
 }
 

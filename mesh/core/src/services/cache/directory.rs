@@ -834,9 +834,14 @@ impl CacheDirectory {
         let Some(agent) = self.agents.get(&node).filter(|a| a.session == session) else {
             return;
         };
+        // Only keys being revoked from the node can be confirmed; with none (`revoking`
+        // counts them, checked by `check`), the scan of everything it holds is skipped:
+        // it cost a lookup per held key on every renewal (a third of a lease), 100,000
+        // of them for a node holding 100,000 lines.
         let confirmed: Vec<String> = agent
             .holds
             .iter()
+            .take(if agent.revoking == 0 { 0 } else { usize::MAX })
             .filter(|k| {
                 self.keys
                     .get(*k)
