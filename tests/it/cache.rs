@@ -268,6 +268,7 @@ fn writer(
     keys: &'static [&'static str],
     durable_key: &'static str,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) -> std::thread::JoinHandle<Vec<(&'static str, u64, Instant)>> {
     std::thread::spawn(move || {
         let agent = agent(Duration::from_secs(3));
@@ -286,7 +287,10 @@ fn writer(
             let body = json!({"key": key, "val": v, "durable": durable}).to_string();
             let url = format!("http://{at}/cache/put");
             match agent.post(&url).send(body.as_bytes()) {
-                Ok(r) if r.status() == 200 => acked.push((key, v, Instant::now())),
+                Ok(r) if r.status() == 200 => {
+                    acked.push((key, v, Instant::now()));
+                    acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 other => {
                     if failures == 0 {
                         println!("writer at {at}: put {v} failed: {other:?}");
@@ -373,7 +377,7 @@ fn check_durable(reader: SocketAddr, key: &str, acked: &[(&'static str, u64, Ins
 /// acknowledging within that window.
 #[test]
 fn a_killed_or_cut_off_writer_loses_at_most_its_write_back_window() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     let mut c = TestCluster::start("cache-faults", 3);
     for i in 0..3 {
@@ -396,13 +400,24 @@ fn a_killed_or_cut_off_writer_loses_at_most_its_write_back_window() {
     // kill -9 while it writes back, and puts durably now and then.
     const KILL_KEYS: &[&str] = &["k1", "k2", "k3", "k4"];
     let stop = Arc::new(AtomicBool::new(false));
-    let w = writer(c.nodes[killed].http, KILL_KEYS, "durable-k", stop.clone());
-    std::thread::sleep(Duration::from_millis(700));
+    let acks = Arc::new(AtomicUsize::new(0));
+    let w = writer(
+        c.nodes[killed].http,
+        KILL_KEYS,
+        "durable-k",
+        stop.clone(),
+        acks.clone(),
+    );
+    eventually(
+        "the writer's first 100 puts",
+        Duration::from_secs(30),
+        || acks.load(Ordering::Relaxed) >= 100,
+    );
     c.kill9(killed);
     let killed_at = Instant::now();
     let acked = w.join().expect("writer");
     assert!(
-        acked.len() > 50,
+        acked.len() >= 100,
         "the writer was acknowledged: {}",
         acked.len()
     );
@@ -447,8 +462,19 @@ fn a_killed_or_cut_off_writer_loses_at_most_its_write_back_window() {
     // Cut off from its peers while it writes: it stops acknowledging within the window.
     const CUT_KEYS: &[&str] = &["p1", "p2", "p3"];
     let stop = Arc::new(AtomicBool::new(false));
-    let w = writer(c.nodes[cut].http, CUT_KEYS, "durable-p", stop.clone());
-    std::thread::sleep(Duration::from_millis(700));
+    let acks = Arc::new(AtomicUsize::new(0));
+    let w = writer(
+        c.nodes[cut].http,
+        CUT_KEYS,
+        "durable-p",
+        stop.clone(),
+        acks.clone(),
+    );
+    eventually(
+        "the writer's first 100 puts",
+        Duration::from_secs(30),
+        || acks.load(Ordering::Relaxed) >= 100,
+    );
     let (status, _) = http(c.nodes[cut].admin, "POST", "/fault/isolate", b"");
     assert_eq!(status, 200, "fault injection is on");
     let cut_at = Instant::now();
