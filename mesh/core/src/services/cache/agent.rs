@@ -912,7 +912,13 @@ impl CacheAgent {
             written,
             keep: Keep::Nothing,
         };
+        let newer = gone.line.epoch;
+        // A write-back of an older line of the key not sent yet can only be refused (the
+        // directory moved past its epoch): it goes, so nothing can raise it later.
+        self.outbox
+            .retain(|l| l.key != gone.key || l.epoch >= newer);
         self.outbox.push(line);
+        let mut over_cap = None;
         match self.releasing.entry(gone.key) {
             std::collections::btree_map::Entry::Occupied(mut o) => {
                 // A line granted while an earlier one was on its way back (a durable
@@ -920,7 +926,10 @@ impl CacheAgent {
                 // each call keeps the state of the line it evicted.
                 let r = o.get_mut();
                 r.line = gone.line;
-                r.calls.extend(call);
+                match call {
+                    Some(c) if r.calls.len() >= MAX_EVICTS_PER_LINE => over_cap = Some(c.call),
+                    c => r.calls.extend(c),
+                }
             }
             std::collections::btree_map::Entry::Vacant(v) => {
                 v.insert(Releasing {
@@ -928,6 +937,14 @@ impl CacheAgent {
                     calls: call.into_iter().collect(),
                 });
             }
+        }
+        if let Some(call) = over_cap {
+            self.fail(
+                call,
+                CacheError::Full(format!(
+                    "{MAX_EVICTS_PER_LINE} evictions already wait for this key's write-back"
+                )),
+            );
         }
     }
 
@@ -1482,13 +1499,17 @@ impl CacheAgent {
         epoch: u64,
     ) -> Option<CacheAnswer> {
         let r = self.releasing.get_mut(key)?;
+        let (old_epoch, stamp) = (r.line.epoch, r.line.stamp);
         r.line.epoch = epoch;
         let value = r.line.value.clone();
-        for l in self.outbox.iter_mut().filter(|l| l.key == key) {
-            l.epoch = l.epoch.max(epoch);
+        // Only the write-back of the line held back moves: an older line's, still
+        // waiting beside it, would be stored under the new epoch over the newer value.
+        let same = |l: &WriteBackLine| l.key == key && l.epoch == old_epoch && l.stamp == stamp;
+        for l in self.outbox.iter_mut().filter(|l| same(l)) {
+            l.epoch = epoch;
         }
         if let Some((l, due, _)) = self.unconfirmed.get_mut(key) {
-            if l.epoch < epoch {
+            if same(l) && l.epoch < epoch {
                 l.epoch = epoch;
                 *due = now_ms;
             }
@@ -1617,8 +1638,12 @@ impl CacheAgent {
             .is_some_and(|r| r.line.epoch == epoch && r.line.stamp == stamp);
         if done {
             if let Some(r) = self.releasing.remove(key) {
-                let lost =
-                    refused == Some(WriteBackRefusal::Stale) && r.line.dirty_since_ms.is_some();
+                // Refused as stale because our own later grant moved the epoch (we hold
+                // the key again): overwritten by our own write, not lost.
+                let regranted = self.lines.peek(key).is_some_and(|l| l.epoch > r.line.epoch);
+                let lost = refused == Some(WriteBackRefusal::Stale)
+                    && r.line.dirty_since_ms.is_some()
+                    && !regranted;
                 self.answer_evicts(r, lost);
             }
         }
