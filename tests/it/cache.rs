@@ -304,6 +304,29 @@ fn writer(
     })
 }
 
+/// A running writer: every acknowledged put, with when.
+type Writer = std::thread::JoinHandle<Vec<(&'static str, u64, Instant)>>;
+
+/// A [`writer`] at `at`, once it has 100 acknowledged puts (a kill or a cut before
+/// that would test nothing): what stops it, and the writer.
+fn start_writer(
+    at: SocketAddr,
+    keys: &'static [&'static str],
+    durable_key: &'static str,
+) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, Writer) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acks = Arc::new(AtomicUsize::new(0));
+    let w = writer(at, keys, durable_key, stop.clone(), acks.clone());
+    eventually(
+        "the writer's first 100 puts",
+        Duration::from_secs(30),
+        || acks.load(Ordering::Relaxed) >= 100,
+    );
+    (stop, w)
+}
+
 /// For each key, the value the others read now, and how long the read took.
 fn read_back(at: SocketAddr, keys: &[&str]) -> Vec<(String, u64, Duration)> {
     keys.iter()
@@ -377,8 +400,7 @@ fn check_durable(reader: SocketAddr, key: &str, acked: &[(&'static str, u64, Ins
 /// acknowledging within that window.
 #[test]
 fn a_killed_or_cut_off_writer_loses_at_most_its_write_back_window() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
     let mut c = TestCluster::start("cache-faults", 3);
     for i in 0..3 {
         c.kill9(i);
@@ -399,20 +421,8 @@ fn a_killed_or_cut_off_writer_loses_at_most_its_write_back_window() {
 
     // kill -9 while it writes back, and puts durably now and then.
     const KILL_KEYS: &[&str] = &["k1", "k2", "k3", "k4"];
-    let stop = Arc::new(AtomicBool::new(false));
-    let acks = Arc::new(AtomicUsize::new(0));
-    let w = writer(
-        c.nodes[killed].http,
-        KILL_KEYS,
-        "durable-k",
-        stop.clone(),
-        acks.clone(),
-    );
-    eventually(
-        "the writer's first 100 puts",
-        Duration::from_secs(30),
-        || acks.load(Ordering::Relaxed) >= 100,
-    );
+    // (Its node is killed under it: it stops by itself.)
+    let (_stop, w) = start_writer(c.nodes[killed].http, KILL_KEYS, "durable-k");
     c.kill9(killed);
     let killed_at = Instant::now();
     let acked = w.join().expect("writer");
@@ -461,20 +471,7 @@ fn a_killed_or_cut_off_writer_loses_at_most_its_write_back_window() {
 
     // Cut off from its peers while it writes: it stops acknowledging within the window.
     const CUT_KEYS: &[&str] = &["p1", "p2", "p3"];
-    let stop = Arc::new(AtomicBool::new(false));
-    let acks = Arc::new(AtomicUsize::new(0));
-    let w = writer(
-        c.nodes[cut].http,
-        CUT_KEYS,
-        "durable-p",
-        stop.clone(),
-        acks.clone(),
-    );
-    eventually(
-        "the writer's first 100 puts",
-        Duration::from_secs(30),
-        || acks.load(Ordering::Relaxed) >= 100,
-    );
+    let (stop, w) = start_writer(c.nodes[cut].http, CUT_KEYS, "durable-p");
     let (status, _) = http(c.nodes[cut].admin, "POST", "/fault/isolate", b"");
     assert_eq!(status, 200, "fault injection is on");
     let cut_at = Instant::now();

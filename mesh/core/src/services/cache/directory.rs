@@ -838,18 +838,21 @@ impl CacheDirectory {
         // counts them, checked by `check`), the scan of everything it holds is skipped:
         // it cost a lookup per held key on every renewal (a third of a lease), 100,000
         // of them for a node holding 100,000 lines.
-        let confirmed: Vec<String> = agent
-            .holds
-            .iter()
-            .take(if agent.revoking == 0 { 0 } else { usize::MAX })
-            .filter(|k| {
-                self.keys
-                    .get(*k)
-                    .and_then(|r| r.revoking.get(&node))
-                    .is_some_and(|r| r.mode == RevokeMode::Invalidate && r.index <= applied)
-            })
-            .cloned()
-            .collect();
+        let confirmed: Vec<String> = if agent.revoking == 0 {
+            Vec::new()
+        } else {
+            agent
+                .holds
+                .iter()
+                .filter(|k| {
+                    self.keys
+                        .get(*k)
+                        .and_then(|r| r.revoking.get(&node))
+                        .is_some_and(|r| r.mode == RevokeMode::Invalidate && r.index <= applied)
+                })
+                .cloned()
+                .collect()
+        };
         for key in &confirmed {
             self.end_revoke(node, key, false);
         }
