@@ -1748,6 +1748,25 @@ mod tests {
             self.collect();
         }
 
+        /// Apply the `i`th command waiting without flushing: as the node does for every
+        /// entry of one drive, before its one flush.
+        fn apply_unflushed(&mut self, i: usize) {
+            let Some(command) = self.proposed.remove(i) else {
+                panic!("no command {i} waits: {:?}", self.proposed);
+            };
+            self.index += 1;
+            let mut events: Vec<CacheEvent> = Vec::new();
+            self.dir.apply(self.index, self.now, command, &mut events);
+            self.agent.applied(self.now, &events, &self.dir);
+        }
+
+        fn position(&self, what: impl Fn(&CacheCommand) -> bool) -> usize {
+            self.proposed
+                .iter()
+                .position(what)
+                .unwrap_or_else(|| panic!("not proposed: {:?}", self.proposed))
+        }
+
         fn apply_all(&mut self) {
             while !self.proposed.is_empty() {
                 self.apply(0);
@@ -1828,6 +1847,61 @@ mod tests {
         );
         assert_eq!(evicted(&r, 4), (Mesi::Exclusive, false));
         assert_eq!(r.dir.value("k"), Some(&b"b"[..]));
+    }
+
+    /// A line L1 held M ("a", written back only on eviction) is given up; in the same
+    /// drive a durable put "b" is granted and acknowledged (line L2), L2 is given up, and
+    /// a read of ours sent before all of it is granted: the read re-grants the key while
+    /// L2 is held back. Only L2's write-back may move to the read's epoch; when L1's
+    /// moved too, its "a" was stored over the acknowledged "b".
+    #[test]
+    fn a_regrant_moves_only_the_held_back_line_s_write_back() {
+        let is_request = |op: fn(&CacheOp) -> bool| move |c: &CacheCommand| matches!(c, CacheCommand::Request { op: o, .. } if op(o));
+        let mut r = Rig::new();
+        r.call(1, CacheCall::Get { key: "k".into() });
+        r.put(2, "a", false);
+        let w1 = r.position(is_request(|o| matches!(o, CacheOp::Write { .. })));
+        r.apply(w1);
+        assert_eq!(
+            r.replies.get(&2),
+            Some(&CacheAnswer::Put {
+                state: Mesi::Modified
+            }),
+            "\"a\" is held in M: {:?}",
+            r.proposed
+        );
+        r.put(3, "b", true);
+        // One drive: evict L1, apply b's grant, evict L2, apply the read's grant; then
+        // the drive's one flush.
+        let evict = CacheCall::Evict { key: "k".into() };
+        r.agent.call(r.now, 4, evict.clone(), &r.dir);
+        let w2 = r.position(is_request(|o| matches!(o, CacheOp::Write { .. })));
+        r.apply_unflushed(w2);
+        r.agent.call(r.now, 5, evict, &r.dir);
+        let read = r.position(is_request(|o| matches!(o, CacheOp::Read)));
+        r.apply_unflushed(read);
+        r.collect();
+        r.apply_all();
+        assert_eq!(
+            r.replies.get(&3),
+            Some(&CacheAnswer::Put {
+                state: Mesi::Exclusive
+            }),
+            "\"b\" was acknowledged"
+        );
+        assert_eq!(
+            r.dir.value("k"),
+            Some(&b"b"[..]),
+            "the directory keeps the acknowledged \"b\""
+        );
+        r.call(6, CacheCall::Get { key: "k".into() });
+        r.apply_all();
+        match r.replies.get(&6) {
+            Some(CacheAnswer::Got { value, .. }) => {
+                assert_eq!(value.as_deref(), Some(&b"b"[..]), "a later get")
+            }
+            other => panic!("the later get: {other:?}"),
+        }
     }
 
     /// Evict calls waiting on one given-up line are capped; past the cap, 429.
