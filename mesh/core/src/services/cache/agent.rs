@@ -1658,6 +1658,15 @@ impl CacheAgent {
             self.session = None;
             self.register_sent_ms = None;
             self.lease_until_ms = 0;
+            // The directory forgot what that session held: a given-up line can be
+            // neither stored nor confirmed now, so it is held back no longer. Its evict
+            // calls hear that it left, lost if it held writes not confirmed stored.
+            self.outbox.clear();
+            self.unconfirmed.clear();
+            for r in std::mem::take(&mut self.releasing).into_values() {
+                let lost = r.line.dirty_since_ms.is_some();
+                self.answer_evicts(r, lost);
+            }
         }
         let revokes = dir.revokes_of(self.node);
         let keys: Vec<String> = self.lines.keys().map(str::to_owned).collect();
@@ -1901,6 +1910,117 @@ mod tests {
                 assert_eq!(value.as_deref(), Some(&b"b"[..]), "a later get")
             }
             other => panic!("the later get: {other:?}"),
+        }
+    }
+
+    /// The session is lost (another registration in this node's name) while a given-up
+    /// M line's write-back is still unsent: it can never be stored or confirmed now, so
+    /// its evict call hears it was lost, and the key is not held back for ever.
+    #[test]
+    fn a_lost_session_releases_the_lines_held_back() {
+        let mut r = Rig::new();
+        r.put(1, "a", false);
+        r.apply_all();
+        r.agent
+            .call(r.now, 2, CacheCall::Evict { key: "k".into() }, &r.dir);
+        r.proposed
+            .push_back(CacheCommand::Register { node: 1, nonce: 99 });
+        r.apply_unflushed(0);
+        assert_eq!(r.agent.session(), None, "the session is lost");
+        r.collect();
+        assert_eq!(
+            r.replies.get(&2),
+            Some(&CacheAnswer::Evicted {
+                was: Mesi::Modified,
+                lost: true
+            })
+        );
+        // Registered anew (refused once: our nonce is below the one that replaced us),
+        // the key is served again.
+        for _ in 0..2 {
+            r.agent.tick(r.now, &r.dir);
+            r.collect();
+            r.apply_all();
+        }
+        assert!(r.agent.session().is_some(), "registered again");
+        r.call(3, CacheCall::Get { key: "k".into() });
+        r.apply_all();
+        assert!(
+            matches!(r.replies.get(&3), Some(CacheAnswer::Got { .. })),
+            "a get of the key is answered: {:?}",
+            r.replies.get(&3)
+        );
+    }
+
+    /// A write-back put sent before a line L1 was granted is granted M while L1 is on
+    /// its way back, acknowledged, and evicted too (L2). A get of the key waits until
+    /// L2's write-back is stored, not only L1's, and then reads L2's value.
+    #[test]
+    fn a_second_modified_line_holds_the_key_back_until_its_own_write_back() {
+        let is_request = |op: fn(&CacheOp) -> bool| move |c: &CacheCommand| matches!(c, CacheCommand::Request { op: o, .. } if op(o));
+        let is_write_back = |c: &CacheCommand| matches!(c, CacheCommand::WriteBack { .. });
+        let mut r = Rig::new();
+        // "a" is stored and nobody holds the key.
+        r.put(10, "a", true);
+        r.apply_all();
+        r.call(11, CacheCall::Evict { key: "k".into() });
+        r.apply_all();
+        assert!(r.replies.contains_key(&11) && r.dir.value("k") == Some(&b"a"[..]));
+        r.call(1, CacheCall::Get { key: "k".into() });
+        r.put(2, "b", false);
+        let read = r.position(is_request(|o| matches!(o, CacheOp::Read)));
+        r.apply(read);
+        assert_eq!(
+            r.replies.get(&1),
+            Some(&CacheAnswer::Got {
+                hit: true,
+                value: Some(b"a".to_vec()),
+                state: Mesi::Exclusive
+            }),
+            "the read is granted first"
+        );
+        r.call(3, CacheCall::Evict { key: "k".into() });
+        let write = r.position(is_request(|o| matches!(o, CacheOp::Write { .. })));
+        r.apply(write);
+        assert_eq!(
+            r.replies.get(&2),
+            Some(&CacheAnswer::Put {
+                state: Mesi::Modified
+            }),
+            "the put is granted M while the first line is given up"
+        );
+        r.call(4, CacheCall::Evict { key: "k".into() });
+        r.call(5, CacheCall::Get { key: "k".into() });
+        let wb1 = r.position(is_write_back);
+        r.apply(wb1);
+        for call in [3, 4, 5] {
+            assert_eq!(
+                r.replies.get(&call),
+                None,
+                "call {call}: only the first line's write-back is applied"
+            );
+        }
+        r.apply_all();
+        let evicted = |r: &Rig, call| match r.replies.get(&call) {
+            Some(CacheAnswer::Evicted { was, lost }) => (*was, *lost),
+            other => panic!("evict {call}: {other:?}"),
+        };
+        assert_eq!(evicted(&r, 3), (Mesi::Exclusive, false));
+        assert_eq!(evicted(&r, 4), (Mesi::Modified, false));
+        assert_eq!(
+            r.dir.value("k"),
+            Some(&b"b"[..]),
+            "L2's write-back is stored"
+        );
+        match r.replies.get(&5) {
+            Some(CacheAnswer::Got { value, .. }) => {
+                assert_eq!(
+                    value.as_deref(),
+                    Some(&b"b"[..]),
+                    "the get reads L2's value"
+                )
+            }
+            other => panic!("the get: {other:?}"),
         }
     }
 
