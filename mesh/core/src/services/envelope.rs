@@ -365,7 +365,7 @@ const SNAPSHOT_MAGIC: &[u8; 4] = b"SMST";
 /// The layout of the state after [`SNAPSHOT_MAGIC`]: raised whenever a change to any
 /// service's state changes its encoding, so that a node never decodes a snapshot into
 /// the wrong fields (postcard is not self-describing) but says which build it needs.
-pub const SNAPSHOT_FORMAT: u16 = 3;
+pub const SNAPSHOT_FORMAT: u16 = 4;
 
 /// Fold lock events into completions of the calls they answer.
 fn lock_completions(

@@ -370,6 +370,10 @@ struct AgentRecord {
     floor: u64,
     /// Request numbers at or above `floor` applied.
     applied: BTreeSet<u64>,
+    /// Request numbers at or above `floor`, up to this one, not applied are refused:
+    /// the cap on `applied` refused one of them, and a copy of it still in the log (a
+    /// resend) must not apply once the cap frees, after its caller heard 429.
+    refused_through: u64,
     /// Lock time its lines are held until.
     lease_until_ms: u64,
     /// The index of the latest revoke of one of its lines: a renewal counts only if the
@@ -913,7 +917,8 @@ impl CacheDirectory {
             // the first.
             return;
         }
-        if agent.applied.len() >= MAX_APPLIED_ABOVE_FLOOR {
+        if agent.applied.len() >= MAX_APPLIED_ABOVE_FLOOR || q.seq <= agent.refused_through {
+            agent.refused_through = agent.refused_through.max(q.seq);
             out.push(answer(Outcome::Refused(CacheRefusal::Full(format!(
                 "node has {MAX_APPLIED_ABOVE_FLOOR} cache requests unacknowledged"
             )))));
@@ -1699,5 +1704,63 @@ mod tests {
         assert_eq!(d.session_of(1), Some(1), "the live registration stays");
         assert_eq!(d.holds(1, "a").map(|h| h.0), Some(Grant::Exclusive));
         d.check().expect("bookkeeping");
+    }
+
+    /// A request refused because its node has `MAX_APPLIED_ABOVE_FLOOR` requests applied
+    /// above its floor stays refused: a resend of it, applied once the floor moved and
+    /// the cap freed, would store a put whose caller heard 429.
+    #[test]
+    fn a_request_refused_at_the_applied_cap_stays_refused() {
+        let (mut d, _) = two_nodes(DirectoryLimits::default());
+        let mut out = Vec::new();
+        let mut index = 100;
+        let mut apply = |d: &mut CacheDirectory, out: &mut Vec<CacheEvent>, c| {
+            index += 1;
+            out.clear();
+            d.apply(index, 0, c, out);
+        };
+        // Request 1 never completes (the agent's ack stays 1): everything applied after
+        // it is above the floor. Reads of absent keys leave no record but their number.
+        let cap = MAX_APPLIED_ABOVE_FLOOR as u64;
+        for seq in 2..cap + 2 {
+            apply(&mut d, &mut out, request(1, seq, "absent", CacheOp::Read));
+        }
+        let put = |seq, ack| CacheCommand::Request {
+            node: 1,
+            session: 1,
+            seq,
+            ack,
+            key: "k".into(),
+            op: write(Some("v")),
+        };
+        apply(&mut d, &mut out, put(cap + 2, 1));
+        assert!(
+            matches!(
+                outcome(&out, 1, cap + 2),
+                Some(Outcome::Refused(CacheRefusal::Full(_)))
+            ),
+            "{out:?}"
+        );
+        // The floor moves on; the cap frees; then the refused put's resend applies.
+        apply(
+            &mut d,
+            &mut out,
+            request(1, cap + 3, "absent", CacheOp::Read),
+        );
+        let mut ack_moved = request(1, cap + 4, "absent", CacheOp::Read);
+        if let CacheCommand::Request { ack, .. } = &mut ack_moved {
+            *ack = cap;
+        }
+        apply(&mut d, &mut out, ack_moved);
+        assert_eq!(outcome(&out, 1, cap + 4), Some(Outcome::Miss));
+        apply(&mut d, &mut out, put(cap + 2, cap));
+        assert!(
+            matches!(
+                outcome(&out, 1, cap + 2),
+                Some(Outcome::Refused(CacheRefusal::Full(_)))
+            ),
+            "the resend: {out:?}"
+        );
+        assert_eq!(d.value("k"), None, "nothing was stored");
     }
 }
