@@ -294,8 +294,9 @@ impl LocalCluster {
         Some((idx, term, commit))
     }
 
-    /// A child that exited on its own, as an error naming its log.
-    pub(crate) fn check_children(&mut self) -> Result<()> {
+    /// A child that exited on its own, as an error naming its log; with `survive`, a
+    /// node that exited is only reported.
+    pub(crate) fn check_children(&mut self, survive: bool) -> Result<()> {
         if let Some(Ok(Some(status))) = self.gateway.as_mut().map(Child::try_wait) {
             bail!(
                 "the gateway exited ({status}); see {}",
@@ -304,8 +305,18 @@ impl LocalCluster {
         }
         for i in 0..self.len() {
             if let Some(Ok(Some(status))) = self.children[i].as_mut().map(Child::try_wait) {
-                bail!(
-                    "{} exited ({status}); see {}",
+                if !survive {
+                    bail!(
+                        "{} exited ({status}); see {}",
+                        Self::name(i),
+                        self.log_path(i).display()
+                    );
+                }
+                // The console can start it again, and the others go on without it: a
+                // cluster is there to survive one node.
+                self.children[i] = None;
+                println!(
+                    "{} exited ({status}); see {}; the console's restart button starts it again",
                     Self::name(i),
                     self.log_path(i).display()
                 );
@@ -454,29 +465,39 @@ async fn supervise(
     let signal = crate::node_cmd::shutdown_signal();
     tokio::pin!(signal);
     let deadline = Instant::now() + Duration::from_secs(cluster.args.wait_secs);
-    let leader = loop {
-        if let Some((l, _, _)) = tokio::task::block_in_place(|| cluster.agreed_leader()) {
-            break l;
-        }
-        cluster.check_children()?;
-        if Instant::now() > deadline {
-            bail!(
-                "no leader after {} s; see the node logs under {}",
-                cluster.args.wait_secs,
-                cluster.args.dir.display()
-            );
-        }
-        tokio::select! {
-            () = &mut signal => return Ok(()),
-            () = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
-    };
-    cluster.print_addresses(leader);
+    let mut announced = false;
     loop {
+        if !announced {
+            if let Some((l, _, _)) = tokio::task::block_in_place(|| cluster.agreed_leader()) {
+                cluster.print_addresses(l);
+                announced = true;
+            } else if Instant::now() > deadline {
+                bail!(
+                    "no leader after {} s; see the node logs under {}",
+                    cluster.args.wait_secs,
+                    cluster.args.dir.display()
+                );
+            }
+        }
+        // Until the cluster is announced, look for its leader every 100 ms.
+        let pause = Duration::from_millis(if announced { 500 } else { 100 });
         tokio::select! {
             () = &mut signal => return Ok(()),
-            () = tokio::time::sleep(Duration::from_millis(500)) => cluster.check_children()?,
+            // Once the cluster is up, and the console can restart a node, one that exits
+            // is reported, not the end of everything.
+            () = tokio::time::sleep(pause) => {
+                let survive = announced && cluster.args.fault_injection;
+                cluster.check_children(survive)?;
+            }
+            // Faults are carried out from the start (a console may be open before the
+            // nodes agree on a leader, or while they elect one again).
             Some(req) = faults.recv() => {
+                if req.reply.is_closed() {
+                    // Its caller gave up (the gateway answered "not answered"): doing it
+                    // now would break a node nobody asked to break any more.
+                    println!("console: dropped a {:?} of node{} its caller gave up on", req.fault, req.node);
+                    continue;
+                }
                 let done = tokio::task::block_in_place(|| cluster.inject(req.fault, req.node));
                 match &done {
                     Ok(what) => println!("console: {what}"),

@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use web::model::{
-    CacheNode, ClusterView, DeadlockRow, LockHolder, LockRow, LockWaiter, NodeCard, PartitionRow,
-    QueueRow, ServiceRate,
+    CacheNode, ClusterView, DeadlockRow, LockHolder, LockRow, LockWaiter, LocksPart, NodeCard,
+    PartitionRow, QueueRow, ServiceRate,
 };
 
 /// How often the feed sends a view.
@@ -167,8 +167,8 @@ fn mode_letter(mode: Mode) -> String {
     .to_owned()
 }
 
-/// Read everything the console shows, all parts at once. A part that fails is left
-/// empty and named in `problems`. `rates`: also measure the traffic since the last
+/// Read everything the console shows, all parts at once. A part that fails is `None`
+/// (the console keeps the last one read) and named in `problems`. `rates`: also measure the traffic since the last
 /// view (only the poller does, so two readers do not split one interval).
 async fn read_view(state: &Arc<AppState>, rates: bool) -> ClusterView {
     let nodes = state.caller.cluster().mesh().nodes();
@@ -232,8 +232,7 @@ async fn read_view(state: &Arc<AppState>, rates: bool) -> ClusterView {
             recent_deadlocks,
             keys,
         }) => {
-            view.lock_deadlocks = deadlocks;
-            view.recent_deadlocks = recent_deadlocks
+            let recent_deadlocks = recent_deadlocks
                 .into_iter()
                 .map(|d| DeadlockRow {
                     ago_ms: now_ms.saturating_sub(d.at_ms),
@@ -241,7 +240,7 @@ async fn read_view(state: &Arc<AppState>, rates: bool) -> ClusterView {
                     cycle: d.cycle,
                 })
                 .collect();
-            view.locks = keys
+            let keys = keys
                 .into_iter()
                 .map(|k| LockRow {
                     key: k.key,
@@ -266,6 +265,11 @@ async fn read_view(state: &Arc<AppState>, rates: bool) -> ClusterView {
                         .collect(),
                 })
                 .collect();
+            view.locks = Some(LocksPart {
+                keys,
+                deadlocks,
+                recent_deadlocks,
+            });
         }
         Ok(other) => view
             .problems
@@ -275,7 +279,7 @@ async fn read_view(state: &Arc<AppState>, rates: bool) -> ClusterView {
 
     match queues {
         Ok(QueryReply::QueueStats { queues, .. }) => {
-            view.queues = queues
+            let queues = queues
                 .into_iter()
                 .map(|q| QueueRow {
                     depth: q.partitions.iter().map(|p| p.depth).sum(),
@@ -294,6 +298,7 @@ async fn read_view(state: &Arc<AppState>, rates: bool) -> ClusterView {
                     queue: q.name,
                 })
                 .collect();
+            view.queues = Some(queues);
         }
         Ok(other) => view
             .problems
@@ -315,10 +320,12 @@ async fn read_view(state: &Arc<AppState>, rates: bool) -> ClusterView {
             entry.evictions = s.evictions;
         }
         if let Ok(CacheAnswer::Lines(lines)) = lines {
-            entry.lines = lines
-                .into_iter()
-                .map(|(k, s)| (k, letter(s).to_owned()))
-                .collect();
+            entry.lines = Some(
+                lines
+                    .into_iter()
+                    .map(|(k, s)| (k, letter(s).to_owned()))
+                    .collect(),
+            );
         }
         view.cache.push(entry);
     }

@@ -187,13 +187,25 @@ impl Browser {
         probe: &str,
         ok: impl Fn(&Value) -> bool,
     ) -> Value {
+        self.wait_for_within(step, shots, probe, ok, Duration::from_secs(20))
+    }
+
+    /// [`Self::wait_for`], failing after `limit`.
+    fn wait_for_within(
+        &self,
+        step: &str,
+        shots: &Path,
+        probe: &str,
+        ok: impl Fn(&Value) -> bool,
+        limit: Duration,
+    ) -> Value {
         let started = Instant::now();
         loop {
             let v = self.js(probe);
             if ok(&v) {
                 return v;
             }
-            if started.elapsed() > Duration::from_secs(20) {
+            if started.elapsed() > limit {
                 let shot = shots.join("failed.png");
                 self.screenshot(&shot);
                 panic!(
@@ -243,15 +255,19 @@ fn base64_decode(s: &str) -> Vec<u8> {
 }
 
 /// `syncmesh cluster` on free ports, stopped (SIGTERM) when dropped.
-struct Launcher {
+pub(crate) struct Launcher {
     child: Child,
-    gateway: SocketAddr,
+    /// The gateway (with the console).
+    pub(crate) gateway: SocketAddr,
+    /// node1's admin port (node i: + i - 1).
+    pub(crate) admin: u16,
     _dir: TempDir,
 }
 
 impl Launcher {
-    fn start() -> Self {
-        let dir = TempDir::new("browser");
+    /// `name`: the test's own, for its temporary directory.
+    pub(crate) fn start(name: &str) -> Self {
+        let dir = TempDir::new(name);
         let quic = free_port_block(3);
         let admin = free_port_block(3);
         let gateway = free_port_block(1);
@@ -282,6 +298,7 @@ impl Launcher {
         let launcher = Self {
             child,
             gateway: ([127, 0, 0, 1], gateway).into(),
+            admin,
             _dir: dir,
         };
         let (tx, rx) = std::sync::mpsc::channel();
@@ -290,9 +307,9 @@ impl Launcher {
                 .lines()
                 .map_while(Result::ok)
             {
-                if tx.send(line).is_err() {
-                    break;
-                }
+                // Read to the end even once nobody listens: a closed pipe would make
+                // the launcher's next line fail.
+                let _ = tx.send(line);
             }
         });
         let mut out = String::new();
@@ -355,7 +372,7 @@ fn the_console_in_headless_chromium_shows_and_drives_the_cluster() {
     };
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-e2e");
     std::fs::create_dir_all(&shots).expect("screenshot dir");
-    let cluster = Launcher::start();
+    let cluster = Launcher::start("browser");
     let browser = Browser::start(&chromedriver, &chromium);
     let page = format!("http://{}/", cluster.gateway);
     let loaded = Instant::now();
@@ -406,7 +423,7 @@ fn the_console_in_headless_chromium_shows_and_drives_the_cluster() {
     let gw = cluster.gateway;
     let acquire = move |key: &str, client: &str, wait_ms: u64| {
         let body = json!({"key": key, "mode": "X", "client_id": client, "wait_ms": wait_ms});
-        let mut r = agent(Duration::from_secs(10))
+        let mut r = agent(Duration::from_millis(wait_ms) + Duration::from_secs(10))
             .post(&format!("http://{gw}/lock/acquire"))
             .send(body.to_string().as_bytes())
             .expect("acquire");
@@ -416,7 +433,9 @@ fn the_console_in_headless_chromium_shows_and_drives_the_cluster() {
     };
     assert_eq!(acquire("dl-a", "c1", 0)["ok"], true);
     assert_eq!(acquire("dl-b", "c2", 0)["ok"], true);
-    let waiter = std::thread::spawn(move || acquire("dl-b", "c1", 3_000));
+    // (A long wait: under load the page may take seconds to show the waiter, and the
+    // cycle exists only while c1 waits. c2's release below ends it.)
+    let waiter = std::thread::spawn(move || acquire("dl-b", "c1", 60_000));
     browser.wait_for(
         "c1 waiting on dl-b",
         &shots,
@@ -433,7 +452,14 @@ fn the_console_in_headless_chromium_shows_and_drives_the_cluster() {
          return l ? l.textContent : '';",
         |v| v.as_str().is_some_and(|t| t.contains("c2 → c1 → c2")),
     );
-    let _ = waiter.join();
+    let release = json!({"key": "dl-b", "client_id": "c2"}).to_string();
+    let (status, body) = crate::support::http(gw, "POST", "/lock/release", release.as_bytes());
+    assert_eq!(status, 200, "{body}");
+    let granted = waiter.join().expect("the waiter");
+    assert_eq!(
+        granted["ok"], true,
+        "c1 is granted dl-b once c2 released: {granted}"
+    );
 
     // An enqueue raises its partition's depth.
     browser.set("queue-name", "jobs");
@@ -468,8 +494,11 @@ fn the_console_in_headless_chromium_shows_and_drives_the_cluster() {
     browser.full_screenshot(&shots.join("2-busy.png"));
 
     // Stopping the leader through the console: a new leader, in a higher term.
+    // "Within a few seconds": an election timeout or two, the feed's 500 ms, and the
+    // slack a loaded CI machine needs (3.1 s measured with both cores busy).
     browser.click(&format!("#stop-{leader}"));
-    let cards = browser.wait_for(
+    let stopped_at = Instant::now();
+    let cards = browser.wait_for_within(
         "a new leader in a higher term after stopping the leader",
         &shots,
         NODE_CARDS,
@@ -479,8 +508,12 @@ fn the_console_in_headless_chromium_shows_and_drives_the_cluster() {
                 .flatten()
                 .any(|c| c[1] == "leader" && c[0] != leader.as_str() && c[2].as_u64() > Some(term))
         },
+        Duration::from_secs(8),
     );
-    println!("after stopping {leader} (term {term}): {cards}");
+    println!(
+        "{:?} after stopping {leader} (term {term}): {cards}",
+        stopped_at.elapsed()
+    );
     browser.full_screenshot(&shots.join("3-failover.png"));
     let answers = browser
         .js("return [...document.querySelectorAll('#answers li')].map(l => l.dataset.status);");

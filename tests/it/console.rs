@@ -2,6 +2,7 @@
 //! `/api/cluster` and the live feed at `/api/events`. (What a browser shows of them is
 //! the headless-Chromium test's.)
 
+use crate::browser::Launcher;
 use crate::support::{agent, eventually, http, TestCluster};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
@@ -66,6 +67,11 @@ fn the_gateway_serves_the_console_a_snapshot_and_a_live_feed() {
     assert_eq!(leaders.len(), 1, "{view}");
     assert!(nodes.iter().all(|n| n["up"] == true), "{view}");
 
+    // A gateway on its own owns no process: no fault routes, no buttons.
+    assert_eq!(view["faults"], false, "{view}");
+    let (status, body) = http(gw, "POST", "/api/fault/stop", br#"{"node":"node1"}"#);
+    assert_eq!(status, 404, "{body}");
+
     // A held lock with its token and lease, a queued message, cache states.
     let (status, grant) = http(
         gw,
@@ -91,7 +97,7 @@ fn the_gateway_serves_the_console_a_snapshot_and_a_live_feed() {
     );
     assert_eq!(status, 200, "{body}");
     let view = cluster_view(gw);
-    let lock = &view["locks"][0];
+    let lock = &view["locks"]["keys"][0];
     assert_eq!(lock["key"], "A", "{view}");
     assert_eq!(lock["holders"][0]["client_id"], "c1");
     assert_eq!(lock["holders"][0]["token"], grant["token"]);
@@ -138,4 +144,154 @@ fn the_gateway_serves_the_console_a_snapshot_and_a_live_feed() {
         }
     }
     assert!(views[1] > views[0], "a newer view follows: {views:?}");
+}
+
+/// The only leader every answering node agrees on: (id, term).
+fn agreed_leader(view: &Value) -> Option<(String, u64)> {
+    let up: Vec<&Value> = view["nodes"]
+        .as_array()?
+        .iter()
+        .filter(|n| n["up"] == true)
+        .collect();
+    let leaders: Vec<&&Value> = up.iter().filter(|n| n["role"] == "leader").collect();
+    let [leader] = leaders[..] else {
+        return None;
+    };
+    let id = leader["id"].as_str()?.to_owned();
+    up.iter()
+        .all(|n| n["leader"] == id.as_str())
+        .then(|| (id, leader["term"].as_u64().unwrap_or(0)))
+}
+
+/// The console's fault routes under `syncmesh cluster`: they refuse what a person did
+/// not mean (an unknown fault or node, a body that is not JSON, another site's page),
+/// and stop, restart, isolate and heal the node they name.
+#[test]
+fn the_console_s_fault_routes_refuse_bad_calls_and_break_what_they_name() {
+    let cluster = Launcher::start("console-faults");
+    let gw = cluster.gateway;
+    let fault = |action: &str, node: &str| {
+        let body = json!({ "node": node }).to_string();
+        http(gw, "POST", &format!("/api/fault/{action}"), body.as_bytes())
+    };
+    let mut leader = None;
+    eventually("a leader", Duration::from_secs(20), || {
+        leader = agreed_leader(&cluster_view(gw));
+        leader.is_some()
+    });
+    let (leader, term) = leader.unwrap_or_default();
+    assert_eq!(cluster_view(gw)["faults"], true);
+
+    // Refused, and nothing is done.
+    let (status, body) = fault("explode", "node1");
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = fault("stop", "node9");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("unknown_node"))
+    );
+    let (status, body) = http(gw, "POST", "/api/fault/stop", b"{not json");
+    assert_eq!(status, 400, "{body}");
+    let raw = |content_type: &str, origin: Option<&str>| {
+        let mut request = agent(Duration::from_secs(10))
+            .post(&format!("http://{gw}/api/fault/stop"))
+            .header("content-type", content_type);
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        let mut r = request
+            .send(json!({ "node": leader }).to_string().as_bytes())
+            .expect("an answer");
+        let body = r.body_mut().read_to_string().unwrap_or_default();
+        (r.status().as_u16(), body)
+    };
+    let (status, body) = raw("text/plain", None);
+    assert_eq!(status, 400, "a form's post: {body}");
+    let (status, body) = raw("application/json", Some("http://evil.example"));
+    assert_eq!(status, 403, "another site's page: {body}");
+    let view = cluster_view(gw);
+    assert!(
+        view["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|n| n["up"] == true),
+        "no node was stopped: {view}"
+    );
+
+    // Isolate the leader: the others elect one in a higher term; healed, one leader.
+    let index = |id: &str| id.trim_start_matches("node").parse::<u16>().unwrap_or(1) - 1;
+    let fault_state = |id: &str| {
+        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.admin + index(id)));
+        http(admin, "GET", "/fault", b"").1
+    };
+    let (status, body) = fault("isolate", &leader);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(fault_state(&leader)["isolated"], true);
+    eventually(
+        "a new leader once the old one is cut off",
+        Duration::from_secs(20),
+        || {
+            cluster_view(gw)["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|n| {
+                    n["role"] == "leader"
+                        && n["id"] != leader.as_str()
+                        && n["term"].as_u64() > Some(term)
+                })
+        },
+    );
+    let (status, body) = fault("heal", &leader);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(fault_state(&leader)["isolated"], false);
+    eventually("one leader again", Duration::from_secs(20), || {
+        agreed_leader(&cluster_view(gw)).is_some()
+    });
+
+    // Stop a node (twice: the second is refused), restart it, restart a running one.
+    let (status, body) = fault("stop", "node3");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = fault("stop", "node3");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("fault_refused"))
+    );
+    let up = |id: &str| {
+        cluster_view(gw)["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|n| n["id"] == id && n["up"] == true)
+    };
+    eventually("node3 to stop answering", Duration::from_secs(10), || {
+        !up("node3")
+    });
+    let (status, body) = fault("restart", "node3");
+    assert_eq!(
+        (status, body["done"].as_str()),
+        (200, Some("node3 started"))
+    );
+    eventually("node3 to answer again", Duration::from_secs(20), || {
+        up("node3")
+    });
+    let (status, body) = fault("restart", "node2");
+    assert_eq!(
+        (status, body["done"].as_str()),
+        (200, Some("node2 killed and restarted"))
+    );
+    eventually(
+        "three nodes and one leader",
+        Duration::from_secs(20),
+        || {
+            let view = cluster_view(gw);
+            agreed_leader(&view).is_some()
+                && view["nodes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .all(|n| n["up"] == true)
+        },
+    );
 }

@@ -228,13 +228,8 @@ fn locks(p: &ViewProps) -> Html {
         .console
         .view
         .as_ref()
-        .map(|v| {
-            (
-                v.locks.clone(),
-                v.lock_deadlocks,
-                v.recent_deadlocks.clone(),
-            )
-        })
+        .and_then(|v| v.locks.clone())
+        .map(|l| (l.keys, l.deadlocks, l.recent_deadlocks))
         .unwrap_or_default();
     // The clients of the newest refusal's cycle, if it is recent: their rows are marked.
     let in_cycle: Vec<String> = recent
@@ -280,7 +275,7 @@ fn queues(p: &ViewProps) -> Html {
         .console
         .view
         .as_ref()
-        .map(|v| v.queues.clone())
+        .and_then(|v| v.queues.clone())
         .unwrap_or_default();
     html! {
         <section aria-labelledby="h-queues">
@@ -322,7 +317,7 @@ fn cache(p: &ViewProps) -> Html {
                 <thead><tr><th scope="col">{ "node" }</th><th scope="col">{ "hits" }</th><th scope="col">{ "misses" }</th><th scope="col">{ "invalidations" }</th><th scope="col">{ "write-backs" }</th></tr></thead>
                 <tbody>
                 { for view.cache.iter().map(|c| html! {
-                    <tr><th scope="row">{ &c.node }</th><td>{ c.hits }</td><td>{ c.misses }</td><td>{ c.invalidations }</td><td>{ c.writebacks }</td></tr>
+                    <tr class={classes!((!c.up).then_some("down"))}><th scope="row">{ &c.node }{ if c.up { "" } else { " (not answering)" } }</th><td>{ c.hits }</td><td>{ c.misses }</td><td>{ c.invalidations }</td><td>{ c.writebacks }</td></tr>
                 }) }
                 </tbody>
             </table>

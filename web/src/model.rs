@@ -24,14 +24,10 @@ pub struct ClusterView {
     pub at_ms: u64,
     /// Every node, in id order.
     pub nodes: Vec<NodeCard>,
-    /// Every lock key held or waited on (up to the gateway's limit).
-    pub locks: Vec<LockRow>,
-    /// Lock requests refused for deadlock, since the cluster began.
-    pub lock_deadlocks: u64,
-    /// The newest of them, oldest first, with their cycles.
-    pub recent_deadlocks: Vec<DeadlockRow>,
-    /// Every queue.
-    pub queues: Vec<QueueRow>,
+    /// The lock table (`None`: it could not be read for this snapshot; see `problems`).
+    pub locks: Option<LocksPart>,
+    /// Every queue (`None`: not read for this snapshot).
+    pub queues: Option<Vec<QueueRow>>,
     /// Every node's cache.
     pub cache: Vec<CacheNode>,
     /// Calls per second and p99 latency through this gateway, per service.
@@ -40,6 +36,17 @@ pub struct ClusterView {
     pub faults: bool,
     /// Parts of the snapshot that could not be read, and why.
     pub problems: Vec<String>,
+}
+
+/// The lock table as one snapshot read it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocksPart {
+    /// Every lock key held or waited on (up to the gateway's limit).
+    pub keys: Vec<LockRow>,
+    /// Lock requests refused for deadlock, since the cluster began.
+    pub deadlocks: u64,
+    /// The newest of them, oldest first, with their cycles.
+    pub recent_deadlocks: Vec<DeadlockRow>,
 }
 
 /// A lock request refused because waiting would have closed a cycle.
@@ -149,7 +156,7 @@ pub struct PartitionRow {
 pub struct CacheNode {
     /// The node.
     pub node: String,
-    /// It answered.
+    /// It answered the counters call (when not, the counters are the last read).
     pub up: bool,
     /// Counters since the node started.
     pub hits: u64,
@@ -161,8 +168,9 @@ pub struct CacheNode {
     pub writebacks: u64,
     /// Lines evicted.
     pub evictions: u64,
-    /// Its lines (key, `M`/`E`/`S`), most recently used first, up to the gateway's limit.
-    pub lines: Vec<(String, String)>,
+    /// Its lines (key, `M`/`E`/`S`), most recently used first, up to the gateway's limit
+    /// (`None`: not read for this snapshot).
+    pub lines: Option<Vec<(String, String)>>,
 }
 
 /// Traffic of one service through this gateway over the last interval.
@@ -242,8 +250,9 @@ impl Console {
     /// The one place console state changes.
     pub fn reduce(&mut self, action: Action) {
         match action {
-            Action::Snapshot(view) => {
+            Action::Snapshot(mut view) => {
                 if let Some(old) = &self.view {
+                    keep_unread_parts(old, &mut view);
                     for event in changes(old, &view) {
                         push_bounded(&mut self.timeline, event, MAX_TIMELINE);
                     }
@@ -282,7 +291,7 @@ impl Console {
         };
         let mut keys: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for (i, node) in view.cache.iter().enumerate() {
-            for (key, state) in &node.lines {
+            for (key, state) in node.lines.iter().flatten() {
                 let row = keys
                     .entry(key)
                     .or_insert_with(|| vec!["I".to_owned(); view.cache.len()]);
@@ -290,6 +299,33 @@ impl Console {
             }
         }
         keys.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+}
+
+/// A part of the snapshot the gateway could not read (a slow or lost node, no leader)
+/// says nothing changed: it keeps the last one read, so that a read failure is neither
+/// drawn as empty tables nor logged as releases and invalidations.
+fn keep_unread_parts(old: &ClusterView, new: &mut ClusterView) {
+    if new.locks.is_none() {
+        new.locks.clone_from(&old.locks);
+    }
+    if new.queues.is_none() {
+        new.queues.clone_from(&old.queues);
+    }
+    for node in &mut new.cache {
+        let Some(before) = old.cache.iter().find(|c| c.node == node.node) else {
+            continue;
+        };
+        if node.lines.is_none() {
+            node.lines.clone_from(&before.lines);
+        }
+        if !node.up {
+            node.hits = before.hits;
+            node.misses = before.misses;
+            node.invalidations = before.invalidations;
+            node.writebacks = before.writebacks;
+            node.evictions = before.evictions;
+        }
     }
 }
 
@@ -332,6 +368,7 @@ fn changes(old: &ClusterView, new: &ClusterView) -> Vec<TimelineEvent> {
     let holders = |v: &ClusterView| {
         v.locks
             .iter()
+            .flat_map(|l| &l.keys)
             .flat_map(|l| {
                 l.holders.iter().map(move |h| {
                     (
@@ -342,7 +379,12 @@ fn changes(old: &ClusterView, new: &ClusterView) -> Vec<TimelineEvent> {
             })
             .collect::<BTreeMap<_, _>>()
     };
-    let (before, after) = (holders(old), holders(new));
+    // The first lock table read is the baseline, as the first snapshot is.
+    let (before, after) = if old.locks.is_some() {
+        (holders(old), holders(new))
+    } else {
+        Default::default()
+    };
     for ((key, client), (mode, token)) in &after {
         if before.get(&(key.clone(), client.clone())) != Some(&(mode.clone(), *token)) {
             out.push(event(
@@ -356,10 +398,12 @@ fn changes(old: &ClusterView, new: &ClusterView) -> Vec<TimelineEvent> {
             out.push(event(new, format!("{client} released {key}")));
         }
     }
-    if new.lock_deadlocks > old.lock_deadlocks {
-        let n = new.lock_deadlocks - old.lock_deadlocks;
-        let shown = new.recent_deadlocks.len().min(n as usize);
-        for d in &new.recent_deadlocks[new.recent_deadlocks.len() - shown..] {
+    let deadlocks = |v: &ClusterView| v.locks.as_ref().map_or(0, |l| l.deadlocks);
+    let recent: &[DeadlockRow] = new.locks.as_ref().map_or(&[], |l| &l.recent_deadlocks);
+    if old.locks.is_some() && deadlocks(new) > deadlocks(old) {
+        let n = deadlocks(new) - deadlocks(old);
+        let shown = recent.len().min(n as usize);
+        for d in &recent[recent.len() - shown..] {
             out.push(event(
                 new,
                 format!("deadlock refused: {} (asking {})", d.cycle_text(), d.key),
@@ -394,6 +438,7 @@ fn cache_changes(old: &ClusterView, new: &ClusterView) -> Vec<(String, String)> 
             .flat_map(|n| {
                 n.lines
                     .iter()
+                    .flatten()
                     .map(move |(k, s)| ((k.clone(), n.node.clone()), s.clone()))
             })
             .collect::<BTreeMap<_, _>>()
@@ -478,13 +523,13 @@ mod tests {
                 CacheNode {
                     node: "node1".into(),
                     up: true,
-                    lines: own(lines1),
+                    lines: Some(own(lines1)),
                     ..CacheNode::default()
                 },
                 CacheNode {
                     node: "node2".into(),
                     up: true,
-                    lines: own(lines2),
+                    lines: Some(own(lines2)),
                     ..CacheNode::default()
                 },
             ]
@@ -539,19 +584,28 @@ mod tests {
             waiters: vec![],
         };
         let mut c = Console::default();
-        c.reduce(Action::Snapshot(ClusterView::default()));
         c.reduce(Action::Snapshot(ClusterView {
-            locks: vec![held("c1", 7)],
+            locks: Some(LocksPart::default()),
+            ..ClusterView::default()
+        }));
+        c.reduce(Action::Snapshot(ClusterView {
+            locks: Some(LocksPart {
+                keys: vec![held("c1", 7)],
+                ..LocksPart::default()
+            }),
             ..ClusterView::default()
         }));
         assert_eq!(c.timeline[0].what, "c1 holds A (X, token 7)");
         c.reduce(Action::Snapshot(ClusterView {
-            lock_deadlocks: 3,
-            recent_deadlocks: vec![DeadlockRow {
-                key: "B".into(),
-                cycle: vec!["c2".into(), "c1".into(), "c2".into()],
-                ago_ms: 10,
-            }],
+            locks: Some(LocksPart {
+                deadlocks: 3,
+                recent_deadlocks: vec![DeadlockRow {
+                    key: "B".into(),
+                    cycle: vec!["c2".into(), "c1".into(), "c2".into()],
+                    ago_ms: 10,
+                }],
+                ..LocksPart::default()
+            }),
             ..ClusterView::default()
         }));
         let whats: Vec<&str> = c.timeline.iter().map(|e| e.what.as_str()).collect();
@@ -565,6 +619,73 @@ mod tests {
         );
     }
 
+    /// A part the gateway could not read (its node slow, no leader) keeps the last one
+    /// read: no false releases or invalidations, no blank tables.
+    #[test]
+    fn an_unread_part_keeps_the_last_one_read() {
+        let read = |lines: Option<Vec<(String, String)>>, hits| ClusterView {
+            locks: Some(LocksPart {
+                keys: vec![LockRow {
+                    key: "A".into(),
+                    mode: Some("X".into()),
+                    holders: vec![LockHolder {
+                        client_id: "c1".into(),
+                        mode: "X".into(),
+                        token: 1,
+                        lease_left_ms: 1000,
+                    }],
+                    waiters: vec![],
+                }],
+                deadlocks: 2,
+                recent_deadlocks: vec![],
+            }),
+            queues: Some(vec![QueueRow {
+                queue: "q".into(),
+                depth: 5,
+                ..QueueRow::default()
+            }]),
+            cache: vec![CacheNode {
+                node: "node1".into(),
+                up: hits > 0,
+                hits,
+                lines,
+                ..CacheNode::default()
+            }],
+            ..ClusterView::default()
+        };
+        let lines = Some(vec![("k".to_owned(), "M".to_owned())]);
+        let mut c = Console::default();
+        c.reduce(Action::Snapshot(read(lines.clone(), 9)));
+        let first = c.view.clone();
+        c.reduce(Action::Snapshot(ClusterView {
+            problems: vec!["locks: no leader".into()],
+            cache: vec![CacheNode {
+                node: "node1".into(),
+                ..CacheNode::default()
+            }],
+            ..ClusterView::default()
+        }));
+        assert!(c.timeline.is_empty(), "nothing happened: {:?}", c.timeline);
+        assert!(c.flashes.is_empty());
+        let view = c.view.as_ref().expect("a view");
+        assert_eq!(view.locks, first.as_ref().and_then(|v| v.locks.clone()));
+        assert_eq!(view.queues.as_ref().map(|q| q[0].depth), Some(5));
+        assert_eq!(view.cache[0].hits, 9, "the last counters read");
+        assert!(!view.cache[0].up, "shown as not answering");
+        assert_eq!(
+            c.cache_matrix(),
+            vec![("k".to_owned(), vec!["M".to_owned()])]
+        );
+        // Read again and changed: that is an event.
+        c.reduce(Action::Snapshot(ClusterView {
+            locks: Some(LocksPart::default()),
+            ..read(Some(vec![]), 9)
+        }));
+        let whats: Vec<&str> = c.timeline.iter().map(|e| e.what.as_str()).collect();
+        assert_eq!(whats, ["c1 released A"]);
+        assert_eq!(c.flashes, vec![("k".to_owned(), "node1".to_owned())]);
+    }
+
     #[test]
     fn the_lists_stay_bounded() {
         let mut c = Console::default();
@@ -576,7 +697,10 @@ mod tests {
             }];
             c.reduce(Action::Snapshot(ClusterView {
                 at_ms: i,
-                lock_deadlocks: i,
+                locks: Some(LocksPart {
+                    deadlocks: i,
+                    ..LocksPart::default()
+                }),
                 rates,
                 ..ClusterView::default()
             }));

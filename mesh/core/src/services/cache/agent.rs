@@ -1428,11 +1428,18 @@ impl CacheAgent {
                 })
             }
             (CacheOp::Read, Grant::Exclusive)
+                if self.lines.peek(&p.key).is_some_and(|l| l.state.owned()) =>
+            {
+                Some(self.regranted_expired(now_ms, &p.key, epoch))
+            }
+            (CacheOp::Read, Grant::Exclusive)
                 if self
                     .releasing
                     .get(&p.key)
                     .is_some_and(|r| r.line.state.owned() && r.line.epoch < epoch) =>
             {
+                // (No line of the key is held: a newer one would have ended the
+                // release; see `hold`.)
                 self.regranted_while_releasing(now_ms, &p.key, epoch)
             }
             (CacheOp::Read, g) => {
@@ -1485,8 +1492,22 @@ impl CacheAgent {
         }
     }
 
-    /// A write-back put was granted M: the line holds it, and the put is acknowledged
-    /// once the lease and the write-back window allow.
+    /// Our own read granted the key to us again while our line's TTL ran out (a live
+    /// one answers the read): the key's latest value here has expired. The read misses,
+    /// and the expiry goes to the directory under the new epoch (under the old one it
+    /// would be refused, and an older stored value outlive it).
+    fn regranted_expired(&mut self, now_ms: u64, key: &str, epoch: u64) -> CacheAnswer {
+        self.lines.regrant(key, epoch);
+        if let Err(Some(gone)) = self.lines.get(key, now_ms) {
+            self.give_up(*gone, Written::Expired, None);
+        }
+        CacheAnswer::Got {
+            hit: false,
+            value: None,
+            state: Mesi::Invalid,
+        }
+    }
+
     /// A read of ours granted the key to us again while our given-up line is on its way
     /// back: nobody else owned it since (that takes a revoke, which ends the release), so
     /// the line holds the latest write and the stored value is older. Its write-back goes
@@ -1501,7 +1522,8 @@ impl CacheAgent {
         let r = self.releasing.get_mut(key)?;
         let (old_epoch, stamp) = (r.line.epoch, r.line.stamp);
         r.line.epoch = epoch;
-        let value = r.line.value.clone();
+        // (Its TTL ran out since it was given up: a miss; its write-back still goes.)
+        let value = r.line.live_at(now_ms).then(|| r.line.value.clone());
         // Only the write-back of the line held back moves: an older line's, still
         // waiting beside it, would be stored under the new epoch over the newer value.
         let same = |l: &WriteBackLine| l.key == key && l.epoch == old_epoch && l.stamp == stamp;
@@ -1515,12 +1537,14 @@ impl CacheAgent {
             }
         }
         Some(CacheAnswer::Got {
-            hit: true,
-            value: Some(value),
+            hit: value.is_some(),
+            value,
             state: Mesi::Invalid,
         })
     }
 
+    /// A write-back put was granted M: the line holds it, and the put is acknowledged
+    /// once the lease and the write-back window allow.
     fn granted_modified(
         &mut self,
         now_ms: u64,
@@ -1564,6 +1588,9 @@ impl CacheAgent {
     /// what was granted is handed back).
     fn hold(&mut self, now_ms: u64, key: &str, fill: Fill) -> Mesi {
         let (state, epoch) = (fill.state, fill.epoch);
+        if state.owned() {
+            self.superseded(key, epoch);
+        }
         match self.lines.fill(key, fill, now_ms) {
             Ok(evicted) => {
                 self.stats.fills += 1;
@@ -1578,6 +1605,29 @@ impl CacheAgent {
                     self.hand_back(key, epoch);
                 }
                 Mesi::Invalid
+            }
+        }
+    }
+
+    /// The directory granted `key` to us under `epoch` (a put of ours) while a line we
+    /// gave up is on its way back: the directory moved past that line's epoch, so its
+    /// write-back can only be refused now, and the new grant's value supersedes its
+    /// writes. Its release ends here; waiting on it would hold the key back until the
+    /// new line is given up too (its write-back resent by nobody: one line per key is
+    /// resent, and the new line's replaces it).
+    fn superseded(&mut self, key: &str, epoch: u64) {
+        let older = |l: &WriteBackLine| l.key == key && l.epoch < epoch;
+        self.outbox.retain(|l| !older(l));
+        if self.unconfirmed.get(key).is_some_and(|(l, _, _)| older(l)) {
+            self.unconfirmed.remove(key);
+        }
+        if self
+            .releasing
+            .get(key)
+            .is_some_and(|r| r.line.epoch < epoch)
+        {
+            if let Some(r) = self.releasing.remove(key) {
+                self.answer_evicts(r, false);
             }
         }
     }
@@ -1640,7 +1690,10 @@ impl CacheAgent {
             if let Some(r) = self.releasing.remove(key) {
                 // Refused as stale because our own later grant moved the epoch (we hold
                 // the key again): overwritten by our own write, not lost.
-                let regranted = self.lines.peek(key).is_some_and(|l| l.epoch > r.line.epoch);
+                let regranted = self
+                    .lines
+                    .peek(key)
+                    .is_some_and(|l| l.state.owned() && l.epoch > r.line.epoch);
                 let lost = refused == Some(WriteBackRefusal::Stale)
                     && r.line.dirty_since_ms.is_some()
                     && !regranted;
@@ -1666,6 +1719,24 @@ impl CacheAgent {
             for r in std::mem::take(&mut self.releasing).into_values() {
                 let lost = r.line.dirty_since_ms.is_some();
                 self.answer_evicts(r, lost);
+            }
+            // Its requests too: what the directory applied of them went with the
+            // session, so one resent under the next could apply twice (a put stored
+            // again over a later one). A write may have been done; a read may be
+            // asked again.
+            for p in std::mem::take(&mut self.pending).into_values() {
+                let Some(call) = p.call else { continue };
+                let e = if p.op == CacheOp::Read {
+                    CacheError::Unavailable(
+                        "this node's cache registration was replaced; try again".into(),
+                    )
+                } else {
+                    CacheError::Unknown(
+                        "this node's cache registration was replaced while the call was in flight"
+                            .into(),
+                    )
+                };
+                self.fail(call, e);
             }
         }
         let revokes = dir.revokes_of(self.node);
@@ -1915,12 +1986,25 @@ mod tests {
 
     /// The session is lost (another registration in this node's name) while a given-up
     /// M line's write-back is still unsent: it can never be stored or confirmed now, so
-    /// its evict call hears it was lost, and the key is not held back for ever.
+    /// its evict call hears it was lost, and the key is not held back for ever. A put in
+    /// flight is answered "unknown" and not resent under the next session (which would
+    /// not know it applied it: helper-15's finding).
     #[test]
     fn a_lost_session_releases_the_lines_held_back() {
         let mut r = Rig::new();
         r.put(1, "a", false);
         r.apply_all();
+        // A durable put in flight, never applied in the old session.
+        r.call(
+            7,
+            CacheCall::Put {
+                key: "z".into(),
+                value: b"1".to_vec(),
+                ttl_ms: None,
+                durable: Some(true),
+            },
+        );
+        r.proposed.clear();
         r.agent
             .call(r.now, 2, CacheCall::Evict { key: "k".into() }, &r.dir);
         r.proposed
@@ -1928,6 +2012,14 @@ mod tests {
         r.apply_unflushed(0);
         assert_eq!(r.agent.session(), None, "the session is lost");
         r.collect();
+        assert!(
+            matches!(
+                r.replies.get(&7),
+                Some(CacheAnswer::Error(CacheError::Unknown(_)))
+            ),
+            "the put in flight may or may not have been done: {:?}",
+            r.replies.get(&7)
+        );
         assert_eq!(
             r.replies.get(&2),
             Some(&CacheAnswer::Evicted {
@@ -1950,22 +2042,37 @@ mod tests {
             "a get of the key is answered: {:?}",
             r.replies.get(&3)
         );
+        // Nothing resends the old session's put under the new one.
+        r.now += 10_000;
+        r.agent.tick(r.now, &r.dir);
+        r.collect();
+        r.apply_all();
+        assert_eq!(r.dir.value("z"), None, "the put was not sent again");
     }
 
-    /// A write-back put sent before a line L1 was granted is granted M while L1 is on
-    /// its way back, acknowledged, and evicted too (L2). A get of the key waits until
-    /// L2's write-back is stored, not only L1's, and then reads L2's value.
-    #[test]
-    fn a_second_modified_line_holds_the_key_back_until_its_own_write_back() {
-        let is_request = |op: fn(&CacheOp) -> bool| move |c: &CacheCommand| matches!(c, CacheCommand::Request { op: o, .. } if op(o));
-        let is_write_back = |c: &CacheCommand| matches!(c, CacheCommand::WriteBack { .. });
+    /// "a" is stored and nobody holds the key.
+    fn stored_a() -> Rig {
         let mut r = Rig::new();
-        // "a" is stored and nobody holds the key.
         r.put(10, "a", true);
         r.apply_all();
         r.call(11, CacheCall::Evict { key: "k".into() });
         r.apply_all();
         assert!(r.replies.contains_key(&11) && r.dir.value("k") == Some(&b"a"[..]));
+        r
+    }
+
+    fn is_request(op: fn(&CacheOp) -> bool) -> impl Fn(&CacheCommand) -> bool {
+        move |c: &CacheCommand| matches!(c, CacheCommand::Request { op: o, .. } if op(o))
+    }
+
+    /// helper-15's finding: a write-back put sent before a line L1 was granted is
+    /// granted M (L2) while L1 is on its way back, and L1's write-back is lost (a leader
+    /// change). The grant ends L1's release (its write-back can only be refused now, and
+    /// the put supersedes it): the key is served from L2. Held back instead, it waited
+    /// for L1's write-back, which nobody resent once L2's periodic one replaced it.
+    #[test]
+    fn a_newer_grant_of_the_key_ends_the_release_of_the_line_given_up() {
+        let mut r = stored_a();
         r.call(1, CacheCall::Get { key: "k".into() });
         r.put(2, "b", false);
         let read = r.position(is_request(|o| matches!(o, CacheOp::Read)));
@@ -1980,6 +2087,8 @@ mod tests {
             "the read is granted first"
         );
         r.call(3, CacheCall::Evict { key: "k".into() });
+        let lost = r.position(|c| matches!(c, CacheCommand::WriteBack { .. }));
+        r.proposed.remove(lost);
         let write = r.position(is_request(|o| matches!(o, CacheOp::Write { .. })));
         r.apply(write);
         assert_eq!(
@@ -1989,39 +2098,90 @@ mod tests {
             }),
             "the put is granted M while the first line is given up"
         );
-        r.call(4, CacheCall::Evict { key: "k".into() });
-        r.call(5, CacheCall::Get { key: "k".into() });
-        let wb1 = r.position(is_write_back);
-        r.apply(wb1);
-        for call in [3, 4, 5] {
-            assert_eq!(
-                r.replies.get(&call),
-                None,
-                "call {call}: only the first line's write-back is applied"
-            );
-        }
-        r.apply_all();
-        let evicted = |r: &Rig, call| match r.replies.get(&call) {
-            Some(CacheAnswer::Evicted { was, lost }) => (*was, *lost),
-            other => panic!("evict {call}: {other:?}"),
-        };
-        assert_eq!(evicted(&r, 3), (Mesi::Exclusive, false));
-        assert_eq!(evicted(&r, 4), (Mesi::Modified, false));
         assert_eq!(
-            r.dir.value("k"),
-            Some(&b"b"[..]),
-            "L2's write-back is stored"
+            r.replies.get(&3),
+            Some(&CacheAnswer::Evicted {
+                was: Mesi::Exclusive,
+                lost: false
+            }),
+            "the first line's release ends: the put superseded it"
         );
-        match r.replies.get(&5) {
-            Some(CacheAnswer::Got { value, .. }) => {
-                assert_eq!(
-                    value.as_deref(),
-                    Some(&b"b"[..]),
-                    "the get reads L2's value"
-                )
+        // L2's periodic write-back goes out and is stored.
+        r.now += 100;
+        r.agent.tick(r.now, &r.dir);
+        r.collect();
+        r.apply_all();
+        assert_eq!(r.dir.value("k"), Some(&b"b"[..]));
+        r.call(4, CacheCall::Get { key: "k".into() });
+        match r.replies.get(&4) {
+            Some(CacheAnswer::Got {
+                hit: true, value, ..
+            }) => {
+                assert_eq!(value.as_deref(), Some(&b"b"[..]))
             }
-            other => panic!("the get: {other:?}"),
+            other => panic!("the get is served from the new line: {other:?}"),
         }
+    }
+
+    /// helper-15's finding: our own read re-grants the key while our newer line L2 has
+    /// just expired here and an older line L1 is on its way back. The read misses and the
+    /// expiry is stored; it must not answer L1's "a" and store it under the new epoch
+    /// over the acknowledged "b".
+    #[test]
+    fn a_read_regranted_over_an_expired_line_misses_and_stores_the_expiry() {
+        let mut r = Rig::new();
+        r.call(1, CacheCall::Get { key: "k".into() });
+        r.put(2, "a", false);
+        let w1 = r.position(is_request(|o| matches!(o, CacheOp::Write { .. })));
+        r.apply(w1);
+        assert_eq!(
+            r.replies.get(&2),
+            Some(&CacheAnswer::Put {
+                state: Mesi::Modified
+            })
+        );
+        r.call(
+            3,
+            CacheCall::Put {
+                key: "k".into(),
+                value: b"b".to_vec(),
+                ttl_ms: Some(100),
+                durable: Some(true),
+            },
+        );
+        r.call(4, CacheCall::Evict { key: "k".into() });
+        let w2 = r.position(is_request(|o| matches!(o, CacheOp::Write { .. })));
+        r.apply(w2);
+        assert_eq!(
+            r.replies.get(&3),
+            Some(&CacheAnswer::Put {
+                state: Mesi::Exclusive
+            })
+        );
+        // Expired here (the agent counts the TTL with its clock margin), not yet in the
+        // directory.
+        r.now += 95;
+        assert_eq!(r.agent.serving_state("k", r.now), Mesi::Invalid);
+        let read = r.position(is_request(|o| matches!(o, CacheOp::Read)));
+        r.apply(read);
+        assert_eq!(
+            r.replies.get(&1),
+            Some(&CacheAnswer::Got {
+                hit: false,
+                value: None,
+                state: Mesi::Invalid
+            }),
+            "the read misses"
+        );
+        r.apply_all();
+        assert_eq!(r.dir.value("k"), None, "the expiry is stored, \"a\" is not");
+        r.call(5, CacheCall::Get { key: "k".into() });
+        r.apply_all();
+        assert!(
+            matches!(r.replies.get(&5), Some(CacheAnswer::Got { hit: false, .. })),
+            "a later get misses: {:?}",
+            r.replies.get(&5)
+        );
     }
 
     /// Evict calls waiting on one given-up line are capped; past the cap, 429.

@@ -80,7 +80,7 @@ impl Line {
         (key.len() + self.value.len()) as u64
     }
 
-    fn live_at(&self, now_ms: u64) -> bool {
+    pub(crate) fn live_at(&self, now_ms: u64) -> bool {
         self.expires_at_ms.is_none_or(|t| now_ms < t)
     }
 }
