@@ -182,11 +182,11 @@ fn node_card(n: &NodeCard, now_ms: u64, faults: bool, dispatch: &Dispatch) -> Ht
             if faults {
                 <div>
                     if n.up {
-                        <button id={format!("stop-{}", n.id)} onclick={fault("stop")}>{ "stop" }</button>
-                        <button id={format!("isolate-{}", n.id)} onclick={fault("isolate")}>{ "isolate" }</button>
-                        <button id={format!("heal-{}", n.id)} onclick={fault("heal")}>{ "heal" }</button>
+                        <button id={format!("stop-{}", n.id)} aria-label={format!("stop {}", n.id)} onclick={fault("stop")}>{ "stop" }</button>
+                        <button id={format!("isolate-{}", n.id)} aria-label={format!("isolate {}", n.id)} onclick={fault("isolate")}>{ "isolate" }</button>
+                        <button id={format!("heal-{}", n.id)} aria-label={format!("heal {}", n.id)} onclick={fault("heal")}>{ "heal" }</button>
                     } else {
-                        <button id={format!("restart-{}", n.id)} onclick={fault("restart")}>{ "restart" }</button>
+                        <button id={format!("restart-{}", n.id)} aria-label={format!("restart {}", n.id)} onclick={fault("restart")}>{ "restart" }</button>
                     }
                 </div>
             }
