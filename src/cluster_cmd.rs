@@ -486,7 +486,9 @@ async fn supervise(
             // Once the cluster is up, and the console can restart a node, one that exits
             // is reported, not the end of everything.
             () = tokio::time::sleep(pause) => {
-                let survive = announced && cluster.args.fault_injection;
+                let survive = announced
+                    && cluster.args.fault_injection
+                    && cluster.args.gateway_port != 0;
                 cluster.check_children(survive)?;
             }
             // Faults are carried out from the start (a console may be open before the

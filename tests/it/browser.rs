@@ -422,7 +422,9 @@ fn the_console_in_headless_chromium_shows_and_drives_the_cluster() {
     // A deadlock refused through the API shows with its cycle.
     let gw = cluster.gateway;
     let acquire = move |key: &str, client: &str, wait_ms: u64| {
-        let body = json!({"key": key, "mode": "X", "client_id": client, "wait_ms": wait_ms});
+        // (A long lease: c2 must still hold dl-b when the test releases it.)
+        let body = json!({"key": key, "mode": "X", "client_id": client, "wait_ms": wait_ms,
+                          "ttl_ms": 120_000});
         let mut r = agent(Duration::from_millis(wait_ms) + Duration::from_secs(10))
             .post(&format!("http://{gw}/lock/acquire"))
             .send(body.to_string().as_bytes())

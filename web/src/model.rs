@@ -251,7 +251,13 @@ impl Console {
     pub fn reduce(&mut self, action: Action) {
         match action {
             Action::Snapshot(mut view) => {
-                if let Some(old) = &self.view {
+                // After the feed was lost the gateway may be another one (the cluster
+                // restarted): its first snapshot is a new baseline, not a change.
+                let old = self
+                    .view
+                    .as_ref()
+                    .filter(|_| self.link != Link::Reconnecting);
+                if let Some(old) = old {
                     keep_unread_parts(old, &mut view);
                     for event in changes(old, &view) {
                         push_bounded(&mut self.timeline, event, MAX_TIMELINE);
@@ -316,7 +322,11 @@ fn keep_unread_parts(old: &ClusterView, new: &mut ClusterView) {
         let Some(before) = old.cache.iter().find(|c| c.node == node.node) else {
             continue;
         };
-        if node.lines.is_none() {
+        // A node that does not answer at all (stopped, crashed) holds nothing anyone
+        // can read: its lines are not kept, or the matrix would show a second owner
+        // once the directory gives its keys to another node.
+        let answering = new.nodes.iter().any(|n| n.id == node.node && n.up);
+        if node.lines.is_none() && answering {
             node.lines.clone_from(&before.lines);
         }
         if !node.up {
@@ -432,9 +442,16 @@ fn event(view: &ClusterView, what: String) -> TimelineEvent {
 
 /// Cache cells whose state differs between two snapshots.
 fn cache_changes(old: &ClusterView, new: &ClusterView) -> Vec<(String, String)> {
+    // Only nodes whose lines were read before: a first read is a baseline.
+    let known = |n: &&CacheNode| {
+        old.cache
+            .iter()
+            .any(|o| o.node == n.node && o.lines.is_some())
+    };
     let cells = |v: &ClusterView| {
         v.cache
             .iter()
+            .filter(known)
             .flat_map(|n| {
                 n.lines
                     .iter()
@@ -651,6 +668,7 @@ mod tests {
                 lines,
                 ..CacheNode::default()
             }],
+            nodes: vec![node("node1", "leader", 1)],
             ..ClusterView::default()
         };
         let lines = Some(vec![("k".to_owned(), "M".to_owned())]);
@@ -663,6 +681,7 @@ mod tests {
                 node: "node1".into(),
                 ..CacheNode::default()
             }],
+            nodes: vec![node("node1", "leader", 1)],
             ..ClusterView::default()
         }));
         assert!(c.timeline.is_empty(), "nothing happened: {:?}", c.timeline);
@@ -684,6 +703,43 @@ mod tests {
         let whats: Vec<&str> = c.timeline.iter().map(|e| e.what.as_str()).collect();
         assert_eq!(whats, ["c1 released A"]);
         assert_eq!(c.flashes, vec![("k".to_owned(), "node1".to_owned())]);
+    }
+
+    /// A node that answers nothing (stopped) keeps no lines: shown kept, they would read
+    /// as a second owner once its keys go to another node. A node's first lines read are
+    /// a baseline, and so is the first snapshot after the feed was lost.
+    #[test]
+    fn a_stopped_node_keeps_no_lines_and_first_reads_are_baselines() {
+        let with = |up: bool, lines: Option<Vec<(&str, &str)>>| {
+            let mut card = node("node1", "follower", 1);
+            card.up = up;
+            ClusterView {
+                nodes: vec![card],
+                cache: vec![CacheNode {
+                    node: "node1".into(),
+                    up,
+                    lines: lines.map(|l| {
+                        l.into_iter()
+                            .map(|(k, s)| (k.to_owned(), s.to_owned()))
+                            .collect()
+                    }),
+                    ..CacheNode::default()
+                }],
+                ..ClusterView::default()
+            }
+        };
+        let mut c = Console::default();
+        c.reduce(Action::Snapshot(with(true, None)));
+        c.reduce(Action::Snapshot(with(true, Some(vec![("k", "M")]))));
+        assert!(c.flashes.is_empty(), "a first read is a baseline");
+        c.reduce(Action::Snapshot(with(false, None)));
+        assert_eq!(c.cache_matrix(), vec![], "a stopped node shows no lines");
+        assert_eq!(c.flashes, vec![("k".to_owned(), "node1".to_owned())]);
+        c.reduce(Action::Snapshot(with(true, Some(vec![("k", "S")]))));
+        c.reduce(Action::LinkLost);
+        c.reduce(Action::Snapshot(with(true, Some(vec![("j", "E")]))));
+        assert!(c.flashes.is_empty(), "after a lost feed, a new baseline");
+        assert!(c.timeline.iter().all(|e| !e.what.contains("released")));
     }
 
     #[test]
