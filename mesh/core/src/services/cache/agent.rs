@@ -1936,7 +1936,6 @@ mod tests {
     /// moved too, its "a" was stored over the acknowledged "b".
     #[test]
     fn a_regrant_moves_only_the_held_back_line_s_write_back() {
-        let is_request = |op: fn(&CacheOp) -> bool| move |c: &CacheCommand| matches!(c, CacheCommand::Request { op: o, .. } if op(o));
         let mut r = Rig::new();
         r.call(1, CacheCall::Get { key: "k".into() });
         r.put(2, "a", false);
